@@ -1,0 +1,43 @@
+# Every target sets itself up: a fresh clone needs no manual step.
+PY       ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+# The CPU build of torch that lies on these machines' disk; a looser pin pulls a multi-GB CUDA build.
+TORCH    ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup data data-full test test-slow eval-small eval-full bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[bench]"
+	touch $(STAMP)
+
+data: setup
+	$(BIN)/python -m ups_lightning.data.generate data=burgers1d_small
+
+data-full: setup
+	$(BIN)/python -m ups_lightning.data.generate data=burgers1d
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+eval-small: setup
+	$(BIN)/python -m ups_lightning.pipeline experiment=eval_small
+
+eval-full: setup
+	$(BIN)/python -m ups_lightning.pipeline experiment=eval_full
+
+bench: setup
+	$(BIN)/python -m ups_lightning.bench
+
+clean:
+	rm -rf outputs multirun .pytest_cache
