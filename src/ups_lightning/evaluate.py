@@ -1,0 +1,262 @@
+"""`python -m ups_lightning.evaluate run_dir=DIR [data.path=FILE] [ttc=off|default|lookahead]`
+
+The evaluation contract of benchmark.md: given the first `initial_step` frames of each test
+trajectory, roll the surrogate out autoregressively from the last given frame (no teacher forcing),
+decode, de-normalise and score every predicted frame in physical space, beside persistence and the
+reference solver on the same frames. Appends one row to the leaderboard and redraws its HTML page.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import resource
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from ups_lightning.config import STAGE_ORDER
+from ups_lightning.data.datamodule import conditioning, open_view, unit_coords
+from ups_lightning.data.solver import solve_burgers
+from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.eval import leaderboard as lb
+from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench, nrmse_per_frame
+from ups_lightning.inference.rollout import Physics, Surrogate, ensemble_rollout, rollout, ttc_rollout
+from ups_lightning.inference.ttc import TTCConfig
+from ups_lightning.train import load_stage, read_record
+
+log = logging.getLogger("ups_lightning.evaluate")
+
+# metrics copied to the leaderboard for every method, prefixed by the method's name
+PER_METHOD = ("nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "crmse", "brmse", "correlation_horizon",
+              "ms_per_traj")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_run(run_dir: Path) -> tuple:
+    """The run's training config and the module of its last finished stage."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise UserError(
+            f"run_dir={run_dir}: no config.yaml there, so it is not the output directory of a training "
+            "run. Pass the directory a `python -m ups_lightning.train ... stage=all` run wrote "
+            "(by default outputs/runs/<data>/<model>)."
+        )
+    train_cfg = OmegaConf.load(cfg_path)
+    train_cfg.run_dir = str(run_dir)
+    records = {name: read_record(train_cfg, name) for name in STAGE_ORDER}
+    finished = [name for name in STAGE_ORDER if records[name]]
+    if "operator" not in finished:
+        raise UserError(
+            f"run_dir={run_dir} has no finished operator stage (finished: {finished or 'none'}); an "
+            f"evaluation needs at least the autoencoder and the operator. Train them with: python -m "
+            f"ups_lightning.train model={train_cfg.model.name} data={train_cfg.data.name} stage=all"
+        )
+    final = finished[-1]
+    return train_cfg, records, load_stage(records[final], final)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, batch: int, dim: int = 0) -> torch.Tensor:
+    return torch.cat([fn(u0[i : i + batch]) for i in range(0, len(u0), batch)], dim=dim)
+
+
+def evaluate(cfg: DictConfig) -> Dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    train_cfg, records, module = load_run(run_dir)
+    data_cfg = train_cfg.data.copy()
+    if cfg.data.path:
+        data_cfg.path = cfg.data.path
+    view = open_view(data_cfg)
+    fields = torch.from_numpy(view.read(cfg.split)).float()
+    n_given = int(data_cfg.initial_step)
+    if fields.shape[1] <= n_given:
+        raise UserError(f"{view.path}: {fields.shape[1]} frames after reduction, but initial_step={n_given} "
+                        "frames are given: nothing is left to predict.")
+    steps = fields.shape[1] - n_given
+    u0 = fields[:, n_given - 1]            # the last given frame: all the rollout ever sees
+    truth = fields[:, n_given:]
+    meta = view.meta
+    physics = Physics(nu=meta.nu if meta.nu is not None else float(data_cfg.nu), dx=meta.dx, dt=meta.dt,
+                      domain_length=meta.domain_length)
+    sur = Surrogate(module, unit_coords(view), conditioning(view),
+                    teacher_steps=train_cfg.stages.diffusion.sample_steps,
+                    student_steps=train_cfg.stages.distill.student_steps)
+    corrector = cfg.corrector if cfg.corrector in sur.correctors else (sur.correctors[-1] if sur.correctors else None)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n, B = len(u0), cfg.batch_size
+
+    preds: Dict[str, torch.Tensor] = {}
+    walls: Dict[str, float] = {}
+    extra: Dict[str, Any] = {}
+    preds["persistence"] = u0.unsqueeze(1).expand_as(truth).clone()
+    walls["persistence"] = 0.0
+    t_rel = np.asarray(meta.t[n_given - 1:], dtype=np.float64) - float(meta.t[n_given - 1])
+    sol, walls["solver"] = _timed(lambda: solve_burgers(u0[..., 0].double().numpy(), physics.nu, t_rel,
+                                                        domain_length=physics.domain_length))
+    preds["solver"] = torch.from_numpy(sol[:, 1:]).float().unsqueeze(-1)
+    preds["operator"], walls["operator"] = _timed(lambda: _batched(lambda u: rollout(sur, u, steps), u0, B))
+    ens = None
+    if corrector is not None:
+        preds["corrected"], walls["corrected"] = _timed(lambda: _batched(
+            lambda u: rollout(sur, u, steps, corrector, cfg.correct_every, gen), u0, B))
+        ens, walls["ensemble"] = _timed(lambda: _batched(
+            lambda u: ensemble_rollout(sur, u, steps, cfg.ensemble_members, corrector, cfg.correct_every, gen),
+            u0, max(1, B // cfg.ensemble_members), dim=1))
+        preds["ensemble"] = ens.mean(0)
+    if cfg.ttc.enabled:
+        if corrector is None:
+            raise UserError(f"ttc={cfg.ttc}: TTC draws candidates from the stochastic corrector, but {run_dir} "
+                            "has no finished diffusion or distill stage. Train them with stage=all.")
+        tcfg = TTCConfig(n_candidates=cfg.ttc.n_candidates, beam_width=cfg.ttc.beam_width,
+                         horizon=cfg.ttc.horizon, budget=cfg.ttc.budget)
+        weights = OmegaConf.to_container(cfg.ttc.weights)
+        infos = []
+
+        def run_ttc(u: torch.Tensor) -> torch.Tensor:
+            out, info = ttc_rollout(sur, u, steps, corrector, tcfg, physics, weights, gen)
+            infos.append(info["evals_per_step"])
+            return out
+
+        preds["ttc"], walls["ttc"] = _timed(lambda: _batched(run_ttc, u0, B))
+        extra["ttc_evals_per_step"] = float(np.mean(infos))
+
+    metrics: Dict[str, Dict[str, float]] = {}
+    for name, pred in preds.items():
+        m = all_metrics(pred, truth, dx=physics.dx, domain_length=physics.domain_length, u0=u0,
+                        ens=ens if name == "ensemble" else None)
+        m["ms_per_traj"] = 1000.0 * walls[name] / n
+        metrics[name] = m
+    headline = "ttc" if cfg.ttc.enabled else "operator"
+    row = _row(cfg, train_cfg, records, module, view, metrics, headline, steps, n, fields, preds, extra, corrector)
+    artifacts = _write_artifacts(run_dir, row["run_id"], preds, truth, meta, cfg.n_show)
+    row["artifacts"] = str(artifacts)
+    _print_table(metrics, headline, row)
+    _record(cfg, row)
+    return row
+
+
+def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module: Any, view: Any,
+         metrics: Dict[str, Dict[str, float]], headline: str, steps: int, n: int, fields: torch.Tensor,
+         preds: Dict[str, torch.Tensor], extra: Dict[str, Any], corrector: Optional[str]) -> Dict[str, Any]:
+    train_yaml = OmegaConf.to_yaml(train_cfg)
+    params = {part: sum(p.numel() for p in getattr(module, part).parameters())
+              for part in ("autoencoder", "operator", "flow", "student") if hasattr(module, part)}
+    used = params.get("autoencoder", 0) + params.get("operator", 0)
+    if headline == "ttc" and corrector:
+        used += params.get("flow" if corrector == "teacher" else "student", 0)
+    row: Dict[str, Any] = {
+        "run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "run_dir": str(cfg.run_dir),
+        "data_path": str(view.path),
+        "split": cfg.split,
+        "n_test": n,
+        "steps": steps,
+        "git_commit": git_commit(),
+        "config_hash": hashlib.sha256(train_yaml.encode()).hexdigest()[:12],
+        "model": train_cfg.model.name,
+        "dim": int(train_cfg.model.dim),
+        "n_tokens": int(train_cfg.model.n_tokens),
+        "params": used,
+        **{f"params_{k}": v for k, v in params.items()},
+        "stages": json.dumps({k: OmegaConf.to_container(train_cfg.stages[k]) for k in records if records[k]}),
+        "method": headline,
+        "corrector": corrector or "none",
+        "ttc": json.dumps(OmegaConf.to_container(cfg.ttc)) if cfg.ttc.enabled else "off",
+        "note": cfg.note,
+    }
+    row.update(metrics[headline])
+    row["rollout_ms_per_traj"] = metrics[headline]["ms_per_traj"]
+    row["rollout_ms_per_step"] = metrics[headline]["ms_per_traj"] / steps
+    full_pred = torch.cat([fields[:, : fields.shape[1] - steps], preds[headline]], dim=1)
+    row["nrmse_pdebench"] = nrmse_pdebench(full_pred, fields, fields.shape[1] - steps)
+    for name, m in metrics.items():
+        for k in PER_METHOD:
+            if k in m:
+                row[f"{name}_{k}"] = m[k]
+    for k in ("crps", "spread_skill", "coverage_50", "coverage_90", "ece"):
+        if "ensemble" in metrics and k in metrics["ensemble"]:
+            row[k] = metrics["ensemble"][k]
+    row["solver_ms_per_traj"] = metrics["solver"]["ms_per_traj"]
+    if "ttc" in metrics:
+        row["ttc_gain_nrmse"] = metrics["operator"]["nrmse"] - metrics["ttc"]["nrmse"]
+        row["ttc_cost_ratio"] = metrics["ttc"]["ms_per_traj"] / max(metrics["operator"]["ms_per_traj"], 1e-9)
+    row.update(extra)
+    for name, rec in records.items():
+        if rec:
+            row[f"train_s_{name}"] = round(rec["wall_clock_s"], 1)
+            row[f"val_nrmse_{name}"] = rec.get("best_val_nrmse")
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return row
+
+
+def _write_artifacts(run_dir: Path, run_id: str, preds: Dict[str, torch.Tensor], truth: torch.Tensor,
+                     meta: Any, n_show: int) -> Path:
+    out = run_dir / "eval" / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {name: nrmse_per_frame(p, truth).tolist() for name, p in preds.items()}
+    (out / "curves.json").write_text(json.dumps(curves))
+    model_key = "ttc" if "ttc" in preds else "operator"
+    show = np.linspace(0, len(truth) - 1, max(1, n_show)).round().astype(int)
+    np.savez_compressed(out / "samples.npz", true=truth[show, ..., 0].numpy(),
+                        pred=preds[model_key][show, ..., 0].numpy(), x=np.asarray(meta.x),
+                        t=np.asarray(meta.t[len(meta.t) - truth.shape[1]:]))
+    return out
+
+
+def _print_table(metrics: Dict[str, Dict[str, float]], headline: str, row: Dict[str, Any]) -> None:
+    table = Table(title=f"{row['model']} on {Path(row['data_path']).name} [{row['split']}, {row['n_test']} "
+                        f"trajectories, {row['steps']} steps]  headline: {headline}")
+    for col in ("method", "nRMSE", "@1", "@10", "@31", "cRMSE", "corr. horizon", "ms/traj"):
+        table.add_column(col, justify="right")
+    for name, m in metrics.items():
+        table.add_row(name, f"{m['nrmse']:.4f}", f"{m['nrmse_1']:.4f}", f"{m['nrmse_10']:.4f}",
+                      f"{m['nrmse_31']:.4f}", f"{m['crmse']:.2e}", f"{m['correlation_horizon']:.1f}",
+                      f"{m['ms_per_traj']:.2f}")
+    Console().print(table)
+
+
+def _record(cfg: DictConfig, row: Dict[str, Any]) -> None:
+    """Label against the group's champion and append, under one lock; then redraw the report."""
+    gates = lb.GateConfig(**OmegaConf.to_container(cfg.gates))
+    written = lb.append_row(cfg.leaderboard, row, gates=gates)
+    row.update(label=written["label"], gate_reasons=written.get("gate_reasons", ""))
+    lb.write_html(cfg.leaderboard, cfg.html)
+    print(f"label: {row['label']} ({row['gate_reasons'] or 'passed the gates or no champion yet'}); "
+          f"leaderboard: {cfg.leaderboard}; report: {cfg.html}")
+
+
+@hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

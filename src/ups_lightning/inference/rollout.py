@@ -1,0 +1,137 @@
+"""Autoregressive rollouts in latent space, decoded to physical fields.
+
+The rollout sees only the last given frame: it encodes it once, then steps on its own outputs (no
+teacher forcing), decoding every predicted state on the evaluation grid. Modes:
+
+- operator only (deterministic);
+- operator + stochastic corrector (diffusion teacher or distilled student) every `every` steps;
+- an ensemble of such stochastic rollouts (members batched together);
+- TTC: per-sample beam search over corrector candidates scored by Burgers physics rewards.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ups_lightning.inference.rewards import burgers_score
+from ups_lightning.inference.ttc import TTCConfig, ttc_step
+
+
+@dataclass(frozen=True)
+class Physics:
+    """What the rewards need from the evaluated file: nu, and dx, dt, domain length after reduction."""
+
+    nu: float
+    dx: float
+    dt: float
+    domain_length: float
+
+
+class Surrogate:
+    """A trained pipeline (the last finished stage's module) seen as encode / step / correct / decode,
+    on the grid and with the conditioning of the data being evaluated."""
+
+    def __init__(self, module: Any, x: Tensor, cond: Tensor, teacher_steps: int = 16,
+                 student_steps: int = 1) -> None:
+        self.m = module.eval()
+        self.x = x.to(torch.float32)
+        self.cond = cond.to(torch.float32)
+        self.teacher_steps, self.student_steps = teacher_steps, student_steps
+
+    @property
+    def correctors(self) -> Tuple[str, ...]:
+        names = []
+        if hasattr(self.m, "flow"):
+            names.append("teacher")
+        if hasattr(self.m, "student"):
+            names.append("student")
+        return tuple(names)
+
+    def _cond(self, n: int) -> Tensor:
+        return self.cond.expand(n, -1)
+
+    @torch.no_grad()
+    def encode(self, u: Tensor) -> Tensor:
+        """Physical frames (B, X, C) -> normalised latents (B, N, D)."""
+        un = (u - self.m.field_mean) / self.m.field_std
+        z = self.m.autoencoder.encode(un, self.x)
+        return (z - self.m.latent_mean) / self.m.latent_std
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """Normalised latents (B, N, D) -> physical frames (B, X, C) on the evaluation grid."""
+        un = self.m.autoencoder.decode(z * self.m.latent_std + self.m.latent_mean, self.x)
+        return un * self.m.field_std + self.m.field_mean
+
+    @torch.no_grad()
+    def step(self, z: Tensor) -> Tensor:
+        return self.m.operator(z, self._cond(z.shape[0]))
+
+    @torch.no_grad()
+    def correct(self, z_pred: Tensor, corrector: str, generator: Optional[torch.Generator] = None) -> Tensor:
+        """One stochastic corrected state: z_pred + r_std * (a residual sample)."""
+        cond = self._cond(z_pred.shape[0])
+        if corrector == "teacher":
+            r = self.m.flow.sample(z_pred, cond, steps=self.teacher_steps, generator=generator)
+        elif corrector == "student":
+            r = self.m.student.sample(z_pred, cond, steps=self.student_steps, generator=generator)
+        else:
+            raise ValueError(f"corrector {corrector!r} is not available; this run has {self.correctors}")
+        return z_pred + self.m.r_std * r
+
+
+@torch.no_grad()
+def rollout(sur: Surrogate, u0: Tensor, steps: int, corrector: Optional[str] = None, every: int = 1,
+            generator: Optional[torch.Generator] = None) -> Tensor:
+    """Roll `steps` frames forward from the physical frame u0 (B, X, C); returns (B, steps, X, C).
+    With a corrector, every `every`-th step is corrected by one stochastic residual sample."""
+    z = sur.encode(u0)
+    frames = []
+    for k in range(1, steps + 1):
+        z = sur.step(z)
+        if corrector is not None and k % every == 0:
+            z = sur.correct(z, corrector, generator)
+        frames.append(sur.decode(z))
+    return torch.stack(frames, dim=1)
+
+
+@torch.no_grad()
+def ensemble_rollout(sur: Surrogate, u0: Tensor, steps: int, members: int, corrector: str, every: int = 1,
+                     generator: Optional[torch.Generator] = None) -> Tensor:
+    """`members` stochastic rollouts, batched together; returns (M, B, steps, X, C)."""
+    B = u0.shape[0]
+    big = u0.unsqueeze(0).expand(members, *u0.shape).reshape(members * B, *u0.shape[1:])
+    out = rollout(sur, big, steps, corrector=corrector, every=every, generator=generator)
+    return out.reshape(members, B, *out.shape[1:])
+
+
+@torch.no_grad()
+def ttc_rollout(sur: Surrogate, u0: Tensor, steps: int, corrector: str, cfg: TTCConfig, physics: Physics,
+                weights: Optional[Dict[str, float]] = None,
+                generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Any]]:
+    """TTC rollout: at each step, beam search per sample over corrector candidates, scored by the
+    Burgers rewards of the decoded states. Returns the frames (B, steps, X, C) and the search's cost
+    (model evaluations per sample per step)."""
+
+    def propose(states: Tensor, k: int) -> Tensor:
+        z_pred = sur.step(states)
+        rep = z_pred.unsqueeze(1).expand(-1, k, *z_pred.shape[1:]).reshape(-1, *z_pred.shape[1:])
+        return sur.correct(rep, corrector, generator).reshape(states.shape[0], k, *states.shape[1:])
+
+    def score(prev: Tensor, nxt: Tensor) -> Tensor:
+        u_prev, u_next = sur.decode(prev)[..., 0], sur.decode(nxt)[..., 0]
+        return burgers_score(u_prev, u_next, physics.nu, physics.dx, physics.dt, physics.domain_length,
+                             weights=weights)
+
+    z = sur.encode(u0)
+    frames, evals = [], []
+    for _ in range(steps):
+        z, info = ttc_step(z, propose, score, cfg)
+        frames.append(sur.decode(z))
+        evals.append(info["evals"].double().mean())
+    mean_evals = float(torch.stack(evals).mean()) if evals else math.nan
+    return torch.stack(frames, dim=1), {"evals_per_step": mean_evals}

@@ -1,0 +1,110 @@
+"""What every stage's LightningModule shares: the optimiser and schedule from config, the frozen
+physical-space pieces (decoder, normaliser, latent statistics), and the physical validation figure."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from ups_lightning.models.autoencoder import Autoencoder
+from ups_lightning.models.sizes import model_sizes
+
+
+def build_autoencoder(model_cfg: Dict[str, Any], in_channels: int = 1) -> Autoencoder:
+    s = model_sizes(model_cfg["dim"], n_tokens=model_cfg["n_tokens"], depth=model_cfg["depth"])
+    return Autoencoder(
+        in_channels=in_channels, dim=s.dim, n_tokens=s.n_tokens, depth=model_cfg["ae_depth"],
+        heads=s.heads, hidden=s.hidden, n_fourier=model_cfg["n_fourier"],
+        decoder_depth=model_cfg["decoder_depth"],
+    )
+
+
+def sample_nrmse(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Per-sample relative L2 error over all but the batch axis: sqrt(mean e^2) / sqrt(mean true^2)."""
+    dims = tuple(range(1, pred.ndim))
+    err = (pred - true).pow(2).mean(dims).sqrt()
+    return err / true.pow(2).mean(dims).sqrt().clamp_min(1e-12)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class StageModule(L.LightningModule):
+    """Base class: AdamW with warm-up + cosine/constant LR (per step), physical-space helpers.
+
+    Buffers `x` (unit coordinates), `field_mean/std` (physical normalisation), `latent_mean/std` and
+    `cond` travel in every checkpoint, so a stage can be evaluated from its checkpoint alone.
+    """
+
+    def __init__(self, optim_cfg: Dict[str, Any], lr: float, n_x: int, n_channels: int = 1,
+                 latent_dim: Optional[int] = None) -> None:
+        super().__init__()
+        self.optim_cfg, self.lr = optim_cfg, lr
+        self.register_buffer("x", torch.zeros(n_x))
+        self.register_buffer("field_mean", torch.zeros(n_channels))
+        self.register_buffer("field_std", torch.ones(n_channels))
+        self.register_buffer("cond", torch.zeros(2))
+        if latent_dim is not None:
+            self.register_buffer("latent_mean", torch.zeros(latent_dim))
+            self.register_buffer("latent_std", torch.ones(latent_dim))
+        self.val_nrmse = MeanMetric()
+
+    # --- data context, set once before training from the data and the cache -------------------
+    def set_data_context(self, x: torch.Tensor, field_mean: Any, field_std: Any, cond: torch.Tensor,
+                         latent_mean: Optional[torch.Tensor] = None,
+                         latent_std: Optional[torch.Tensor] = None) -> None:
+        self.x.copy_(x)
+        self.field_mean.copy_(torch.as_tensor(field_mean, dtype=torch.float32))
+        self.field_std.copy_(torch.as_tensor(field_std, dtype=torch.float32))
+        self.cond.copy_(cond)
+        if latent_mean is not None:
+            self.latent_mean.copy_(latent_mean)
+            self.latent_std.copy_(latent_std)
+
+    def physical(self, u_normalised: torch.Tensor) -> torch.Tensor:
+        return u_normalised * self.field_std + self.field_mean
+
+    def batch_cond(self, batch_size: int) -> torch.Tensor:
+        return self.cond.expand(batch_size, -1)
+
+    def decode_latent(self, autoencoder: Autoencoder, z_normalised: torch.Tensor) -> torch.Tensor:
+        """Normalised latent -> normalised field on the data grid."""
+        return autoencoder.decode(z_normalised * self.latent_std + self.latent_mean, self.x)
+
+    # --- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self) -> Dict[str, Any]:
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim_cfg["weight_decay"]},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=tuple(self.optim_cfg["betas"]),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.optim_cfg["warmup_ratio"] * total)
+        floor = self.optim_cfg["min_lr_ratio"]
+        cosine = self.optim_cfg["schedule"] == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if not cosine:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def log_val_nrmse(self, pred_phys: torch.Tensor, true_phys: torch.Tensor) -> None:
+        self.val_nrmse.update(sample_nrmse(pred_phys, true_phys))
+        self.log("val/nrmse", self.val_nrmse, prog_bar=True, on_epoch=True)

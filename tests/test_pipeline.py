@@ -1,0 +1,223 @@
+"""The staged trainer end to end on the smoke experiment: hand-off, resume, cache keys, each stage's
+real behaviour, config errors, multirun. One smoke pipeline is trained per session and shared."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ups_lightning.data.cache import build_or_load_latent_cache
+from ups_lightning.data.datamodule import LatentDataModule, open_view, unit_coords
+from ups_lightning.errors import UserError
+from ups_lightning.lit.common import sample_nrmse
+from ups_lightning.train import load_stage, read_record, run
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def smoke_cfg(tmp: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=["experiment=smoke", "model=dim16", f"data.root={tmp / 'data'}",
+                                           f"run_dir={tmp / 'run'}", *overrides])
+
+
+def cli(module: str, *args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          cwd=cwd, env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("smoke")
+    res = cli("ups_lightning.data.generate", "data=smoke", f"data.root={root / 'data'}")
+    assert res.returncode == 0, res.stderr
+    return root
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_data: Path):
+    cfg = smoke_cfg(smoke_data)
+    records = run(cfg)
+    return cfg, records
+
+
+def test_all_stages_finish_and_log_physical_figures(smoke_run):
+    cfg, records = smoke_run
+    assert list(records) == ["autoencoder", "operator", "diffusion", "distill"]
+    for name, rec in records.items():
+        assert Path(rec["best_ckpt"]).exists()
+        assert 0.0 < rec["best_val_nrmse"] < 5.0, (name, rec["best_val_nrmse"])
+    # each latent stage logs the references a user needs to judge whether it helped
+    assert {"val/nrmse_persistence", "val/nrmse_recon_floor"} <= set(records["operator"]["final_metrics"])
+    assert {"val/nrmse_operator", "val/sample_spread"} <= set(records["diffusion"]["final_metrics"])
+    assert {"val/teacher_nrmse", "val/teacher_spread"} <= set(records["distill"]["final_metrics"])
+
+
+def test_reconstruction_improves_with_training(smoke_run):
+    cfg, records = smoke_run
+    trained = load_stage(records["autoencoder"], "autoencoder")
+    view = open_view(cfg.data)
+    u = torch.from_numpy(view.normalizer.normalize(view.read("val")[:, ::4])).float().flatten(0, 1)
+    untrained_ae = type(trained)(trained.hparams.model_cfg, trained.hparams.optim_cfg, 1e-3, len(trained.x))
+    with torch.no_grad():
+        err_trained = sample_nrmse(trained.autoencoder(u, trained.x), u).mean()
+        err_untrained = sample_nrmse(untrained_ae.autoencoder(u, trained.x), u).mean()
+    assert err_trained < 0.7 * err_untrained, (err_trained, err_untrained)
+
+
+def test_stage_handoff_carries_exact_upstream_weights(smoke_run):
+    _, records = smoke_run
+    ae = load_stage(records["autoencoder"], "autoencoder")
+    op = load_stage(records["operator"], "operator")
+    dist = load_stage(records["distill"], "distill")
+    for name, p in ae.autoencoder.state_dict().items():
+        assert torch.equal(p, op.autoencoder.state_dict()[name]), name
+        assert torch.equal(p, dist.autoencoder.state_dict()[name]), name
+    diff = load_stage(records["diffusion"], "diffusion")
+    for name, p in diff.flow.state_dict().items():
+        assert torch.equal(p, dist.flow.state_dict()[name]), name
+
+
+def test_operator_is_a_residual_update(smoke_run):
+    _, records = smoke_run
+    op = load_stage(records["operator"], "operator")
+    model = op.hparams.model_cfg
+    z = torch.randn(3, model["n_tokens"], model["dim"])
+    cond = op.batch_cond(3)
+    with torch.no_grad():
+        assert torch.allclose(op.operator(z, cond), z + op.operator.delta(z, cond), atol=1e-6)
+
+
+def _latent_batch(cfg, module, split="val"):
+    view = open_view(cfg.data)
+    cache = build_or_load_latent_cache(module.autoencoder, view, unit_coords(view), Path(cfg.run_dir) / "latents")
+    dm = LatentDataModule(cache, batch_size=64)
+    return next(iter(dm.val_dataloader()))
+
+
+def test_diffusion_learns_and_samples_are_distinct(smoke_run):
+    cfg, records = smoke_run
+    diff = load_stage(records["diffusion"], "diffusion")
+    batch = _latent_batch(cfg, diff)
+    r, z_pred = diff.scaled_residual(batch)
+    cond = diff.batch_cond(r.shape[0])
+    untrained = load_stage(records["diffusion"], "diffusion")
+    for p in untrained.flow.parameters():  # the same architecture, re-initialised
+        torch.nn.init.normal_(p, std=0.02)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with torch.no_grad():
+        trained_loss = torch.stack([diff.flow.loss(r, z_pred, cond, generator=g()) for _ in range(4)]).mean()
+        untrained_loss = torch.stack([untrained.flow.loss(r, z_pred, cond, generator=g()) for _ in range(4)]).mean()
+        a = diff.sample_residual(z_pred, torch.Generator().manual_seed(1))
+        b = diff.sample_residual(z_pred, torch.Generator().manual_seed(2))
+    assert trained_loss < untrained_loss, (trained_loss, untrained_loss)
+    assert (a - b).abs().mean() > 0.05 * a.abs().mean()  # distinct plausible corrections, not one answer
+
+
+def test_student_matches_teacher_within_tolerance(smoke_run):
+    """The 1-step student's samples: error and spread within a stated tolerance of the teacher's
+    K-step samples on validation (here: nRMSE within 25% and spread within a factor of 3)."""
+    cfg, records = smoke_run
+    dist = load_stage(records["distill"], "distill")
+    batch = _latent_batch(cfg, dist)
+    true = dist.physical(batch["u"][:, 1])
+    z_pred = dist.operator_step(batch["z"][:, 0])
+    cond = dist.batch_cond(z_pred.shape[0])
+
+    def decoded(sampler, seed):
+        with torch.no_grad():
+            r = sampler(z_pred, cond, generator=torch.Generator().manual_seed(seed))
+            return dist.decode_phys(z_pred + dist.r_std * r)
+
+    teacher = lambda z, c, generator: dist.flow.sample(z, c, steps=cfg.stages.diffusion.sample_steps, generator=generator)  # noqa: E731
+    student = lambda z, c, generator: dist.student.sample(z, c, steps=1, generator=generator)  # noqa: E731
+    t1, t2, s1, s2 = decoded(teacher, 1), decoded(teacher, 2), decoded(student, 1), decoded(student, 2)
+    err_t, err_s = sample_nrmse(t1, true).mean(), sample_nrmse(s1, true).mean()
+    spread_t, spread_s = sample_nrmse(t1, t2).mean(), sample_nrmse(s1, s2).mean()
+    assert abs(err_s - err_t) <= 0.25 * err_t, (err_s, err_t)
+    assert spread_t / 3 <= spread_s <= 3 * spread_t, (spread_s, spread_t)
+
+
+def test_changed_encoder_rebuilds_the_cache(smoke_run, tmp_path):
+    cfg, records = smoke_run
+    ae = load_stage(records["autoencoder"], "autoencoder").autoencoder
+    view = open_view(cfg.data)
+    x = unit_coords(view)
+    a = build_or_load_latent_cache(ae, view, x, tmp_path)
+    again = build_or_load_latent_cache(ae, view, x, tmp_path)
+    assert again.fingerprint == a.fingerprint and len(list(tmp_path.glob("*.pt"))) == 1
+    with torch.no_grad():
+        next(ae.parameters()).add_(1e-3)
+    b = build_or_load_latent_cache(ae, view, x, tmp_path)
+    assert b.fingerprint != a.fingerprint
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    assert not torch.equal(a.z["train"], b.z["train"])
+
+
+def test_finished_stages_are_skipped(smoke_run):
+    cfg, records = smoke_run
+    stamps = {n: Path(r["best_ckpt"]).stat().st_mtime_ns for n, r in records.items()}
+    again = run(cfg)
+    assert {n: r["config_hash"] for n, r in again.items()} == {n: r["config_hash"] for n, r in records.items()}
+    assert {n: Path(r["best_ckpt"]).stat().st_mtime_ns for n, r in again.items()} == stamps
+
+
+def test_missing_upstream_stage_names_what_is_missing_and_how_to_make_it(smoke_data, tmp_path):
+    cfg = smoke_cfg(smoke_data, "stage=operator", f"run_dir={tmp_path / 'empty'}")
+    with pytest.raises(UserError, match=r"needs the finished 'autoencoder' stage.*stage=autoencoder"):
+        run(cfg)
+
+
+def test_config_errors_are_one_paragraph_not_tracebacks(smoke_data):
+    bad_type = cli("ups_lightning.train", "experiment=smoke", "seed=abc", f"data.root={smoke_data / 'data'}")
+    assert bad_type.returncode == 2, bad_type.stderr
+    assert "seed" in bad_type.stderr and "Traceback" not in bad_type.stderr
+    unknown = cli("ups_lightning.train", "experiment=smoke", "+stages.operator.rolout_steps=3")
+    assert unknown.returncode == 2 and "rolout_steps" in unknown.stderr and "Traceback" not in unknown.stderr
+    no_key = cli("ups_lightning.train", "experiment=smoke", "trainer.precison=bf16-mixed")
+    assert no_key.returncode != 0 and "precison" in no_key.stderr and "Traceback" not in no_key.stderr
+
+
+def test_resume_after_a_kill(smoke_data, tmp_path):
+    """Kill the pipeline while the autoencoder trains, after its first checkpoint; the rerun resumes
+    that stage from last.ckpt and runs the rest."""
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", "model=dim8", f"data.root={smoke_data / 'data'}", f"run_dir={run_dir}",
+            "stages.autoencoder.max_epochs=40"]
+    proc = subprocess.Popen([sys.executable, "-m", "ups_lightning.train", *args], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "autoencoder" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists() and not (run_dir / "autoencoder" / "done.json").exists()
+    res = cli("ups_lightning.train", *args, "stages.operator.max_epochs=1", "stages.diffusion.max_epochs=1",
+              "stages.distill.max_epochs=1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming from" in res.stdout + res.stderr
+    done = json.loads((run_dir / "autoencoder" / "done.json").read_text())
+    assert done["epochs"] >= 1
+    assert (run_dir / "distill" / "done.json").exists()
+
+
+@pytest.mark.slow
+def test_multirun_runs_each_job_in_its_own_directory(smoke_data, tmp_path):
+    res = cli("ups_lightning.train", "-m", "model=dim8,dim16", "stage=all", "experiment=smoke",
+              f"data.root={smoke_data / 'data'}", f"hydra.sweep.dir={tmp_path}",
+              f"run_dir={tmp_path}/${{run_name}}", timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for dim in ("dim8", "dim16"):
+        assert (tmp_path / "smoke" / dim / "distill" / "done.json").exists()
