@@ -31,10 +31,10 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 eval-small: setup
-	$(BIN)/python -m ups_lightning.pipeline experiment=eval_small
+	$(BIN)/python -m ups_lightning.pipeline small
 
 eval-full: setup
-	$(BIN)/python -m ups_lightning.pipeline experiment=eval_full
+	$(BIN)/python -m ups_lightning.pipeline full
 
 bench: setup
 	$(BIN)/python -m ups_lightning.bench

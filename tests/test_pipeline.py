@@ -12,43 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import smoke_cfg
 
 from ups_lightning.data.cache import build_or_load_latent_cache
 from ups_lightning.data.datamodule import LatentDataModule, open_view, unit_coords
 from ups_lightning.errors import UserError
 from ups_lightning.lit.common import sample_nrmse
-from ups_lightning.train import load_stage, read_record, run
+from ups_lightning.train import load_stage, run
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-
-
-def smoke_cfg(tmp: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=["experiment=smoke", "model=dim16", f"data.root={tmp / 'data'}",
-                                           f"run_dir={tmp / 'run'}", *overrides])
 
 
 def cli(module: str, *args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           cwd=cwd, env=ENV, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def smoke_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("smoke")
-    res = cli("ups_lightning.data.generate", "data=smoke", f"data.root={root / 'data'}")
-    assert res.returncode == 0, res.stderr
-    return root
-
-
-@pytest.fixture(scope="session")
-def smoke_run(smoke_data: Path):
-    cfg = smoke_cfg(smoke_data)
-    records = run(cfg)
-    return cfg, records
 
 
 def test_all_stages_finish_and_log_physical_figures(smoke_run):
