@@ -199,3 +199,29 @@ def test_multirun_runs_each_job_in_its_own_directory(smoke_data, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     for dim in ("dim8", "dim16"):
         assert (tmp_path / "smoke" / dim / "distill" / "done.json").exists()
+
+
+def test_ddp_on_two_cpu_processes_with_gloo(smoke_data, tmp_path):
+    run_dir = tmp_path / "ddp"
+    res = cli("ups_lightning.train", "experiment=smoke", "model=dim8", "trainer=ddp", "trainer.accelerator=cpu",
+              "trainer.devices=2", "stage=autoencoder", "stages.autoencoder.max_epochs=1",
+              f"data.root={smoke_data / 'data'}", f"run_dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    done = json.loads((run_dir / "autoencoder" / "done.json").read_text())
+    assert Path(done["best_ckpt"]).exists()
+
+
+def test_bf16_autocast_on_cpu(smoke_data, tmp_path):
+    cfg = smoke_cfg(smoke_data, "model=dim8", "stage=autoencoder", "trainer.precision=bf16-mixed",
+                    "stages.autoencoder.max_epochs=1", f"run_dir={tmp_path / 'bf16'}")
+    record = run(cfg)["autoencoder"]
+    assert record["best_val_nrmse"] is not None and record["best_val_nrmse"] == record["best_val_nrmse"]
+
+
+@pytest.mark.slow
+def test_torch_compile_switch(smoke_data, tmp_path):
+    cfg = smoke_cfg(smoke_data, "model=dim8", "stage=autoencoder", "trainer.compile=true",
+                    "stages.autoencoder.max_epochs=1", f"run_dir={tmp_path / 'compiled'}")
+    record = run(cfg)["autoencoder"]
+    ae = load_stage(record, "autoencoder")  # checkpoint keys are the plain module's
+    assert ae.autoencoder is not None

@@ -166,6 +166,16 @@ def _stage_module(cfg: DictConfig, name: str, n_x: int) -> StageModule:
     return MODULES[name](model, optim, settings, lr, n_x)
 
 
+def compile_networks(module: StageModule) -> None:
+    """torch.compile the networks' sub-modules in place (nn.Module.compile): checkpoints keep the
+    plain parameter names, so compiled and eager runs read each other's checkpoints."""
+    for part in ("autoencoder", "operator", "flow", "student"):
+        net = getattr(module, part, None)
+        if net is not None:
+            for child in net.children():
+                child.compile()
+
+
 def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
     upstream = finished_upstream(cfg, name)
     config_hash = stage_config_hash(cfg, name, upstream)
@@ -207,7 +217,7 @@ def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
         datamodule = LatentDataModule(cache, cfg.stages[name].batch_size, steps=steps,
                                       num_workers=cfg.data.num_workers)
         if name == "diffusion":
-            module.fit_residual_scale(datamodule.train_dataloader())
+            module.fit_residual_scale(datamodule.train_dataloader(shuffle=False))  # same on every rank
         elif name == "distill":
             module.start_from_teacher()
 
@@ -217,9 +227,10 @@ def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
         log.info("stage %s: resuming from %s", name, last)
         resume = str(last)
     trainer = build_trainer(cfg, name)
-    fit_module = torch.compile(module) if cfg.trainer.compile else module
+    if cfg.trainer.compile:
+        compile_networks(module)
     start = time.time()
-    trainer.fit(fit_module, datamodule=datamodule, ckpt_path=resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     wall = time.time() - start
 
     ckpt_cb = trainer.checkpoint_callback

@@ -1,0 +1,359 @@
+"""Make PDEBench-layout 1D Burgers data sets with the reference solver.
+
+    python -m ups_lightning.data.generate data=burgers1d_small      # the data config's file
+    python -m ups_lightning.data.generate data=burgers1d workers=2  # the full set
+    python -m ups_lightning.data.generate out=PATH nu=0.001 n_samples=64 nx=256 nt=41 t_max=2 seed=0
+
+One HDF5 file (``tensor`` (N, nt, nx) float32, ``x-coordinate``, ``t-coordinate`` (nt,), attribute
+``Nu``; domain (0, 1)) plus ``<file>.manifest.json`` with the splits, seeds, solver settings, grid,
+training-split normalisation and generation time. Rows are [train | val | test]; split s row i is
+made from seed ``seed * 1_000_000 + offset[s] + i`` (offsets 0, 300_000, 600_000), so the splits
+come from disjoint seed ranges and a split's trajectories do not change when another split grows.
+
+Writes are atomic: the file is built at ``<target>.tmp-<pid>`` and moved into place with
+os.replace; on any error or Ctrl-C the temporary file is removed and the target left untouched.
+An existing file whose manifest matches the requested settings is kept (``force=true`` remakes it).
+In ad-hoc mode (``out=``) all rows are training rows unless ``n_val=`` / ``n_test=`` are given.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.data import solver as _solver
+from ups_lightning.data.pdebench import (MANIFEST_FORMAT, SPLITS, PDEBenchFile, compute_normalizer,
+                                         load_manifest, manifest_path, write_manifest)
+
+__all__ = ["SEED_STRIDE", "SPLIT_SEED_OFFSETS", "split_seeds", "dataset_settings",
+           "write_dataset", "main"]
+
+SEED_STRIDE = 1_000_000
+SPLIT_SEED_OFFSETS = {"train": 0, "val": 300_000, "test": 600_000}
+_MAX_PER_SPLIT = 300_000
+
+
+def split_seeds(seed: int, counts: dict[str, int]) -> dict[str, np.ndarray]:
+    """Seeds of each split: ``seed * 1_000_000 + offset[split] + i``."""
+    return {s: seed * SEED_STRIDE + SPLIT_SEED_OFFSETS[s] + np.arange(counts.get(s, 0), dtype=np.int64)
+            for s in SPLITS}
+
+
+def _num(name: str, value: Any, kind: type, *, minimum: float | None = None,
+         positive: bool = False) -> Any:
+    try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError
+        v = kind(value)
+        if kind is int and float(value) != v:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"setting {name}={value!r} must be {'an integer' if kind is int else 'a number'}.") from None
+    if not np.isfinite(v) or (positive and v <= 0) or (minimum is not None and v < minimum):
+        need = "> 0" if positive else f">= {minimum}"
+        raise UserError(f"setting {name}={value!r} must be {need}.")
+    return v
+
+
+def dataset_settings(*, nu, nx, nt, t_max, seed, n_train, n_val=0, n_test=0,
+                     pde="burgers1d") -> dict:
+    """Validated generation settings (the manifest's ``settings``, used to tell a file is current)."""
+    if pde != "burgers1d":
+        raise UserError(f"setting pde={pde!r}: the generator makes 'burgers1d' only.")
+    s = {
+        "pde": pde,
+        "nu": _num("nu", nu, float, minimum=0.0),
+        "nx": _num("nx", nx, int, minimum=8),
+        "nt": _num("nt", nt, int, minimum=2),
+        "t_max": _num("t_max", t_max, float, positive=True),
+        "seed": _num("seed", seed, int, minimum=0),
+        "n_train": _num("n_train", n_train, int, minimum=0),
+        "n_val": _num("n_val", n_val, int, minimum=0),
+        "n_test": _num("n_test", n_test, int, minimum=0),
+        "cfl": _solver.SOLVER_SETTINGS["cfl"],
+        "scheme": _solver.SOLVER_SETTINGS["scheme"],
+        "initial_condition": "init_multi/1",
+    }
+    for k in ("n_train", "n_val", "n_test"):
+        if s[k] > _MAX_PER_SPLIT:
+            raise UserError(f"setting {k}={s[k]}: at most {_MAX_PER_SPLIT} rows per split (the "
+                            f"splits' seed ranges would overlap).")
+    if s["n_train"] + s["n_val"] + s["n_test"] < 1:
+        raise UserError("settings n_train + n_val + n_test (or n_samples) must be at least 1.")
+    return s
+
+
+def _is_current(path: Path, manifest: dict | None, settings: dict) -> bool:
+    if manifest is None or manifest.get("settings") != settings:
+        return False
+    try:
+        if manifest.get("file_bytes") != path.stat().st_size:
+            return False
+        with PDEBenchFile(path) as f:
+            n = settings["n_train"] + settings["n_val"] + settings["n_test"]
+            return f.meta.shape == (n, settings["nt"], settings["nx"], 1)
+    except UserError:
+        return False
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def write_dataset(
+    path: str | os.PathLike,
+    *,
+    nu: float,
+    nx: int,
+    nt: int,
+    t_max: float,
+    seed: int,
+    n_train: int,
+    n_val: int = 0,
+    n_test: int = 0,
+    workers: int = 2,
+    progress: bool = True,
+    force: bool = False,
+    norm_reductions: tuple[tuple[int, int], ...] = (),
+    quiet: bool = False,
+) -> dict:
+    """Make (or keep, when current) the data file at ``path`` and its manifest; return the manifest.
+
+    ``norm_reductions``: extra (reduced_resolution, reduced_resolution_t) pairs at which to record
+    the training split's normalisation too (the (1, 1) entry is always recorded).
+    """
+    settings = dataset_settings(nu=nu, nx=nx, nt=nt, t_max=t_max, seed=seed, n_train=n_train,
+                                n_val=n_val, n_test=n_test)
+    workers = _num("workers", workers, int, minimum=1)
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        raise UserError(f"output path {str(target)!r} exists and is not a file.")
+    if target.exists():
+        try:
+            manifest = load_manifest(target)
+        except UserError:
+            if not force:
+                raise
+            manifest = None
+        if not force and _is_current(target, manifest, settings):
+            _say(f"{target} is up to date (manifest {manifest_path(target).name} matches these "
+                 f"settings); nothing to do. Pass force=true to remake it.", quiet)
+            return manifest  # type: ignore[return-value]
+        if not force:
+            why = ("has no manifest" if manifest is None else
+                   "was made with different settings (or its manifest is stale)")
+            raise UserError(f"{str(target)!r} already exists and {why}; refusing to overwrite it. "
+                            f"Pass force=true to remake it, or choose another output path.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    counts = {s: settings[f"n_{s}"] for s in SPLITS}
+    seeds_by_split = split_seeds(settings["seed"], counts)
+    seeds = np.concatenate([seeds_by_split[s] for s in SPLITS])
+    n = int(seeds.size)
+    starts = np.cumsum([0] + [counts[s] for s in SPLITS])
+    splits = {s: {"start": int(starts[i]), "stop": int(starts[i + 1])} for i, s in enumerate(SPLITS)}
+    x = _solver.cell_centres(nx)
+    t = np.linspace(0.0, settings["t_max"], settings["nt"])
+
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    t0 = time.perf_counter()
+    _say(f"generating {n} trajectories ({counts['train']} train / {counts['val']} val / "
+         f"{counts['test']} test) of 1D Burgers, nu={settings['nu']}, {nx} cells x {nt} frames, "
+         f"t in [0, {settings['t_max']}], workers={workers} -> {target}", quiet)
+    try:
+        _write_h5(tmp, seeds, settings, x, t, workers, progress)
+        seconds = time.perf_counter() - t0
+        norms = []
+        with PDEBenchFile(tmp) as f:     # validates what was written (finite, layout)
+            norm_rows = np.arange(splits["train"]["start"], splits["train"]["stop"])
+            pairs = [(1, 1)] + [tuple(p) for p in norm_reductions if tuple(p) != (1, 1)]
+        for rr, rr_t in pairs:
+            if norm_rows.size == 0:
+                break
+            if nx % rr or (nt - 1) % rr_t:
+                continue
+            with PDEBenchFile(tmp, rr, rr_t) as f:
+                stats = compute_normalizer(f, norm_rows).to_dict()
+            norms.append({"split": "train", "rows": [int(norm_rows[0]), int(norm_rows[-1]) + 1],
+                          "reduced_resolution": int(rr), "reduced_resolution_t": int(rr_t),
+                          **stats})
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "file": target.name,
+            "pde": settings["pde"],
+            "n_samples": n,
+            "file_bytes": tmp.stat().st_size,
+            "settings": settings,
+            "nu": settings["nu"],
+            "grid": {"nx": nx, "nt": nt, "t_max": settings["t_max"], "x_left": 0.0,
+                     "domain_length": 1.0, "dx": 1.0 / nx,
+                     "dt_save": settings["t_max"] / (nt - 1)},
+            "splits": splits,
+            "seeds": {"rule": "row i of split s: seed * 1_000_000 + offset[s] + i",
+                      "seed": settings["seed"], "offsets": dict(SPLIT_SEED_OFFSETS),
+                      **{s: {"start": int(seeds_by_split[s][0]) if counts[s] else None,
+                             "stop": int(seeds_by_split[s][-1]) + 1 if counts[s] else None}
+                         for s in SPLITS}},
+            "solver": dict(_solver.SOLVER_SETTINGS),
+            "normalization": norms,
+            "generation": {
+                "seconds": round(seconds, 3),
+                "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "workers": workers,
+                "package_version": _package_version(),
+                "numpy": np.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        _check_stop()
+        old_manifest = manifest_path(target)
+        if old_manifest.exists():
+            old_manifest.unlink()        # never leave an old manifest beside new data
+        os.replace(tmp, target)
+        write_manifest(target, manifest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _say(f"wrote {target} ({n} x {nt} x {nx}, {target.stat().st_size / 1e6:.1f} MB) and "
+         f"{manifest_path(target).name}; generation time {seconds:.1f} s", quiet)
+    return manifest
+
+
+def _write_h5(tmp: Path, seeds: np.ndarray, settings: dict, x: np.ndarray, t: np.ndarray,
+              workers: int, progress: bool) -> None:
+    import h5py
+
+    n, nx, nt = int(seeds.size), settings["nx"], settings["nt"]
+    chunks = _solver.iter_trajectory_chunks(n, nx, nt, settings["t_max"], settings["nu"], seeds,
+                                            workers=workers)
+    bar = _solver._progress_bar(progress, "trajectories", n)
+    with h5py.File(tmp, "w") as h5, contextlib.closing(chunks), bar as (prog, task):
+        ds = h5.create_dataset("tensor", shape=(n, nt, nx), dtype=np.float32,
+                               chunks=(1, nt, nx))
+        h5.create_dataset("x-coordinate", data=x.astype(np.float32))
+        h5.create_dataset("t-coordinate", data=t.astype(np.float32))
+        h5.attrs["Nu"] = float(settings["nu"])
+        for rows, fields in chunks:
+            _check_stop()
+            for r, field in zip(rows, fields):
+                ds[int(r)] = field
+            if prog is not None:
+                prog.advance(task, len(rows))
+        h5.flush()
+        _check_stop()
+
+
+def _package_version() -> str:
+    try:
+        from ups_lightning import __version__
+        return __version__
+    except ImportError:   # pragma: no cover
+        return "unknown"
+
+
+_AD_HOC_KEYS = ("nu", "n_samples", "nx", "nt", "t_max", "seed", "n_val", "n_test")
+
+
+def run(cfg: Any) -> dict:
+    """The CLI's task, on a composed config (DictConfig or mapping)."""
+    from omegaconf import OmegaConf
+
+    get = (lambda k: OmegaConf.select(cfg, k)) if OmegaConf.is_config(cfg) else cfg.get
+    workers = get("workers") if get("workers") is not None else 2
+    progress = bool(get("progress")) if get("progress") is not None else True
+    force = bool(get("force"))
+    out = get("out")
+    if out is not None:
+        missing = [k for k in ("nu", "n_samples", "nx", "nt", "t_max") if get(k) is None]
+        if missing:
+            raise UserError(f"ad-hoc generation (out={out}) also needs "
+                            f"{', '.join(k + '=...' for k in missing)}.")
+        n_samples = _num("n_samples", get("n_samples"), int, minimum=1)
+        n_val = _num("n_val", get("n_val") or 0, int, minimum=0)
+        n_test = _num("n_test", get("n_test") or 0, int, minimum=0)
+        if n_val + n_test > n_samples:
+            raise UserError(f"settings n_val={n_val} + n_test={n_test} exceed n_samples={n_samples}.")
+        return write_dataset(out, nu=get("nu"), nx=get("nx"), nt=get("nt"), t_max=get("t_max"),
+                             seed=get("seed") if get("seed") is not None else 0,
+                             n_train=n_samples - n_val - n_test, n_val=n_val, n_test=n_test,
+                             workers=workers, progress=progress, force=force)
+    stray = [k for k in _AD_HOC_KEYS if get(k) is not None]
+    if stray:
+        raise UserError(f"{', '.join(k + '=' + str(get(k)) for k in stray)}: these are ad-hoc "
+                        f"settings and need out=PATH; to change the data config's file use "
+                        f"data.<key>=... (e.g. data.nu=0.01 data.path=...).")
+    data = get("data")
+    if data is None:
+        raise UserError("no data config selected: pass data=burgers1d_small (or another file under "
+                        "conf/data/), or out=PATH with nu=, n_samples=, nx=, nt=, t_max=.")
+    d = (lambda k: OmegaConf.select(data, k)) if OmegaConf.is_config(data) else data.get
+    for key in ("path", "nu", "nx", "nt", "t_max", "seed", "n_train", "n_val", "n_test"):
+        if d(key) is None:
+            raise UserError(f"data config {d('name')!r} has no data.{key}.")
+    if d("pde") not in (None, "burgers1d"):
+        raise UserError(f"setting data.pde={d('pde')!r}: the generator makes 'burgers1d' only.")
+    rr = (d("reduced_resolution") or 1, d("reduced_resolution_t") or 1)
+    return write_dataset(d("path"), nu=d("nu"), nx=d("nx"), nt=d("nt"), t_max=d("t_max"),
+                         seed=d("seed"), n_train=d("n_train"), n_val=d("n_val"),
+                         n_test=d("n_test"), workers=workers, progress=progress, force=force,
+                         norm_reductions=(tuple(int(v) for v in rr),))
+
+
+_STOP: dict[str, int | None] = {"signal": None}
+
+
+def _raise_for(signum: int):
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def _on_signal(signum, frame) -> None:
+    """CLI handler for SIGINT/SIGTERM: remember the request and unwind. Python can swallow an
+    exception raised inside a finaliser or C callback, so the write loop also polls the flag
+    (``_check_stop``) and aborts at its next checkpoint."""
+    _STOP["signal"] = signum
+    _raise_for(signum)
+
+
+def _check_stop() -> None:
+    if _STOP["signal"] is not None:
+        _raise_for(_STOP["signal"])
+
+
+def _hydra_main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(version_base="1.3", config_path="../../../conf", config_name="generate")
+    @report_user_errors
+    def main(cfg: DictConfig) -> None:
+        # Ctrl-C and a scheduler's SIGTERM unwind: the temporary file is removed
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        try:
+            run(cfg)
+        except KeyboardInterrupt:
+            print("interrupted: the target was not touched and the temporary file was removed.",
+                  file=sys.stderr, flush=True)
+            sys.exit(130)
+
+    main()
+
+
+main = _hydra_main
+
+if __name__ == "__main__":
+    _hydra_main()
+    sys.exit(0)

@@ -1,0 +1,115 @@
+"""Describe and check a PDEBench-layout data file.
+
+    python -m ups_lightning.data.inspect FILE [--reduced-resolution N] [--reduced-resolution-t N]
+                                              [--full | --rows K]
+
+Prints the shape, domain, dx, dt, nu, the value range, and the splits when a manifest lies beside
+the file; checks that values are finite over a bounded sample of rows (evenly spread, first and
+last included) or, with ``--full``, over every row. Reads in bounded blocks, never the whole file.
+Exit code 2 with a one-paragraph ``error:`` on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, manifest_path
+
+__all__ = ["main", "inspect_file", "sample_rows"]
+
+
+def sample_rows(n: int, k: int) -> np.ndarray:
+    """At most ``k`` rows of ``n``, evenly spread, first and last included."""
+    if k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max(2, k)).round().astype(np.int64))
+
+
+def inspect_file(path: str, reduced_resolution: int = 1, reduced_resolution_t: int = 1,
+                 full: bool = False, rows: int = 64, pde: str = "burgers1d") -> dict:
+    """Collect the facts ``main`` prints (also handy in tests)."""
+    t0 = time.perf_counter()
+    with PDEBenchFile(path, reduced_resolution, reduced_resolution_t, pde) as f:
+        m = f.meta
+        idx = np.arange(m.n_samples) if full else sample_rows(m.n_samples, rows)
+        lo, hi, total, count = np.inf, -np.inf, 0.0, 0
+        for _, data in f.iter_blocks(idx):      # raises UserError on NaN/Inf, naming the row
+            lo = min(lo, float(data.min()))
+            hi = max(hi, float(data.max()))
+            total += float(data.sum(dtype=np.float64))
+            count += data.size
+        file_shape = f._ds.shape
+        dtype = str(f._ds.dtype)
+    return {
+        "path": str(path), "file_shape": tuple(int(s) for s in file_shape), "dtype": dtype,
+        "meta": m, "rows_checked": int(idx.size), "full": bool(full or idx.size == m.n_samples),
+        "min": lo, "max": hi, "mean": total / max(1, count), "manifest": load_manifest(path),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _report(info: dict) -> str:
+    m = info["meta"]
+    lines = [
+        f"file        {info['path']}",
+        f"tensor      {info['file_shape']} {info['dtype']} in the file",
+        f"reduction   reduced_resolution={m.reduced_resolution}, "
+        f"reduced_resolution_t={m.reduced_resolution_t}",
+        f"shape       (N, T, X, C) = {m.shape} after reduction",
+        f"domain      x in ({m.x_left:.6g}, {m.x_left + m.domain_length:.6g}), "
+        f"L = {m.domain_length:.6g}, periodic, cell centres",
+        f"dx          {m.dx:.6g}",
+        f"t           [{m.t[0]:.6g}, {m.t[-1]:.6g}], {m.n_t} frames, dt = {m.dt:.6g}",
+        f"nu          {m.nu if m.nu is not None else 'not recorded (no Nu attribute)'}"
+        + (f" (diffusivity nu/pi = {m.nu / np.pi:.6g})" if m.nu is not None else ""),
+        f"values      min {info['min']:.6g}, max {info['max']:.6g}, mean {info['mean']:.6g} "
+        f"over {'all' if info['full'] else 'a sample of'} {info['rows_checked']} rows",
+        f"check       finite over {info['rows_checked']} of {m.n_samples} rows: OK"
+        + ("" if info["full"] else " (use --full to check every row)"),
+    ]
+    man = info["manifest"]
+    if man is None:
+        lines.append("manifest    none (splits will come from index ranges: train first, "
+                     "val next, test last)")
+    else:
+        sp = ", ".join(f"{k} {v['stop'] - v['start']} (rows {v['start']}..{v['stop'] - 1})"
+                       for k, v in man["splits"].items() if v["stop"] > v["start"])
+        lines.append(f"manifest    {manifest_path(info['path']).name}")
+        lines.append(f"splits      {sp}")
+        gen = man.get("generation", {})
+        if gen:
+            lines.append(f"generated   {gen.get('finished', '?')} in {gen.get('seconds', '?')} s "
+                         f"by ups_lightning {gen.get('package_version', '?')}")
+        for e in man.get("normalization", []) or []:
+            lines.append(f"normaliser  train rows {e['rows'][0]}..{e['rows'][1] - 1} at reduction "
+                         f"({e['reduced_resolution']}, {e['reduced_resolution_t']}): mean "
+                         f"{e['mean']}, std {e['std']}")
+    return "\n".join(lines)
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ups_lightning.data.inspect",
+                                 description="Describe and check a PDEBench-layout HDF5 file.")
+    ap.add_argument("file")
+    ap.add_argument("--reduced-resolution", type=int, default=1, metavar="N")
+    ap.add_argument("--reduced-resolution-t", type=int, default=1, metavar="N")
+    ap.add_argument("--full", action="store_true", help="check every row (reads the whole file)")
+    ap.add_argument("--rows", type=int, default=64, metavar="K",
+                    help="rows to check without --full (default 64)")
+    ap.add_argument("--pde", default="burgers1d")
+    args = ap.parse_args(argv)
+    if args.rows < 1:
+        raise UserError(f"--rows {args.rows}: need at least 1 row.")
+    info = inspect_file(args.file, args.reduced_resolution, args.reduced_resolution_t,
+                        full=args.full, rows=args.rows, pde=args.pde)
+    print(_report(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

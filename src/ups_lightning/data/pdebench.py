@@ -1,0 +1,566 @@
+"""Reader for PDEBench-layout HDF5 files: reduction, splits, manifest, normalisation.
+
+Layout (benchmark.md section 1): dataset ``tensor`` (N, T, X) or (N, T, X, C), ``x-coordinate``
+(X,) cell centres, ``t-coordinate`` (T,) or (T+1,) (released PDEBench files carry one extra entry at
+the end: it is dropped), attribute ``Nu`` (or ``nu``; absent -> None). The domain, dx and dt always
+come from the file: domain length = X dx, x_left = x[0] - dx/2, for (0, 1) and (-1, 1) alike.
+
+Reduction follows PDEBench's ``reduced_resolution`` / ``reduced_resolution_t``: strided slicing
+``[:, ::rr_t, ::rr]``. A reduction must divide the grid: X % rr == 0 (the periodic grid stays
+uniform across the wrap) and (T - 1) % rr_t == 0 (the last frame is kept, frames stay evenly
+spaced). All metadata in ``FieldMeta`` describes the reduced grid, except ``x_left`` and
+``domain_length``, which describe the physical domain (file grid: x_left = x[0] - dx/2, L = X dx),
+so ``xi = (x - x_left) / L`` are the true positions of the kept points at any reduction (with
+rr > 1 PDEBench's strided points x[::rr] sit (rr-1)/2 fine cells left of the coarse-cell centres).
+
+Files are never read whole: rows are read in bounded blocks, so a 10000 x 201 x 1024 (7.7 GB) file
+opens instantly and a split costs only its own rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ups_lightning.errors import UserError
+
+__all__ = [
+    "FieldMeta",
+    "PDEBenchFile",
+    "Normalizer",
+    "compute_normalizer",
+    "manifest_path",
+    "load_manifest",
+    "write_manifest",
+    "DatasetView",
+    "open_dataset",
+    "KNOWN_PDES",
+    "MANIFEST_FORMAT",
+    "SPLITS",
+]
+
+KNOWN_PDES = {"burgers1d": 1}       # name -> number of channels
+MANIFEST_FORMAT = "ups_lightning.manifest/1"
+SPLITS = ("train", "val", "test")
+_GENERATE_HINT = ("Make it with `make data` (python -m ups_lightning.data.generate "
+                  "data=burgers1d_small), `make data-full` for the full set, or point data.path at "
+                  "your PDEBench file (e.g. 1D_Burgers_Sols_Nu0.001.hdf5)")
+_BLOCK_BYTES = 128 * 1024 * 1024     # at most this much raw data per read block
+
+
+# --------------------------------------------------------------------------------------------
+# metadata
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class FieldMeta:
+    """What a file holds, after reduction: ``x`` the kept cell centres, ``t`` the T kept frame
+    times, ``dx``/``dt`` their spacings; ``x_left``/``domain_length`` the physical periodic
+    domain (so ``xi = (x - x_left) / L`` are true positions at any reduction)."""
+
+    path: str
+    n_samples: int
+    n_t: int
+    n_x: int
+    n_channels: int
+    x: np.ndarray
+    t: np.ndarray
+    dx: float
+    dt: float
+    x_left: float
+    domain_length: float
+    nu: float | None
+    reduced_resolution: int = 1
+    reduced_resolution_t: int = 1
+
+    @property
+    def xi(self) -> np.ndarray:
+        """Cell centres normalised to the unit interval, (x - x_left) / L (float32)."""
+        return ((self.x - self.x_left) / self.domain_length).astype(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.n_samples, self.n_t, self.n_x, self.n_channels)
+
+
+def _check_reduction(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise UserError(f"setting {name}={value!r} must be a positive integer (a stride, as "
+                            f"in PDEBench's reduced_resolution).")
+    if value <= 0:
+        raise UserError(f"setting {name}={value} must be a positive integer (1 = no reduction).")
+    return int(value)
+
+
+def _check_pde(pde: str) -> int:
+    if pde not in KNOWN_PDES:
+        raise UserError(f"unknown PDE {pde!r} (setting data.pde): known PDEs are "
+                        f"{', '.join(sorted(KNOWN_PDES))}.")
+    return KNOWN_PDES[pde]
+
+
+def _uniform_step(values: np.ndarray, what: str, path: str) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        raise UserError(f"{path}: dataset {what!r} has {v.size} entr{'y' if v.size == 1 else 'ies'}; "
+                        f"need at least 2 to know the spacing.")
+    if not np.isfinite(v).all():
+        raise UserError(f"{path}: dataset {what!r} holds NaN/Inf values.")
+    step = (v[-1] - v[0]) / (v.size - 1)
+    diffs = np.diff(v)
+    if step <= 0 or np.abs(diffs - step).max() > 1e-3 * step:
+        raise UserError(f"{path}: dataset {what!r} must be increasing and evenly spaced (found "
+                        f"spacings from {diffs.min():.6g} to {diffs.max():.6g}).")
+    return float(step)
+
+
+# --------------------------------------------------------------------------------------------
+# the file
+# --------------------------------------------------------------------------------------------
+class PDEBenchFile:
+    """An open PDEBench-layout HDF5 file (context manager). ``.meta`` describes the reduced data;
+    ``.read(indices)`` returns (n, T, X, C) float32 in the requested order."""
+
+    def __init__(self, path: str | os.PathLike, reduced_resolution: int = 1,
+                 reduced_resolution_t: int = 1, pde: str = "burgers1d"):
+        import h5py
+
+        self.path = str(path)
+        self.pde = pde
+        self._channels_expected = _check_pde(pde)
+        self.rr = _check_reduction("reduced_resolution", reduced_resolution)
+        self.rr_t = _check_reduction("reduced_resolution_t", reduced_resolution_t)
+        p = Path(self.path)
+        if not p.exists():
+            raise UserError(f"data file {self.path!r} does not exist. {_GENERATE_HINT}.")
+        if not p.is_file():
+            raise UserError(f"data path {self.path!r} is not a file (expected a PDEBench-layout "
+                            f"HDF5 file).")
+        if not h5py.is_hdf5(self.path):
+            raise UserError(f"data file {self.path!r} is not an HDF5 file (expected a PDEBench-"
+                            f"layout HDF5 with a 'tensor' dataset).")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise UserError(f"cannot open data file {self.path!r} as HDF5: {exc}.") from None
+        try:
+            self.meta = self._read_meta()
+        except BaseException:
+            self._h5.close()
+            raise
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _read_meta(self) -> FieldMeta:
+        import h5py
+
+        h5, path = self._h5, self.path
+        keys = sorted(h5.keys())
+        ds = h5.get("tensor")
+        if not isinstance(ds, h5py.Dataset):
+            raise UserError(f"{path}: no 'tensor' dataset (found keys: {keys or 'none'}); expected "
+                            f"PDEBench's layout: 'tensor' (N, T, X), 'x-coordinate', "
+                            f"'t-coordinate'.")
+        if ds.ndim not in (3, 4):
+            raise UserError(f"{path}: dataset 'tensor' has shape {ds.shape} (rank {ds.ndim}); "
+                            f"expected (N, T, X) or (N, T, X, C).")
+        if not np.issubdtype(ds.dtype, np.floating):
+            raise UserError(f"{path}: dataset 'tensor' has dtype {ds.dtype}; expected floats.")
+        n, n_t, n_x = (int(s) for s in ds.shape[:3])
+        n_c = int(ds.shape[3]) if ds.ndim == 4 else 1
+        if n < 1 or n_t < 1 or n_x < 2:
+            raise UserError(f"{path}: dataset 'tensor' has shape {ds.shape}: no data.")
+        if n_c != self._channels_expected:
+            raise UserError(f"{path}: dataset 'tensor' has {n_c} channels (shape {ds.shape}) but "
+                            f"PDE {self.pde!r} has {self._channels_expected}.")
+        for key in ("x-coordinate", "t-coordinate"):
+            if not isinstance(h5.get(key), h5py.Dataset):
+                raise UserError(f"{path}: no {key!r} dataset (found keys: {keys}); the domain, dx "
+                                f"and dt are taken from the file, never assumed.")
+        x = np.asarray(h5["x-coordinate"][...], dtype=np.float64).reshape(-1)
+        t = np.asarray(h5["t-coordinate"][...], dtype=np.float64).reshape(-1)
+        if x.size != n_x:
+            raise UserError(f"{path}: 'x-coordinate' has {x.size} entries but 'tensor' has "
+                            f"X = {n_x} cells (shape {ds.shape}).")
+        if t.size == n_t + 1:       # released PDEBench files: one extra time at the end
+            t = t[:n_t]
+        elif t.size != n_t:
+            raise UserError(f"{path}: 't-coordinate' has {t.size} entries but 'tensor' has "
+                            f"T = {n_t} frames (shape {ds.shape}); expected T or T+1 entries.")
+        dx = _uniform_step(x, "x-coordinate", path)
+        dt = _uniform_step(t, "t-coordinate", path) if n_t > 1 else float("nan")
+
+        if n_x % self.rr:
+            raise UserError(f"{path}: reduced_resolution={self.rr} does not divide the grid of "
+                            f"X = {n_x} cells; choose a divisor of {n_x}.")
+        if (n_t - 1) % self.rr_t:
+            raise UserError(f"{path}: reduced_resolution_t={self.rr_t} does not divide the "
+                            f"{n_t - 1} intervals between the T = {n_t} frames; choose a divisor "
+                            f"of {n_t - 1}.")
+        nu = None
+        for attr in ("Nu", "nu"):
+            if attr in h5.attrs:
+                try:
+                    nu = float(np.asarray(h5.attrs[attr]).reshape(-1)[0])
+                except (TypeError, ValueError, IndexError):
+                    raise UserError(f"{path}: attribute {attr!r} = {h5.attrs[attr]!r} is not a "
+                                    f"number.") from None
+                break
+
+        self._ds = ds
+        self._n_t_file, self._n_x_file = n_t, n_x
+        x_r = x[:: self.rr]
+        t_r = t[:: self.rr_t]
+        dx_r = dx * self.rr
+        return FieldMeta(
+            path=path, n_samples=n, n_t=int(t_r.size), n_x=int(x_r.size), n_channels=n_c,
+            x=x_r, t=t_r, dx=dx_r, dt=dt * self.rr_t, x_left=float(x[0] - dx / 2),
+            domain_length=float(n_x * dx), nu=nu,
+            reduced_resolution=self.rr, reduced_resolution_t=self.rr_t,
+        )
+
+    # -- context manager ---------------------------------------------------------------------
+    def close(self) -> None:
+        h5 = getattr(self, "_h5", None)
+        if h5 is not None:
+            h5.close()
+            self._h5 = None
+
+    def __enter__(self) -> "PDEBenchFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.meta.n_samples
+
+    # -- reading -----------------------------------------------------------------------------
+    def _as_indices(self, indices: Any) -> np.ndarray:
+        n = self.meta.n_samples
+        if isinstance(indices, slice):
+            return np.arange(n)[indices]
+        if isinstance(indices, (int, np.integer)):
+            idx = np.asarray([int(indices)])
+        else:
+            idx = np.asarray(indices)
+            if idx.size == 0:
+                return idx.astype(np.int64).reshape(0)
+            if not np.issubdtype(idx.dtype, np.integer):
+                raise UserError(f"{self.path}: row indices must be integers (got dtype "
+                                f"{idx.dtype}).")
+            idx = idx.reshape(-1).astype(np.int64)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            bad = idx[(idx < -n) | (idx >= n)][0]
+            raise UserError(f"{self.path}: row {int(bad)} requested but the file has {n} rows.")
+        return np.where(idx < 0, idx + n, idx)
+
+    def iter_blocks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """For sorted unique ``rows``: yield (block_rows, data (b, T, X, C) float32), reading
+        contiguous runs in bounded blocks."""
+        m = self.meta
+        row_bytes = self._n_t_file * self._n_x_file * m.n_channels * self._ds.dtype.itemsize
+        per_block = max(1, _BLOCK_BYTES // max(1, row_bytes))
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for run in np.split(rows, breaks):
+            start, stop = int(run[0]), int(run[-1]) + 1
+            for a in range(start, stop, per_block):
+                b = min(stop, a + per_block)
+                raw = self._ds[a:b]
+                if raw.ndim == 3:
+                    raw = raw[..., None]
+                self._check_finite(raw, a)
+                data = raw[:, :: self.rr_t, :: self.rr] if (self.rr > 1 or self.rr_t > 1) else raw
+                yield np.arange(a, b), np.ascontiguousarray(data, dtype=np.float32)
+
+    def _check_finite(self, block: np.ndarray, first_row: int) -> None:
+        if np.isfinite(block).all():
+            return
+        bad_rows = np.flatnonzero(~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1))
+        r = int(bad_rows[0])
+        frames = np.flatnonzero(~np.isfinite(block[r].reshape(block.shape[1], -1)).all(axis=1))
+        raise UserError(f"{self.path}: row {first_row + r} of 'tensor' holds NaN/Inf values (first "
+                        f"at frame {int(frames[0])}; {bad_rows.size} bad row(s) in rows "
+                        f"{first_row}..{first_row + block.shape[0] - 1}). The file is corrupt or "
+                        f"was written by a diverged solver: regenerate it.")
+
+    def read(self, indices: Any = slice(None)) -> np.ndarray:
+        """Rows ``indices`` (slice, int, list or int array) as (n, T, X, C) float32, in the
+        requested order (duplicates allowed). Raises UserError on NaN/Inf naming the row."""
+        idx = self._as_indices(indices)
+        m = self.meta
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        out = np.empty((uniq.size, m.n_t, m.n_x, m.n_channels), dtype=np.float32)
+        pos = 0
+        for _, data in self.iter_blocks(uniq):
+            out[pos: pos + data.shape[0]] = data
+            pos += data.shape[0]
+        if uniq.size == idx.size and np.array_equal(uniq, idx):
+            return out
+        return out[inverse.reshape(-1)]
+
+
+# --------------------------------------------------------------------------------------------
+# normalisation
+# --------------------------------------------------------------------------------------------
+def _is_torch(u: Any) -> bool:
+    return type(u).__module__.split(".")[0] == "torch"
+
+
+class Normalizer:
+    """One scalar mean and std per channel (last axis). Works on numpy arrays and torch tensors,
+    keeping their dtype (and device)."""
+
+    def __init__(self, mean: Sequence[float] | np.ndarray, std: Sequence[float] | np.ndarray):
+        self.mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+        self.std = np.asarray(std, dtype=np.float64).reshape(-1)
+        if self.mean.shape != self.std.shape:
+            raise ValueError("Normalizer: mean and std must have the same length")
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all()) or (self.std <= 0).any():
+            raise ValueError(f"Normalizer: need finite mean and std > 0, got {self.mean}, {self.std}")
+
+    def _params(self, u: Any):
+        if _is_torch(u):
+            import torch
+
+            dtype = u.dtype if u.is_floating_point() else torch.float32
+            return (torch.as_tensor(self.mean, dtype=dtype, device=u.device),
+                    torch.as_tensor(self.std, dtype=dtype, device=u.device))
+        u = np.asarray(u)
+        dtype = u.dtype if np.issubdtype(u.dtype, np.floating) else np.float64
+        return self.mean.astype(dtype), self.std.astype(dtype)
+
+    def normalize(self, u: Any) -> Any:
+        mean, std = self._params(u)
+        return (u - mean) / std
+
+    def denormalize(self, u: Any) -> Any:
+        mean, std = self._params(u)
+        return u * std + mean
+
+    def to_dict(self) -> dict:
+        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalizer":
+        return cls(d["mean"], d["std"])
+
+    def __repr__(self) -> str:
+        return f"Normalizer(mean={self.mean.tolist()}, std={self.std.tolist()})"
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Normalizer) and np.array_equal(self.mean, other.mean)
+                and np.array_equal(self.std, other.std))
+
+
+def compute_normalizer(file: PDEBenchFile, indices: Any, chunk: int = 256) -> Normalizer:
+    """Exact per-channel mean and (population) std over every value of rows ``indices`` (at the
+    file's reduction), read ``chunk`` rows at a time, accumulated in float64 (Chan's merge)."""
+    idx = np.unique(file._as_indices(indices))
+    if idx.size == 0:
+        raise UserError(f"{file.path}: cannot compute normalisation statistics from 0 rows "
+                        f"(the training split is empty).")
+    count = 0
+    mean = np.zeros(file.meta.n_channels)
+    m2 = np.zeros(file.meta.n_channels)
+    for i in range(0, idx.size, max(1, int(chunk))):
+        rows = idx[i: i + chunk]
+        for _, data in file.iter_blocks(rows):
+            v = data.reshape(-1, data.shape[-1]).astype(np.float64)
+            nb = v.shape[0]
+            mb = v.mean(axis=0)
+            m2b = ((v - mb) ** 2).sum(axis=0)
+            delta = mb - mean
+            tot = count + nb
+            mean = mean + delta * (nb / tot)
+            m2 = m2 + m2b + delta**2 * (count * nb / tot)
+            count = tot
+    std = np.sqrt(m2 / count)
+    std = np.where(std > 0, std, 1.0)     # a constant field: normalise by shifting only
+    return Normalizer(mean, std)
+
+
+# --------------------------------------------------------------------------------------------
+# manifest
+# --------------------------------------------------------------------------------------------
+def manifest_path(data_path: str | os.PathLike) -> Path:
+    """``<data file>.manifest.json`` beside the data file."""
+    return Path(str(data_path) + ".manifest.json")
+
+
+def load_manifest(data_path: str | os.PathLike) -> dict | None:
+    """The manifest beside ``data_path``, or None when there is none."""
+    mp = manifest_path(data_path)
+    if not mp.is_file():
+        return None
+    try:
+        manifest = json.loads(mp.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"manifest {str(mp)!r} is not valid JSON ({exc}); delete it or "
+                        f"regenerate the data with force=true.") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise UserError(f"manifest {str(mp)!r} has no 'splits' mapping; delete it or regenerate "
+                        f"the data with force=true.")
+    for name, rng in manifest["splits"].items():
+        ok = (isinstance(rng, dict) and isinstance(rng.get("start"), int)
+              and isinstance(rng.get("stop"), int) and 0 <= rng["start"] <= rng["stop"])
+        if not ok:
+            raise UserError(f"manifest {str(mp)!r}: split {name!r} must be {{'start': int, "
+                            f"'stop': int}} with 0 <= start <= stop, got {rng!r}.")
+    return manifest
+
+
+def write_manifest(data_path: str | os.PathLike, manifest: dict) -> Path:
+    """Write the manifest atomically (``<target>.tmp-<pid>`` then os.replace)."""
+    mp = manifest_path(data_path)
+    tmp = mp.with_name(mp.name + f".tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, mp)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return mp
+
+
+def _manifest_norm(manifest: dict | None, train: np.ndarray, rr: int, rr_t: int) -> Normalizer | None:
+    if not manifest or train.size == 0:
+        return None
+    start, stop = int(train[0]), int(train[-1]) + 1
+    if stop - start != train.size:
+        return None
+    for entry in manifest.get("normalization", []) or []:
+        try:
+            if (entry.get("split") == "train" and entry.get("rows") == [start, stop]
+                    and entry.get("reduced_resolution") == rr
+                    and entry.get("reduced_resolution_t") == rr_t):
+                return Normalizer.from_dict(entry)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# dataset view: a file + frozen splits + training-split normaliser
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DatasetView:
+    """A data file with its frozen splits (row indices into the file) and the normaliser of its
+    training split. ``read`` opens the file per call, so a view is safe to hand to workers."""
+
+    path: str
+    meta: FieldMeta
+    splits: dict[str, np.ndarray]
+    normalizer: Normalizer
+    manifest: dict | None
+    reduced_resolution: int = 1
+    reduced_resolution_t: int = 1
+    pde: str = "burgers1d"
+    split_source: str = field(default="index ranges")
+
+    def open(self) -> PDEBenchFile:
+        return PDEBenchFile(self.path, self.reduced_resolution, self.reduced_resolution_t, self.pde)
+
+    def read(self, split: str, rows: Any = None) -> np.ndarray:
+        """Split ``split`` (or its positions ``rows``) as (n, T, X, C) float32, physical units."""
+        if split not in self.splits:
+            raise UserError(f"unknown split {split!r} for {self.path}; have "
+                            f"{', '.join(self.splits)}.")
+        idx = self.splits[split]
+        if rows is not None:
+            idx = idx[rows]
+        with self.open() as f:
+            return f.read(idx)
+
+    def sizes(self) -> dict[str, int]:
+        return {k: int(v.size) for k, v in self.splits.items()}
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise UserError(f"setting data.{name}={value!r} must be a non-negative integer.")
+    return int(value)
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    *,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    reduced_resolution: int = 1,
+    reduced_resolution_t: int = 1,
+    pde: str = "burgers1d",
+) -> DatasetView:
+    """Open ``path`` with frozen, disjoint splits and the training split's normaliser.
+
+    With a manifest beside the file, splits are its index ranges (the first n of each). Without
+    one: train = rows [0, n_train), val = [n_train, n_train + n_val), test = the LAST n_test rows
+    (PDEBench keeps its test set at the end).
+    """
+    n_train, n_val, n_test = (_count(k, v) for k, v in
+                              (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)))
+    if n_train < 1:
+        raise UserError(f"setting data.n_train={n_train}: need at least one training trajectory.")
+    with PDEBenchFile(path, reduced_resolution, reduced_resolution_t, pde) as f:
+        meta = f.meta
+        n = meta.n_samples
+        manifest = load_manifest(path)
+        wanted = {"train": n_train, "val": n_val, "test": n_test}
+        splits: dict[str, np.ndarray] = {}
+        if manifest is not None:
+            mp = manifest_path(path)
+            size = os.path.getsize(path)
+            if manifest.get("file_bytes") not in (None, size):
+                raise UserError(f"manifest {str(mp)!r} was written for a {manifest['file_bytes']}-"
+                                f"byte file but {str(path)!r} has {size} bytes: the manifest is "
+                                f"stale. Regenerate the data (force=true) or delete the manifest.")
+            if manifest.get("n_samples") not in (None, n):
+                raise UserError(f"manifest {str(mp)!r} describes {manifest.get('n_samples')} rows "
+                                f"but {str(path)!r} has {n}: the manifest is stale. Regenerate "
+                                f"the data (force=true) or delete the manifest.")
+            for name, k in wanted.items():
+                rng = manifest["splits"].get(name)
+                have = 0 if rng is None else rng["stop"] - rng["start"]
+                if k > have:
+                    raise UserError(f"setting data.n_{name}={k} but the manifest {str(mp)!r} "
+                                    f"holds {have} {name} rows; lower data.n_{name} or "
+                                    f"regenerate the data with a larger split.")
+                if rng is not None and rng["stop"] > n:
+                    raise UserError(f"manifest {str(mp)!r}: split {name!r} {rng} runs past the "
+                                    f"{n} rows of {str(path)!r}.")
+                start = 0 if rng is None else rng["start"]
+                splits[name] = np.arange(start, start + k, dtype=np.int64)
+            for a in SPLITS:
+                for b in SPLITS:
+                    if a < b and np.intersect1d(splits[a], splits[b]).size:
+                        raise UserError(f"manifest {str(mp)!r}: splits {a!r} and {b!r} overlap.")
+            source = "manifest"
+        else:
+            total = n_train + n_val + n_test
+            if total > n:
+                raise UserError(f"{str(path)!r} has {n} rows but the splits ask for {total} "
+                                f"(data.n_train={n_train} + n_val={n_val} + n_test={n_test}); "
+                                f"lower them so that train, val and test stay disjoint.")
+            splits = {"train": np.arange(0, n_train, dtype=np.int64),
+                      "val": np.arange(n_train, n_train + n_val, dtype=np.int64),
+                      "test": np.arange(n - n_test, n, dtype=np.int64)}
+            source = "index ranges"
+        norm = _manifest_norm(manifest, splits["train"], f.rr, f.rr_t)
+        if norm is None:
+            norm = compute_normalizer(f, splits["train"])
+    return DatasetView(path=str(path), meta=meta, splits=splits, normalizer=norm,
+                       manifest=manifest, reduced_resolution=f.rr, reduced_resolution_t=f.rr_t,
+                       pde=pde, split_source=source)
