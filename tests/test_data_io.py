@@ -378,6 +378,29 @@ def test_generation_is_atomic(tmp_path, monkeypatch, exc):
     assert sorted(os.listdir(tmp_path)) == ["x.hdf5", "x.hdf5.manifest.json"]
 
 
+@pytest.mark.parametrize("signame,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_generate_cli_interrupted_leaves_nothing(tmp_path, signame, code):
+    """A real Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM mid-solve:
+    the worker pool stops, the temporary file is removed, no target appears."""
+    import signal
+
+    proc = subprocess.Popen(
+        [PY, "-m", "ups_lightning.data.generate", f"out={tmp_path / 'x.hdf5'}", "nu=0.001",
+         "n_samples=200", "nx=1024", "nt=201", "t_max=2", "progress=false", "workers=2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("x.hdf5.tmp-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)                                  # the worker pool is up and solving
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+    assert "Traceback" not in err
+
+
 def _cli(args, cwd):
     return subprocess.run([PY, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 

@@ -72,11 +72,12 @@ def test_rollout_is_autoregressive(smoke_run):
     """k steps at once equal k single steps each restarted from the decoded previous prediction's
     latent state (the model runs on its own outputs)."""
     cfg, records = smoke_run
-    from ups_lightning.data.datamodule import conditioning, open_view, unit_coords
+    from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
     from ups_lightning.train import load_stage
 
     view = open_view(cfg.data)
-    sur = Surrogate(load_stage(records["operator"], "operator"), unit_coords(view), conditioning(view))
+    cond = conditioning(view, file_nu(view, cfg.data.nu))
+    sur = Surrogate(load_stage(records["operator"], "operator"), unit_coords(view), cond)
     u0 = torch.from_numpy(view.read("test")[:4, cfg.data.initial_step - 1])
     three = rollout(sur, u0, 3)
     z = sur.encode(u0)

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ups_lightning.config import STAGE_ORDER
-from ups_lightning.data.datamodule import conditioning, open_view, unit_coords
+from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
 from ups_lightning.data.solver import solve_burgers
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.eval import leaderboard as lb
@@ -102,9 +102,9 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     u0 = fields[:, n_given - 1]            # the last given frame: all the rollout ever sees
     truth = fields[:, n_given:]
     meta = view.meta
-    physics = Physics(nu=meta.nu if meta.nu is not None else float(data_cfg.nu), dx=meta.dx, dt=meta.dt,
+    physics = Physics(nu=file_nu(view, data_cfg.nu), dx=meta.dx, dt=meta.dt,
                       domain_length=meta.domain_length)
-    sur = Surrogate(module, unit_coords(view), conditioning(view),
+    sur = Surrogate(module, unit_coords(view), conditioning(view, physics.nu),
                     teacher_steps=train_cfg.stages.diffusion.sample_steps,
                     student_steps=train_cfg.stages.distill.student_steps)
     corrector = cfg.corrector if cfg.corrector in sur.correctors else (sur.correctors[-1] if sur.correctors else None)

@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ups_lightning.config import STAGE_ORDER, validate_train_config
 from ups_lightning.data.cache import build_or_load_latent_cache
-from ups_lightning.data.datamodule import FrameDataModule, LatentDataModule, conditioning, open_view, unit_coords
+from ups_lightning.data.datamodule import (
+    FrameDataModule, LatentDataModule, conditioning, file_nu, open_view, unit_coords,
+)
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.lit.callbacks import EMA
 from ups_lightning.lit.common import StageModule
@@ -199,11 +201,12 @@ def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
     L.seed_everything(cfg.seed + STAGE_ORDER.index(name), workers=True, verbose=False)
     view = open_view(cfg.data)
     x = unit_coords(view)
+    cond = conditioning(view, file_nu(view, cfg.data.nu))
     try:
         module = _stage_module(cfg, name, n_x=len(x))
     except ValueError as exc:  # the networks' own checks of the model settings
         raise UserError(f"model={cfg.model.name}: {exc} Adjust the model.* settings.") from None
-    module.set_data_context(x, view.normalizer.mean, view.normalizer.std, conditioning(view))
+    module.set_data_context(x, view.normalizer.mean, view.normalizer.std, cond)
     if name == "autoencoder":
         datamodule: L.LightningDataModule = FrameDataModule(
             cfg.data, cfg.stages.autoencoder.batch_size, cfg.stages.autoencoder.val_frames)
@@ -211,7 +214,7 @@ def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
         up_module = load_stage(upstream, UPSTREAM[name])
         cache = build_or_load_latent_cache(up_module.autoencoder, view, x, Path(cfg.run_dir) / "latents")
         module.load_upstream(up_module)
-        module.set_data_context(x, view.normalizer.mean, view.normalizer.std, conditioning(view),
+        module.set_data_context(x, view.normalizer.mean, view.normalizer.std, cond,
                                 cache.latent_mean, cache.latent_std)
         steps = cfg.stages.operator.rollout_steps if name == "operator" else 1
         datamodule = LatentDataModule(cache, cfg.stages[name].batch_size, steps=steps,

@@ -35,9 +35,13 @@ def unit_coords(view: DatasetView) -> torch.Tensor:
     return torch.from_numpy(x).float()
 
 
-def conditioning(view: DatasetView) -> torch.Tensor:
-    """(2,) conditioning vector from the file's own frame step and viscosity."""
-    nu = view.meta.nu if view.meta.nu is not None else 10.0**LOG_NU_REF
+def file_nu(view: DatasetView, configured: float) -> float:
+    """The file's `Nu` attribute; the configured `data.nu` only for a file that carries none."""
+    return float(view.meta.nu) if view.meta.nu is not None else float(configured)
+
+
+def conditioning(view: DatasetView, nu: float) -> torch.Tensor:
+    """(2,) conditioning vector from the file's own frame step and the viscosity."""
     return torch.tensor([view.meta.dt / DT_REF, math.log10(nu) - LOG_NU_REF], dtype=torch.float32)
 
 
