@@ -89,3 +89,17 @@ def test_rollout_is_autoregressive(smoke_run):
 def test_evaluate_names_a_wrong_run_dir(tmp_path):
     with pytest.raises(UserError, match="not the output directory of a training run"):
         evaluate(eval_cfg(tmp_path, tmp_path))
+
+
+def test_compare_prints_metric_and_config_differences(smoke_run, tmp_path, capsys):
+    from ups_lightning.compare import compare
+
+    cfg, _ = smoke_run
+    a = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path))
+    b = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=default", "ttc.n_candidates=2"))
+    capsys.readouterr()
+    compare(a["run_id"], b["run_id"], str(tmp_path / "lb.csv"))
+    out = capsys.readouterr().out
+    assert "nrmse" in out and "B - A" in out and "configs are identical" in out
+    with pytest.raises(UserError, match="neither a run id"):
+        compare("no-such-run", b["run_id"], str(tmp_path / "lb.csv"))
