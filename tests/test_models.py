@@ -32,6 +32,15 @@ from ups_lightning.models.operator import PDETransformer
 from ups_lightning.models.sizes import SUPPORTED_DIMS, ModelSizes, model_sizes
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and immune to oversubscription on shared CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -210,7 +219,11 @@ def test_fourier_features_periodic() -> None:
 
 def test_any_point_decoding_and_resolutions() -> None:
     torch.manual_seed(0)
-    ae = Autoencoder(dim=16, n_tokens=8, heads=1, hidden=32, n_fourier=16)
+    assert Autoencoder(dim=16, n_tokens=32, heads=1, hidden=32).patch == 8  # canonical grid: 256 cells
+    assert Autoencoder(dim=16, n_tokens=16, heads=1, hidden=32).patch == 16
+    with pytest.raises(ValueError, match="patch"):
+        Autoencoder(dim=16, n_tokens=24, heads=1, hidden=32)
+    ae = Autoencoder(dim=16, n_tokens=8, heads=1, hidden=32, n_fourier=16, patch=8)
     for X in (128, 256, 64):
         u = fronts(3, X)
         z = ae.encode(u, grid(X))
@@ -224,13 +237,18 @@ def test_any_point_decoding_and_resolutions() -> None:
     for b in range(3):  # (B, Q) coordinates == per-sample (Q,) decoding
         torch.testing.assert_close(per_sample[b], ae.decode(z[b:b + 1], pts[b])[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ae.decode(z, pts + 1.0), per_sample, atol=1e-4, rtol=1e-4)  # periodic
+    # continuous in x, also where the local head switches token pairs (token centres) and across 0/1
+    perturb_(ae.decoder, std=0.1)
+    c = torch.cat([grid(8), torch.tensor([0.0])])
+    left, right = ae.decode(z, c - 1e-5), ae.decode(z, c + 1e-5)
+    assert (left - right).abs().max() < 1e-2 * ae.decode(z, grid(256)).abs().max()
     with pytest.raises(ValueError):
         ae.encode(fronts(1, 4), grid(4))  # fewer cells than tokens
 
 
 def test_reconstruction_loss_decreases() -> None:
     torch.manual_seed(0)
-    ae = Autoencoder(dim=16, n_tokens=8, heads=1, hidden=32, depth=1, decoder_depth=1, n_fourier=16)
+    ae = Autoencoder(dim=16, n_tokens=8, heads=1, hidden=32, depth=1, decoder_depth=1, n_fourier=16, patch=8)
     u, x = fronts(16, 64, width=0.02), grid(64)
     opt = torch.optim.Adam(ae.parameters(), lr=3e-3)
     with torch.no_grad():
@@ -305,14 +323,18 @@ def toy_flow() -> ResidualFlow:
 
 @pytest.fixture(scope="module")
 def trained_toy_flow():
+    return train_toy_flow()
+
+
+def train_toy_flow():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     flow = toy_flow()
-    opt = torch.optim.Adam(flow.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(flow.parameters(), lr=4e-3)
     eval_batch = toy_batch(512, torch.Generator().manual_seed(99))
     with torch.no_grad():
         untrained = flow.loss(*eval_batch, generator=torch.Generator().manual_seed(5)).item()
-    for _ in range(400):
+    for _ in range(600):
         loss = flow.loss(*toy_batch(128, g), generator=g)
         opt.zero_grad()
         loss.backward()
@@ -331,8 +353,7 @@ def test_flow_matching_learns_two_mode_toy(trained_toy_flow) -> None:
     z_pred, cond = z1.expand(M, -1, -1), torch.zeros(M, 2)
     samples = flow.sample(z_pred, cond, steps=16, generator=g)
     # different noise -> distinct samples
-    assert (samples[0] - samples[1]).abs().mean() > 0.3
-    assert torch.cdist(samples.flatten(1)[:16], samples.flatten(1)[:16]).add(torch.eye(16) * 99).min() > 0.1
+    assert torch.cdist(samples.flatten(1)[:16], samples.flatten(1)[:16]).add(torch.eye(16) * 99).min() > 0.2
     # noise in = sample out (deterministic ODE given the noise)
     e = torch.randn(M, TOY_N, TOY_D, generator=g)
     torch.testing.assert_close(flow.sample(z_pred, cond, noise=e), flow.sample(z_pred, cond, noise=e))
@@ -354,12 +375,7 @@ def test_consistency_boundary_condition_is_exact() -> None:
     assert not torch.allclose(student(x, 0.5, z_pred, cond), x)
 
 
-def test_consistency_distillation_matches_teacher(trained_toy_flow) -> None:
-    """Tolerance: after 300 distillation steps the paired error between the 1-step student and the
-    16-step teacher (same noise) falls below 0.5x its starting value (the student starts as the
-    teacher's 1-step Euler sampler, which collapses the two modes), the 2-step student's per-element
-    spread is within 25% of the teacher's, and the spread of the 1-step student does not collapse."""
-    teacher, _, _ = trained_toy_flow
+def distill_toy(teacher: ResidualFlow, steps: int = 300) -> dict:
     for p in teacher.parameters():
         p.requires_grad_(False)
     torch.manual_seed(0)
@@ -377,17 +393,64 @@ def test_consistency_distillation_matches_teacher(trained_toy_flow) -> None:
 
     before = gap()
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    for _ in range(300):
+    for _ in range(steps):
         r, z_pred, c = toy_batch(128, g)
         loss = consistency_distillation_loss(student, target, teacher, r, z_pred, c, n_grid=16, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
         ema_update(target, student, 0.9)
-    after = gap()
-    assert after < 0.5 * before, (before, after)
     two = student.sample(z_eval, cond, steps=2, noise=e, generator=g)
-    ref_std, two_std = (ref - 0.5 * z_eval).std(), (two - 0.5 * z_eval).std()
-    one_std = (student.sample(z_eval, cond, steps=1, noise=e) - 0.5 * z_eval).std()
-    assert abs(two_std / ref_std - 1) < 0.25, (two_std, ref_std)
-    assert one_std > 0.75 * ref_std, (one_std, ref_std)
+    one = student.sample(z_eval, cond, steps=1, noise=e)
+    spread = lambda t: (t - 0.5 * z_eval).std().item()  # noqa: E731
+    return dict(gap_before=before, gap_after=gap(), ref_std=spread(ref), one_std=spread(one),
+                two_std=spread(two), two_mean_err=(two.mean(0) - ref.mean(0)).abs().mean().item())
+
+
+def test_student_from_teacher_starts_as_one_euler_step(trained_toy_flow) -> None:
+    teacher = trained_toy_flow[0]
+    student = ConsistencyStudent.from_teacher(teacher)
+    g = torch.Generator().manual_seed(0)
+    z_pred, cond = torch.randn(8, TOY_N, TOY_D, generator=g), torch.zeros(8, 2)
+    e = torch.randn(8, TOY_N, TOY_D, generator=g)
+    torch.testing.assert_close(student.sample(z_pred, cond, steps=1, noise=e),
+                               teacher.sample(z_pred, cond, steps=1, noise=e))
+
+
+def test_consistency_distillation_matches_teacher(trained_toy_flow) -> None:
+    """Tolerance: after 300 distillation steps the paired error between the 1-step student and the
+    16-step teacher (same noise) falls below 0.25x its starting value (0.84 -> 0.08 measured) (the student starts as the
+    teacher's 1-step Euler sampler, which collapses the two modes), the 2-step student's spread is
+    within 25% of the teacher's, and the 1-step student's spread does not collapse (> 0.75x)."""
+    m = distill_toy(trained_toy_flow[0])
+    assert m["gap_after"] < 0.25 * m["gap_before"], m
+    assert abs(m["two_std"] / m["ref_std"] - 1) < 0.25, m
+    assert m["one_std"] > 0.75 * m["ref_std"], m
+
+
+@pytest.mark.slow
+def test_reconstruction_of_shocks_reaches_a_few_percent() -> None:
+    """~1 min: dim 32, fields with tanh shocks of width 0.01 (2.6 cells) on 256 cells, 600 steps of
+    batch 64 with 96 random query points each; relative L2 on held-out fields must be < 5%
+    (measured 3.0%; 2.4% after 1000 steps with one-cell fronts, width 0.004)."""
+    torch.manual_seed(0)
+    X = 256
+    x = grid(X)
+    train, test = fronts(2048, X, seed=1, width=0.01), fronts(256, X, seed=2, width=0.01)
+    s = model_sizes(32)
+    ae = Autoencoder(dim=s.dim, n_tokens=s.n_tokens, heads=s.heads, hidden=s.hidden, decoder_depth=1)
+    opt = torch.optim.AdamW(ae.parameters(), lr=4e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=600, pct_start=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        u = train[torch.randint(0, len(train), (64,), generator=g)]
+        qi = torch.randint(0, X, (64, 96), generator=g)
+        loss = F.mse_loss(ae.decode(ae.encode(u, x), x[qi]), torch.gather(u, 1, qi.unsqueeze(-1)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        out = ae(test, x)
+    rel = ((out - test).pow(2).mean((1, 2)).sqrt() / test.pow(2).mean((1, 2)).sqrt()).mean().item()
+    assert rel < 0.05, rel
