@@ -46,7 +46,7 @@ class ModelConfig:
     depth: int = 4           # operator blocks
     levels: int = 1          # U-shaped token down/up-sampling levels in the operator
     ae_depth: int = 2        # encoder blocks
-    decoder_depth: int = 2   # decoder cross-attention blocks
+    decoder_depth: int = 1   # decoder cross-attention blocks
     n_fourier: int = 64      # Fourier features of query coordinates
     diffusion_depth: int = 3
     attn_backend: str = "sdpa"  # sdpa | flash
@@ -65,6 +65,7 @@ class AutoencoderStage:
     batch_size: int = 64
     lr: float = 1e-3
     val_frames: int = 8          # frames per validation trajectory (evenly spaced)
+    n_query: int = 96            # random query points per field in training (0: the whole grid)
 
 
 @dataclass

@@ -87,6 +87,8 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, batch
 
 def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     run_dir = Path(cfg.run_dir)
     train_cfg, records, module = load_run(run_dir)
     data_cfg = train_cfg.data.copy()

@@ -162,7 +162,7 @@ def _stage_module(cfg: DictConfig, name: str, n_x: int) -> StageModule:
     settings = OmegaConf.to_container(cfg.stages[name], resolve=True)
     lr = settings["lr"]
     if name == "autoencoder":
-        return AutoencoderModule(model, optim, lr, n_x)
+        return AutoencoderModule(model, optim, lr, n_x, n_query=settings["n_query"])
     if name == "distill":
         return DistillModule(model, optim, settings, cfg.stages.diffusion.sample_steps, lr, n_x)
     return MODULES[name](model, optim, settings, lr, n_x)

@@ -6,6 +6,7 @@ import math
 from typing import Any, Dict, Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -99,11 +100,24 @@ class StageModule(L.LightningModule):
                 return (step + 1) / (warmup + 1)
             if not cosine:
                 return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            # under a wall-clock limit the schedule follows whichever runs out first, steps or time,
+            # so a time-capped stage still anneals
+            progress = min(1.0, max((step - warmup) / max(1, total - warmup), self._time_progress()))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _time_progress(self) -> float:
+        """Fraction of the stage's wall-clock limit (Lightning's Timer) used so far; 0 without one."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, Timer):
+                remaining = callback.time_remaining("train")
+                if remaining is None:
+                    return 0.0
+                elapsed = callback.time_elapsed("train")
+                return elapsed / max(elapsed + remaining, 1e-9)
+        return 0.0
 
     def log_val_nrmse(self, pred_phys: torch.Tensor, true_phys: torch.Tensor) -> None:
         self.val_nrmse.update(sample_nrmse(pred_phys, true_phys))

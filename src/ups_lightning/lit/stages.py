@@ -31,14 +31,23 @@ class AutoencoderModule(StageModule):
     """Stage 0: grid encoder + any-point decoder, trained on reconstruction of normalised fields;
     validated by reconstruction nRMSE in physical units."""
 
-    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], lr: float, n_x: int) -> None:
+    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], lr: float, n_x: int,
+                 n_query: int = 0) -> None:
         super().__init__(optim_cfg, lr, n_x)
         self.save_hyperparameters()
         self.autoencoder = build_autoencoder(model_cfg)
+        self.n_query = n_query
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         u = batch["u"]
-        loss = F.mse_loss(self.autoencoder(u, self.x), u)
+        z = self.autoencoder.encode(u, self.x)
+        if 0 < self.n_query < u.shape[1]:
+            # any-point training: each field is decoded at its own random subset of grid points
+            idx = torch.rand(u.shape[0], u.shape[1], device=u.device).argsort(dim=1)[:, : self.n_query]
+            recon = self.autoencoder.decode(z, self.x[idx])
+            loss = F.mse_loss(recon, torch.gather(u, 1, idx.unsqueeze(-1).expand(-1, -1, u.shape[2])))
+        else:
+            loss = F.mse_loss(self.autoencoder.decode(z, self.x), u)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
