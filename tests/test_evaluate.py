@@ -103,3 +103,23 @@ def test_compare_prints_metric_and_config_differences(smoke_run, tmp_path, capsy
     assert "nrmse" in out and "B - A" in out and "configs are identical" in out
     with pytest.raises(UserError, match="neither a run id"):
         compare("no-such-run", b["run_id"], str(tmp_path / "lb.csv"))
+
+
+def test_ttc_with_the_operator_as_its_only_candidate_is_the_plain_rollout(smoke_run):
+    from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
+    from ups_lightning.inference.rollout import Physics, ttc_rollout
+    from ups_lightning.inference.ttc import TTCConfig
+    from ups_lightning.train import load_stage
+
+    cfg, records = smoke_run
+    view = open_view(cfg.data)
+    nu = file_nu(view, cfg.data.nu)
+    sur = Surrogate(load_stage(records["distill"], "distill"), unit_coords(view), conditioning(view, nu))
+    u0 = torch.from_numpy(view.read("test")[:4, cfg.data.initial_step - 1])
+    physics = Physics(nu, view.meta.dx, view.meta.dt, view.meta.domain_length)
+    only_operator, info = ttc_rollout(sur, u0, 3, "student", TTCConfig(n_candidates=1, beam_width=1), physics)
+    torch.testing.assert_close(only_operator, rollout(sur, u0, 3))
+    assert info["evals_per_step"] == 1.0
+    with_corrections, _ = ttc_rollout(sur, u0, 3, "student", TTCConfig(n_candidates=1, beam_width=1), physics,
+                                      include_operator=False, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(with_corrections, only_operator)

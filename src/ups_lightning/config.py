@@ -74,8 +74,8 @@ class OperatorStage:
     max_minutes: Optional[float] = None
     batch_size: int = 64
     lr: float = 1e-3
-    rollout_steps: int = 1       # >1: multi-step (pushforward) loss over this many steps
-    pushforward_detach: bool = True  # stop gradients through all but the last step
+    rollout_steps: int = 8       # >1: multi-step (pushforward) loss over this many steps
+    pushforward_detach: bool = False  # True: stop gradients between the unrolled steps
     decoded_weight: float = 0.0  # weight of the decoded-space loss through the frozen decoder
     noise_std: float = 0.0       # latent noise injection on the input state
 

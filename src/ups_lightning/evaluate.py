@@ -133,7 +133,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
         preds["ensemble"] = ens.mean(0)
     if cfg.ttc.enabled:
         if corrector is None:
-            raise UserError(f"ttc={cfg.ttc}: TTC draws candidates from the stochastic corrector, but {run_dir} "
+            raise UserError(f"ttc is enabled: TTC draws candidates from the stochastic corrector, but {run_dir} "
                             "has no finished diffusion or distill stage. Train them with stage=all.")
         tcfg = TTCConfig(n_candidates=cfg.ttc.n_candidates, beam_width=cfg.ttc.beam_width,
                          horizon=cfg.ttc.horizon, budget=cfg.ttc.budget)
@@ -141,7 +141,8 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
         infos = []
 
         def run_ttc(u: torch.Tensor) -> torch.Tensor:
-            out, info = ttc_rollout(sur, u, steps, corrector, tcfg, physics, weights, gen)
+            out, info = ttc_rollout(sur, u, steps, corrector, tcfg, physics, weights,
+                                   include_operator=cfg.ttc.include_operator, generator=gen)
             infos.append(info["evals_per_step"])
             return out
 

@@ -111,16 +111,20 @@ def ensemble_rollout(sur: Surrogate, u0: Tensor, steps: int, members: int, corre
 
 @torch.no_grad()
 def ttc_rollout(sur: Surrogate, u0: Tensor, steps: int, corrector: str, cfg: TTCConfig, physics: Physics,
-                weights: Optional[Dict[str, float]] = None,
+                weights: Optional[Dict[str, float]] = None, include_operator: bool = True,
                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Any]]:
     """TTC rollout: at each step, beam search per sample over corrector candidates, scored by the
-    Burgers rewards of the decoded states. Returns the frames (B, steps, X, C) and the search's cost
-    (model evaluations per sample per step)."""
+    Burgers rewards of the decoded states. With `include_operator`, the uncorrected operator step
+    (a zero residual) is one of the candidates, so the search can also decline to correct.
+    Returns the frames (B, steps, X, C) and the search's cost (model evaluations per sample per step)."""
 
     def propose(states: Tensor, k: int) -> Tensor:
         z_pred = sur.step(states)
         rep = z_pred.unsqueeze(1).expand(-1, k, *z_pred.shape[1:]).reshape(-1, *z_pred.shape[1:])
-        return sur.correct(rep, corrector, generator).reshape(states.shape[0], k, *states.shape[1:])
+        cand = sur.correct(rep, corrector, generator).reshape(states.shape[0], k, *states.shape[1:])
+        if include_operator:
+            cand[:, 0] = z_pred
+        return cand
 
     def score(prev: Tensor, nxt: Tensor) -> Tensor:
         u_prev, u_next = sur.decode(prev)[..., 0], sur.decode(nxt)[..., 0]
