@@ -10,7 +10,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from lightning.pytorch import callbacks as cb
 from lightning.pytorch import loggers as pl_loggers
 from omegaconf import DictConfig, OmegaConf
 
+from ups_lightning.atomic import atomic_write_json
 from ups_lightning.config import STAGE_ORDER, validate_train_config
 from ups_lightning.data.cache import build_or_load_latent_cache
 from ups_lightning.data.datamodule import (
@@ -43,12 +43,6 @@ RUNNING = "running.json"
 
 
 # --- records of finished stages ---------------------------------------------------------------
-def _atomic_write_json(path: Path, payload: Dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -196,7 +190,7 @@ def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
             log.info("stage %s: %s holds a different config, moving it to %s", name, out, stale)
             shutil.move(str(out), str(stale))
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(running, {"config_hash": config_hash, "started": time.time()})
+    atomic_write_json(running, {"config_hash": config_hash, "started": time.time()})
 
     L.seed_everything(cfg.seed + STAGE_ORDER.index(name), workers=True, verbose=False)
     view = open_view(cfg.data)
@@ -251,7 +245,7 @@ def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if trainer.is_global_zero:
-        _atomic_write_json(out / DONE, record)
+        atomic_write_json(out / DONE, record)
         running.unlink(missing_ok=True)
     trainer.strategy.barrier()
     log.info("stage %s done in %.1f s: best val/nrmse %s", name, wall, record["best_val_nrmse"])

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from ups_lightning.atomic import atomic_torch_save
+
 __all__ = ["run_bench", "check_config", "compose_train_config", "CONF", "STAGE_SHARES"]
 
 log = logging.getLogger("ups_lightning.bench")
@@ -216,9 +218,7 @@ def run_fno(cfg: Any, checked: Dict[str, Any], view: Any, data_cfg: Any, test: A
         record = train_fno(model, train, val, settings, budget_s=60.0 * checked["budget_min"],
                            seed=int(cfg.seed), log=say)
         fdir.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_name(f"fno.pt.tmp-{os.getpid()}")
-        torch.save({"state_dict": model.state_dict(), "record": record}, tmp)
-        os.replace(tmp, ckpt)
+        atomic_torch_save({"state_dict": model.state_dict(), "record": record}, ckpt)
         (fdir / "record.json").write_text(json.dumps(record, indent=2, default=str))
     n_given = k
     u0, truth = test[:, n_given - 1], test[:, n_given:]

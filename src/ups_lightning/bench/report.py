@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from ups_lightning.atomic import atomic_write_text
 
 __all__ = ["SUMMARY_COLUMNS", "TABLE_COLUMNS", "write_summary", "markdown_table", "add_equal_accuracy"]
 
@@ -39,16 +40,6 @@ TABLE_COLUMNS = (
     ("solver_grid_at_equal_nrmse", "solver at equal nRMSE", "{}"),
     ("speedup_vs_solver", "solver ms / method ms", "{:.3g}x"),
 )
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -105,7 +96,7 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Dict[str, Any]],
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
     csv_path = out / "summary.csv"
-    _atomic_write(csv_path, buf.getvalue())
+    atomic_write_text(csv_path, buf.getvalue())
 
     md = []
     if header:
@@ -114,5 +105,5 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Dict[str, Any]],
     if notes:
         md += [""] + [f"- {n}" for n in notes]
     md_path = out / "summary.md"
-    _atomic_write(md_path, "\n".join(md) + "\n")
+    atomic_write_text(md_path, "\n".join(md) + "\n")
     return {"csv": csv_path, "md": md_path}

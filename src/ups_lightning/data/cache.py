@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
@@ -17,23 +16,12 @@ from typing import Dict
 import numpy as np
 import torch
 
+from ups_lightning.atomic import atomic_torch_save
 from ups_lightning.data.pdebench import DatasetView
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:

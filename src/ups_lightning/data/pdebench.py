@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ups_lightning.atomic import atomic_write_json
 from ups_lightning.errors import UserError
 
 __all__ = [
@@ -421,17 +422,7 @@ def load_manifest(data_path: str | os.PathLike) -> dict | None:
 def write_manifest(data_path: str | os.PathLike, manifest: dict) -> Path:
     """Write the manifest atomically (``<target>.tmp-<pid>`` then os.replace)."""
     mp = manifest_path(data_path)
-    tmp = mp.with_name(mp.name + f".tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, mp)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_json(mp, manifest)
     return mp
 
 

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ups_lightning.atomic import atomic_write_text
+
 __all__ = [
     "GateConfig",
     "GROUP_KEYS",
@@ -113,15 +115,6 @@ def _read(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def read_rows(csv_path: str | os.PathLike) -> list[dict[str, str]]:
     """All rows of the board as dicts of strings (empty list when the file does not exist)."""
     return _read(Path(csv_path))[1]
@@ -149,7 +142,7 @@ def append_row(csv_path: str | os.PathLike, row: dict[str, Any], gates: GateConf
         writer.writeheader()
         writer.writerows(rows)
         writer.writerow(new)
-        _write_atomic(path, buf.getvalue())
+        atomic_write_text(path, buf.getvalue())
     return new
 
 
@@ -344,6 +337,18 @@ def _row_plots(art: Path, title: str, max_samples: int = 3) -> list[str]:
     return parts
 
 
+def _ttc_label(row: dict[str, str]) -> str:
+    """A short legend label of a row's TTC settings (the `ttc` column holds them as JSON)."""
+    raw = row.get("ttc", "")
+    if raw in ("", "off", None):
+        return "no TTC"
+    try:
+        t = json.loads(raw)
+        return f"TTC n={t.get('n_candidates')} W={t.get('beam_width')} H={t.get('horizon')}"
+    except (ValueError, AttributeError):
+        return "; ".join(f"{k}={row[k]}" for k in _TTC_SETTINGS if row.get(k) not in (None, "", "off"))
+
+
 def _capacity_plot(rows: list[dict[str, str]]) -> str | None:
     from matplotlib.figure import Figure
 
@@ -354,8 +359,7 @@ def _capacity_plot(rows: list[dict[str, str]]) -> str | None:
             continue
         series: dict[str, list[tuple[float, float]]] = {}
         for r, s, n in pts:
-            ttc = "; ".join(f"{k}={r[k]}" for k in _TTC_SETTINGS if r.get(k) not in (None, "", "off"))
-            key = " | ".join(x for x in (r.get("method", ""), r.get("corrector", ""), ttc or "no TTC") if x)
+            key = " | ".join(x for x in (r.get("method", ""), _ttc_label(r)) if x)
             series.setdefault(key, []).append((s, n))
         fig = Figure(figsize=(6, 4), layout="constrained")
         ax = fig.add_subplot(1, 1, 1)
@@ -363,7 +367,8 @@ def _capacity_plot(rows: list[dict[str, str]]) -> str | None:
             xy.sort()
             ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o", label=key)
         ax.set_xscale("log")
-        if all(n > 0 for _, _, n in pts):
+        ns = [n for _, _, n in pts]
+        if min(ns) > 0 and max(ns) / min(ns) > 10:
             ax.set_yscale("log")
         ax.set_xlabel(size_col)
         ax.set_ylabel("nRMSE (headline)")
@@ -434,5 +439,5 @@ def write_html(csv_path: str | os.PathLike, html_path: str | os.PathLike,
         parts.append("</section>")
     parts.append("</body></html>")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, "\n".join(parts))
+    atomic_write_text(out, "\n".join(parts))
     return out

@@ -106,8 +106,10 @@ class TokenVelocityNet(nn.Module):
         return self.final(h, c)
 
 
-class ResidualFlow(nn.Module):
-    """Conditional flow matching model of the residual r given z_pred and cond (see module doc)."""
+class _ResidualModel(nn.Module):
+    """The token network shared by the flow teacher and the consistency student: residual tokens,
+    conditioned on the operator's prediction z_pred, tau and cond. Both have the same keys (`net.*`),
+    so a student can start from its teacher's weights."""
 
     def __init__(
         self,
@@ -125,6 +127,10 @@ class ResidualFlow(nn.Module):
         self.config = dict(dim=dim, n_tokens=n_tokens, depth=depth, heads=heads, hidden=hidden,
                            cond_dim=cond_dim, width=width, attn_backend=attn_backend)
         self.net = TokenVelocityNet(dim, n_tokens, depth, heads, hidden, cond_dim, width, attn_backend)
+
+
+class ResidualFlow(_ResidualModel):
+    """Conditional flow matching model of the residual r given z_pred and cond (see module doc)."""
 
     def velocity(self, x_tau: Tensor, tau: TauLike, z_pred: Tensor, cond: Tensor) -> Tensor:
         return self.net(x_tau, _tau_batch(tau, x_tau.shape[0], x_tau), z_pred, cond)
@@ -170,25 +176,8 @@ class ResidualFlow(nn.Module):
         return x
 
 
-class ConsistencyStudent(nn.Module):
+class ConsistencyStudent(_ResidualModel):
     """Consistency model f(x_tau, tau | z_pred, cond) -> clean residual, f(x, 1) = x exactly."""
-
-    def __init__(
-        self,
-        dim: int,
-        n_tokens: int,
-        depth: int = 3,
-        heads: int = 4,
-        hidden: Optional[int] = None,
-        cond_dim: int = 2,
-        width: Optional[int] = None,
-        attn_backend: str = "sdpa",
-    ) -> None:
-        super().__init__()
-        self.dim, self.n_tokens = dim, n_tokens
-        self.config = dict(dim=dim, n_tokens=n_tokens, depth=depth, heads=heads, hidden=hidden,
-                           cond_dim=cond_dim, width=width, attn_backend=attn_backend)
-        self.net = TokenVelocityNet(dim, n_tokens, depth, heads, hidden, cond_dim, width, attn_backend)
 
     @staticmethod
     def c_skip(tau: Tensor) -> Tensor:
