@@ -200,8 +200,8 @@ def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
         module = _stage_module(cfg, name, n_x=len(x))
     except ValueError as exc:  # the networks' own checks of the model settings
         raise UserError(f"model={cfg.model.name}: {exc} Adjust the model.* settings.") from None
-    module.set_data_context(x, view.normalizer.mean, view.normalizer.std, cond)
     if name == "autoencoder":
+        module.set_data_context(x, view.normalizer.mean, view.normalizer.std, cond)
         datamodule: L.LightningDataModule = FrameDataModule(
             cfg.data, cfg.stages.autoencoder.batch_size, cfg.stages.autoencoder.val_frames)
     else:
