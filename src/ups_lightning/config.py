@@ -87,6 +87,7 @@ class DiffusionStage:
     batch_size: int = 64
     lr: float = 1e-3
     sample_steps: int = 16       # K teacher steps at sampling time
+    val_batches: Optional[int] = None  # validation batches per epoch (None: trainer.limit_val_batches)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class DistillStage:
     n_grid: int = 16             # teacher ODE grid the student is made consistent along
     student_steps: int = 1       # 1 or 2 sampling steps
     target_decay: float = 0.95   # EMA of the consistency target
+    val_batches: Optional[int] = None  # validation batches per epoch (None: trainer.limit_val_batches)
 
 
 @dataclass

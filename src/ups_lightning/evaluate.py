@@ -30,7 +30,7 @@ from ups_lightning.data.solver import solve_burgers
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.eval import leaderboard as lb
 from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench, nrmse_per_frame
-from ups_lightning.inference.rollout import Physics, Surrogate, ensemble_rollout, rollout, ttc_rollout
+from ups_lightning.inference.rollout import Guard, Physics, Surrogate, ensemble_rollout, rollout, ttc_rollout
 from ups_lightning.inference.ttc import TTCConfig
 from ups_lightning.train import load_stage, read_record
 
@@ -108,7 +108,8 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
                       domain_length=meta.domain_length)
     sur = Surrogate(module, unit_coords(view), conditioning(view, physics.nu),
                     teacher_steps=train_cfg.stages.diffusion.sample_steps,
-                    student_steps=train_cfg.stages.distill.student_steps)
+                    student_steps=train_cfg.stages.distill.student_steps,
+                    guard=Guard(reencode=bool(cfg.guard.reencode), conserve_mass=bool(cfg.guard.conserve_mass)))
     corrector = cfg.corrector if cfg.corrector in sur.correctors else (sur.correctors[-1] if sur.correctors else None)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, B = len(u0), cfg.batch_size
@@ -192,6 +193,7 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
         "method": headline,
         "corrector": corrector or "none",
         "ttc": json.dumps(OmegaConf.to_container(cfg.ttc)) if cfg.ttc.enabled else "off",
+        "guard": json.dumps(OmegaConf.to_container(cfg.guard)),
         "note": cfg.note,
     }
     row.update(metrics[headline])

@@ -126,13 +126,16 @@ def build_trainer(cfg: DictConfig, name: str) -> L.Trainer:
     if cfg.callbacks.lr_monitor and loggers:
         callbacks.append(cb.LearningRateMonitor(logging_interval="step"))
     max_time = dt.timedelta(minutes=settings.max_minutes) if settings.max_minutes else None
+    # the sampling stages validate by drawing samples (the teacher: K steps, twice); the wall-clock
+    # limit does not bound validation, so they cap its batches
+    val_batches = settings.get("val_batches") or cfg.trainer.limit_val_batches
     return L.Trainer(
         default_root_dir=out, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy, precision=cfg.trainer.precision,
         max_epochs=settings.max_epochs, max_time=max_time, gradient_clip_val=cfg.optim.grad_clip,
         accumulate_grad_batches=cfg.optim.accumulate, log_every_n_steps=cfg.trainer.log_every_n_steps,
         deterministic=cfg.trainer.deterministic, limit_train_batches=cfg.trainer.limit_train_batches,
-        limit_val_batches=cfg.trainer.limit_val_batches,
+        limit_val_batches=val_batches,
         check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch, callbacks=callbacks,
         logger=loggers or False, enable_progress_bar=cfg.callbacks.progress_bar != "none",
         enable_model_summary=False,

@@ -7,6 +7,10 @@ teacher forcing), decoding every predicted state on the evaluation grid. Modes:
 - operator + stochastic corrector (diffusion teacher or distilled student) every `every` steps;
 - an ensemble of such stochastic rollouts (members batched together);
 - TTC: per-sample beam search over corrector candidates scored by Burgers physics rewards.
+
+Every mode can guard its states (`Guard`): decode each new state, optionally restore the mass of the
+given frame (periodic Burgers conserves the mean of u exactly), and re-encode it, so the next step
+starts from a state on the autoencoder's manifold. The guard uses nothing but the given frame.
 """
 from __future__ import annotations
 
@@ -31,16 +35,29 @@ class Physics:
     domain_length: float
 
 
+@dataclass(frozen=True)
+class Guard:
+    """Projections applied to every rolled-out state (module doc). Both off: the raw latent rollout."""
+
+    reencode: bool = False        # decode -> encode each step (back onto the autoencoder's manifold)
+    conserve_mass: bool = False   # shift each decoded frame to the given frame's mean, then re-encode
+
+    @property
+    def active(self) -> bool:
+        return self.reencode or self.conserve_mass
+
+
 class Surrogate:
     """A trained pipeline (the last finished stage's module) seen as encode / step / correct / decode,
     on the grid and with the conditioning of the data being evaluated."""
 
     def __init__(self, module: Any, x: Tensor, cond: Tensor, teacher_steps: int = 16,
-                 student_steps: int = 1) -> None:
+                 student_steps: int = 1, guard: Guard = Guard()) -> None:
         self.m = module.eval()
         self.x = x.to(torch.float32)
         self.cond = cond.to(torch.float32)
         self.teacher_steps, self.student_steps = teacher_steps, student_steps
+        self.guard = guard
 
     @property
     def correctors(self) -> Tuple[str, ...]:
@@ -72,6 +89,17 @@ class Surrogate:
         return self.m.operator(z, self._cond(z.shape[0]))
 
     @torch.no_grad()
+    def settle(self, z: Tensor, mass: Tensor) -> Tuple[Tensor, Tensor]:
+        """A new state and its decoded frame, after the guard: `mass` (B, 1, C) is the mean over x
+        of the given frame. Returns (state to step from next, frame to report)."""
+        u = self.decode(z)
+        if not self.guard.active:
+            return z, u
+        if self.guard.conserve_mass:
+            u = u - u.mean(dim=1, keepdim=True) + mass
+        return self.encode(u), u
+
+    @torch.no_grad()
     def correct(self, z_pred: Tensor, corrector: str, generator: Optional[torch.Generator] = None) -> Tensor:
         """One stochastic corrected state: z_pred + r_std * (a residual sample)."""
         cond = self._cond(z_pred.shape[0])
@@ -89,13 +117,14 @@ def rollout(sur: Surrogate, u0: Tensor, steps: int, corrector: Optional[str] = N
             generator: Optional[torch.Generator] = None) -> Tensor:
     """Roll `steps` frames forward from the physical frame u0 (B, X, C); returns (B, steps, X, C).
     With a corrector, every `every`-th step is corrected by one stochastic residual sample."""
-    z = sur.encode(u0)
+    z, mass = sur.encode(u0), u0.mean(dim=1, keepdim=True)
     frames = []
     for k in range(1, steps + 1):
         z = sur.step(z)
         if corrector is not None and k % every == 0:
             z = sur.correct(z, corrector, generator)
-        frames.append(sur.decode(z))
+        z, u = sur.settle(z, mass)
+        frames.append(u)
     return torch.stack(frames, dim=1)
 
 
@@ -131,11 +160,12 @@ def ttc_rollout(sur: Surrogate, u0: Tensor, steps: int, corrector: str, cfg: TTC
         return burgers_score(u_prev, u_next, physics.nu, physics.dx, physics.dt, physics.domain_length,
                              weights=weights)
 
-    z = sur.encode(u0)
+    z, mass = sur.encode(u0), u0.mean(dim=1, keepdim=True)
     frames, evals = [], []
     for _ in range(steps):
         z, info = ttc_step(z, propose, score, cfg)
-        frames.append(sur.decode(z))
+        z, u = sur.settle(z, mass)
+        frames.append(u)
         evals.append(info["evals"].double().mean())
     mean_evals = float(torch.stack(evals).mean()) if evals else math.nan
     return torch.stack(frames, dim=1), {"evals_per_step": mean_evals}

@@ -37,6 +37,22 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def lr_factor(step: int, total: int, time_progress: float, warmup_ratio: float, floor: float,
+              cosine: bool) -> float:
+    """The LR multiplier at optimizer step `step`: linear warm-up over the first `warmup_ratio` of
+    training, then cosine down to `floor` (or constant). Progress is whichever runs out first, steps
+    (of `total`) or the stage's wall-clock limit (`time_progress` in [0, 1]), so a time-capped stage
+    both leaves warm-up and anneals: with progress counted in steps alone, a stage stopped by its
+    clock after fewer than warmup_ratio * total steps trained its whole run inside the warm-up."""
+    progress = min(1.0, max((step + 1) / max(1, total), time_progress))
+    if progress < warmup_ratio:
+        return progress / warmup_ratio
+    if not cosine:
+        return 1.0
+    q = (progress - warmup_ratio) / max(1e-9, 1.0 - warmup_ratio)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * q))
+
+
 class StageModule(L.LightningModule):
     """Base class: AdamW with warm-up + cosine/constant LR (per step), physical-space helpers.
 
@@ -91,19 +107,11 @@ class StageModule(L.LightningModule):
             lr=self.lr, betas=tuple(self.optim_cfg["betas"]),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.optim_cfg["warmup_ratio"] * total)
-        floor = self.optim_cfg["min_lr_ratio"]
-        cosine = self.optim_cfg["schedule"] == "cosine"
+        settings = dict(total=total, warmup_ratio=self.optim_cfg["warmup_ratio"],
+                        floor=self.optim_cfg["min_lr_ratio"], cosine=self.optim_cfg["schedule"] == "cosine")
 
         def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if not cosine:
-                return 1.0
-            # under a wall-clock limit the schedule follows whichever runs out first, steps or time,
-            # so a time-capped stage still anneals
-            progress = min(1.0, max((step - warmup) / max(1, total - warmup), self._time_progress()))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            return lr_factor(step, time_progress=self._time_progress(), **settings)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
