@@ -76,6 +76,27 @@ def test_operator_is_a_residual_update(smoke_run):
         assert torch.allclose(op.operator(z, cond), z + op.operator.delta(z, cond), atol=1e-6)
 
 
+def test_relative_loss_weighs_each_sample_by_its_field_norm(smoke_run):
+    """With relative_loss the same latent error counts 4x more on a field half the size (nRMSE's
+    weighting); without it both count the same."""
+    _, records = smoke_run
+    op = load_stage(records["operator"], "operator")
+    target = torch.zeros(2, op.hparams.model_cfg["n_tokens"], op.hparams.model_cfg["dim"])
+    err = torch.zeros_like(target)
+    err[0] = 1.0                                       # the whole error sits on sample 0
+    u = torch.ones(2, op.x.numel(), 1)
+    u_phys = torch.stack([torch.full_like(u[0], 0.5), torch.full_like(u[0], 1.0)])
+    u = (u_phys - op.field_mean) / op.field_std        # step_loss reads normalised fields
+    op.stage_cfg = dict(op.stage_cfg, relative_loss=False)
+    plain = op.step_loss(target + err, target, u)
+    assert plain == pytest.approx(0.5)
+    op.stage_cfg = dict(op.stage_cfg, relative_loss=True)
+    rel = op.step_loss(target + err, target, u)
+    assert rel == pytest.approx(4.0 / 5.0)             # weights 1/0.25 : 1/1, normalised
+    rel_other = op.step_loss(target + err.flip(0), target, u)
+    assert rel_other == pytest.approx(1.0 / 5.0)
+
+
 def _latent_batch(cfg, module, split="val"):
     view = open_view(cfg.data)
     cache = build_or_load_latent_cache(module.autoencoder, view, unit_coords(view), Path(cfg.run_dir) / "latents")

@@ -78,6 +78,7 @@ class OperatorStage:
     pushforward_detach: bool = False  # True: stop gradients between the unrolled steps
     decoded_weight: float = 0.0  # weight of the decoded-space loss through the frozen decoder
     noise_std: float = 0.0       # latent noise injection on the input state
+    relative_loss: bool = False  # weigh each sample's error by 1 / its field's mean square (as nRMSE does)
 
 
 @dataclass

@@ -106,7 +106,7 @@ class OperatorModule(_LatentStage):
         loss = z.new_zeros(())
         for k in range(1, steps + 1):
             pred = self(state)
-            loss = loss + F.mse_loss(pred, z[:, k])
+            loss = loss + self.step_loss(pred, z[:, k], u[:, k])
             if self.stage_cfg["decoded_weight"] > 0:
                 decoded = self.decode_latent(self.autoencoder, pred)
                 loss = loss + self.stage_cfg["decoded_weight"] * F.mse_loss(decoded, u[:, k])
@@ -115,6 +115,15 @@ class OperatorModule(_LatentStage):
         loss = loss / steps
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def step_loss(self, pred: torch.Tensor, target: torch.Tensor, u_target: torch.Tensor) -> torch.Tensor:
+        """Latent MSE of one step; with `relative_loss`, each sample's error is divided by its
+        physical field's mean square (normalised over the batch), as the nRMSE metric weighs it."""
+        if not self.stage_cfg["relative_loss"]:
+            return F.mse_loss(pred, target)
+        per_sample = (pred - target).pow(2).flatten(1).mean(1)
+        w = 1.0 / self.physical(u_target).pow(2).flatten(1).mean(1).clamp_min(1e-8)
+        return (per_sample * w).sum() / w.sum()
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         z, u = batch["z"], batch["u"]
