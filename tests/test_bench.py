@@ -224,3 +224,27 @@ def test_bench_with_ours_on_smoke_data(smoke_data, tmp_path):
     assert (tmp_path / "lb.csv").exists()
     for r in out["rows"]:
         assert math.isfinite(r["nrmse"])
+
+
+def test_ttc_headroom_measures_candidates_against_plain_and_oracle(smoke_run, tmp_path):
+    from omegaconf import OmegaConf
+
+    from ups_lightning.bench.ttc_headroom import run_headroom
+    from ups_lightning.errors import UserError
+
+    cfg, _ = smoke_run
+    hcfg = OmegaConf.create(dict(run_dir=cfg.run_dir, split="test", corrector="student", n_candidates=3,
+                                 scales=[0.0, 1.0], seed=0, num_threads=None))
+    r = run_headroom(hcfg)["scales"]
+    # scale 0: every candidate is the operator step, so every pick is the plain rollout
+    same = r["0.0"]
+    assert same["ttc_score"]["nrmse"] == same["plain"]["nrmse"] == same["oracle"]["nrmse"]
+    assert same["plain"]["operator_step_kept"] == 1.0
+    assert all(v == 0.0 for v in same["penalty_pick_change"].values())
+    # real candidates: the oracle's first step is never worse than the operator step, and it uses them
+    real = r["1.0"]
+    assert real["oracle"]["nrmse_1"] <= real["plain"]["nrmse_1"]
+    assert real["oracle"]["operator_step_kept"] < 1.0
+    assert real["plain"]["nrmse"] == pytest.approx(same["plain"]["nrmse"], rel=1e-6)
+    with pytest.raises(UserError, match="n_candidates"):
+        run_headroom(OmegaConf.merge(hcfg, {"n_candidates": 1}))
