@@ -75,6 +75,22 @@ def load_run(run_dir: Path) -> tuple:
     return train_cfg, records, load_stage(records[final], final)
 
 
+def rollout_frames(view: Any, split: str, n_given: int) -> tuple:
+    """(all frames, the last given frame u0, the frames to predict) of a split, as float tensors."""
+    fields = torch.from_numpy(view.read(split)).float()
+    if fields.shape[1] <= n_given:
+        raise UserError(f"{view.path}: {fields.shape[1]} frames after reduction, but initial_step={n_given} "
+                        "frames are given: nothing is left to predict.")
+    return fields, fields[:, n_given - 1], fields[:, n_given:]   # u0: all the rollout ever sees
+
+
+def build_surrogate(train_cfg: DictConfig, module: Any, view: Any, nu: float, guard: Guard) -> Surrogate:
+    """The run's module as a Surrogate on the grid and conditioning of `view`."""
+    return Surrogate(module, unit_coords(view), conditioning(view, nu),
+                     teacher_steps=train_cfg.stages.diffusion.sample_steps,
+                     student_steps=train_cfg.stages.distill.student_steps, guard=guard)
+
+
 def _timed(fn: Callable[[], Any]) -> tuple:
     start = time.perf_counter()
     out = fn()
@@ -95,21 +111,14 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.data.path:
         data_cfg.path = cfg.data.path
     view = open_view(data_cfg)
-    fields = torch.from_numpy(view.read(cfg.split)).float()
     n_given = int(data_cfg.initial_step)
-    if fields.shape[1] <= n_given:
-        raise UserError(f"{view.path}: {fields.shape[1]} frames after reduction, but initial_step={n_given} "
-                        "frames are given: nothing is left to predict.")
-    steps = fields.shape[1] - n_given
-    u0 = fields[:, n_given - 1]            # the last given frame: all the rollout ever sees
-    truth = fields[:, n_given:]
+    fields, u0, truth = rollout_frames(view, cfg.split, n_given)
+    steps = truth.shape[1]
     meta = view.meta
     physics = Physics(nu=file_nu(view, data_cfg.nu), dx=meta.dx, dt=meta.dt,
                       domain_length=meta.domain_length)
-    sur = Surrogate(module, unit_coords(view), conditioning(view, physics.nu),
-                    teacher_steps=train_cfg.stages.diffusion.sample_steps,
-                    student_steps=train_cfg.stages.distill.student_steps,
-                    guard=Guard(reencode=bool(cfg.guard.reencode), conserve_mass=bool(cfg.guard.conserve_mass)))
+    sur = build_surrogate(train_cfg, module, view, physics.nu,
+                          Guard(reencode=bool(cfg.guard.reencode), conserve_mass=bool(cfg.guard.conserve_mass)))
     corrector = cfg.corrector if cfg.corrector in sur.correctors else (sur.correctors[-1] if sur.correctors else None)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, B = len(u0), cfg.batch_size

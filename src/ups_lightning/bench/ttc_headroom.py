@@ -26,15 +26,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from ups_lightning.atomic import atomic_write_json
-from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
+from ups_lightning.data.datamodule import file_nu, open_view
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.inference.rewards import PENALTIES, burgers_rewards, burgers_score
-from ups_lightning.inference.rollout import Guard, Surrogate
-
-
-def _nrmse(pred: Tensor, true: Tensor) -> Tensor:
-    """Per sample ||e|| / ||u|| of one frame (B, X, C)."""
-    return (pred - true).flatten(1).norm(dim=1) / true.flatten(1).norm(dim=1).clamp_min(1e-12)
+from ups_lightning.inference.rollout import Guard, Surrogate, restore_mass
+from ups_lightning.lit.common import sample_nrmse
 
 
 @torch.no_grad()
@@ -53,10 +49,11 @@ def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candid
         frames = torch.stack([sur.decode(cand[:, j]) for j in range(n_candidates)], dim=1)
         return cand, frames
 
-    def reported(frames: Tensor) -> Tensor:
-        """The frames the guard reports for each candidate (mass restored): what the truth sees.
-        The physics score sees the candidates as decoded, as ``ttc_rollout`` scores them."""
-        return frames - frames.mean(dim=2, keepdim=True) + mass.unsqueeze(1)
+    def errors(frames: Tensor, k: int) -> Tensor:
+        """(B, K) nRMSE of each candidate's frame as the guard reports it (mass restored) against the
+        truth. (The physics score sees the candidates as decoded, as ``ttc_rollout`` scores them.)"""
+        shown = restore_mass(frames, mass.unsqueeze(1))
+        return torch.stack([sample_nrmse(shown[:, j], truth[:, k]) for j in range(n_candidates)], 1)
 
     def run(pick: Callable[[Tensor, Tensor, int], Tensor]) -> Dict[str, Any]:
         z, u_prev, errs, kept = sur.encode(u0), u0, [], []
@@ -65,7 +62,7 @@ def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candid
             idx = pick(u_prev, frames, k)
             kept.append((idx == 0).double().mean())
             z, u_prev = sur.settle(cand[rows, idx], mass)
-            errs.append(_nrmse(u_prev, truth[:, k]))
+            errs.append(sample_nrmse(u_prev, truth[:, k]))
         e = torch.stack(errs, dim=1).mean(0)
         return {"nrmse": float(e.mean()), "nrmse_1": float(e[0]), "nrmse_31": float(e[-1]),
                 "operator_step_kept": float(torch.stack(kept).mean())}
@@ -75,8 +72,7 @@ def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candid
         return s.argmax(1)
 
     def by_truth(u_prev: Tensor, frames: Tensor, k: int) -> Tensor:
-        shown = reported(frames)
-        return torch.stack([_nrmse(shown[:, j], truth[:, k]) for j in range(n_candidates)], 1).argmin(1)
+        return errors(frames, k).argmin(1)
 
     out = {"plain": run(lambda u, f, k: torch.zeros(len(u), dtype=torch.long)),
            "ttc_score": run(by_score), "oracle": run(by_truth)}
@@ -87,8 +83,7 @@ def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candid
     u_prev = u0
     for k in range(steps):
         cand, frames = candidates(z)
-        shown = reported(frames)
-        err = torch.stack([_nrmse(shown[:, j], truth[:, k]) for j in range(n_candidates)], 1)
+        err = errors(frames, k)
         pens = [burgers_rewards(u_prev, frames[:, j], **physics) for j in range(n_candidates)]
         for p in PENALTIES:
             idx = torch.stack([pen[p] for pen in pens], 1).argmin(1)
@@ -99,7 +94,7 @@ def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candid
 
 
 def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
-    from ups_lightning.evaluate import load_run
+    from ups_lightning.evaluate import build_surrogate, load_run, rollout_frames
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -109,15 +104,11 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
     train_cfg, _, module = load_run(Path(cfg.run_dir))
     view = open_view(train_cfg.data)
     nu = file_nu(view, train_cfg.data.nu)
-    sur = Surrogate(module, unit_coords(view), conditioning(view, nu),
-                    teacher_steps=train_cfg.stages.diffusion.sample_steps,
-                    student_steps=train_cfg.stages.distill.student_steps, guard=Guard(True, True))
+    sur = build_surrogate(train_cfg, module, view, nu, Guard(reencode=True, conserve_mass=True))
     if cfg.corrector not in sur.correctors:
         raise UserError(f"corrector={cfg.corrector}: {cfg.run_dir} has {list(sur.correctors) or 'no'} "
                         "corrector stage(s); train them with stage=all.")
-    fields = torch.from_numpy(view.read(cfg.split)).float()
-    n_given = int(train_cfg.data.initial_step)
-    u0, truth = fields[:, n_given - 1], fields[:, n_given:]
+    _, u0, truth = rollout_frames(view, cfg.split, int(train_cfg.data.initial_step))
     meta = view.meta
     physics = dict(nu=nu, dx=meta.dx, dt=meta.dt, domain_length=meta.domain_length)
     result: Dict[str, Any] = {"run_dir": str(cfg.run_dir), "split": cfg.split, "corrector": cfg.corrector,

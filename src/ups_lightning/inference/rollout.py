@@ -47,6 +47,12 @@ class Guard:
         return self.reencode or self.conserve_mass
 
 
+def restore_mass(u: Tensor, mass: Tensor) -> Tensor:
+    """Frames (B, ..., X, C) shifted so their mean over x is `mass` (broadcastable, mean over x of
+    the given frame): the guard's mass-preserving projection."""
+    return u - u.mean(dim=-2, keepdim=True) + mass
+
+
 class Surrogate:
     """A trained pipeline (the last finished stage's module) seen as encode / step / correct / decode,
     on the grid and with the conditioning of the data being evaluated."""
@@ -96,7 +102,7 @@ class Surrogate:
         if not self.guard.active:
             return z, u
         if self.guard.conserve_mass:
-            u = u - u.mean(dim=1, keepdim=True) + mass
+            u = restore_mass(u, mass)
         return self.encode(u), u
 
     @torch.no_grad()
