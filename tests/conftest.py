@@ -1,6 +1,8 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+from ups_lightning import CONF_DIR
+
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,7 @@ def smoke_data(tmp_path_factory) -> Path:
 def smoke_cfg(tmp: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=["experiment=smoke", "model=dim16", f"data.root={tmp / 'data'}",
                                            f"run_dir={tmp / 'run'}", *overrides])
 

@@ -2,6 +2,8 @@
 against targets here: the benchmark prints them."""
 from __future__ import annotations
 
+from ups_lightning import CONF_DIR
+
 import csv
 import math
 import os
@@ -19,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _bench_cfg(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("bench", overrides=list(overrides))
 
 

@@ -1,6 +1,8 @@
 """`python -m ups_lightning.evaluate` on the smoke run: rows, reports, no teacher forcing."""
 from __future__ import annotations
 
+from ups_lightning import CONF_DIR
+
 import csv
 import shutil
 from pathlib import Path
@@ -15,7 +17,7 @@ from ups_lightning.errors import UserError
 from ups_lightning.evaluate import evaluate
 from ups_lightning.inference.rollout import Guard, Surrogate, rollout
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 
 
 def eval_cfg(run_dir: Path, out: Path, *overrides: str):
@@ -73,11 +75,11 @@ def test_rollout_is_autoregressive(smoke_run):
     latent state (the model runs on its own outputs)."""
     cfg, records = smoke_run
     from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
-    from ups_lightning.train import load_stage
+    from ups_lightning.artifacts import load_stage
 
     view = open_view(cfg.data)
     cond = conditioning(view, file_nu(view, cfg.data.nu))
-    sur = Surrogate(load_stage(records["operator"], "operator"), unit_coords(view), cond)
+    sur = Surrogate(load_stage(cfg.run_dir, "operator", records["operator"]), unit_coords(view), cond)
     u0 = torch.from_numpy(view.read("test")[:4, cfg.data.initial_step - 1])
     three = rollout(sur, u0, 3)
     z = sur.encode(u0)
@@ -89,10 +91,10 @@ def test_rollout_is_autoregressive(smoke_run):
 def test_guarded_rollout_conserves_mass_and_restarts_from_each_reencoded_frame(smoke_run):
     cfg, records = smoke_run
     from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
-    from ups_lightning.train import load_stage
+    from ups_lightning.artifacts import load_stage
 
     view = open_view(cfg.data)
-    module = load_stage(records["operator"], "operator")
+    module = load_stage(cfg.run_dir, "operator", records["operator"])
     cond, x = conditioning(view, file_nu(view, cfg.data.nu)), unit_coords(view)
     u0 = torch.from_numpy(view.read("test")[:4, cfg.data.initial_step - 1])
     raw = rollout(Surrogate(module, x, cond), u0, 3)
@@ -111,8 +113,11 @@ def test_guarded_rollout_conserves_mass_and_restarts_from_each_reencoded_frame(s
 
 
 def test_evaluate_names_a_wrong_run_dir(tmp_path):
-    with pytest.raises(UserError, match="not the output directory of a training run"):
+    with pytest.raises(UserError, match="has no finished operator stage"):
         evaluate(eval_cfg(tmp_path, tmp_path))
+    with pytest.raises(UserError, match="no such directory"):
+        evaluate(eval_cfg(tmp_path / "missing", tmp_path))
+    assert not (tmp_path / "missing").exists()   # evaluation never creates the run directory
 
 
 def test_compare_prints_metric_and_config_differences(smoke_run, tmp_path, capsys):
@@ -133,12 +138,12 @@ def test_ttc_with_the_operator_as_its_only_candidate_is_the_plain_rollout(smoke_
     from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
     from ups_lightning.inference.rollout import Physics, ttc_rollout
     from ups_lightning.inference.ttc import TTCConfig
-    from ups_lightning.train import load_stage
+    from ups_lightning.artifacts import load_stage
 
     cfg, records = smoke_run
     view = open_view(cfg.data)
     nu = file_nu(view, cfg.data.nu)
-    sur = Surrogate(load_stage(records["distill"], "distill"), unit_coords(view), conditioning(view, nu),
+    sur = Surrogate(load_stage(cfg.run_dir, "distill", records["distill"]), unit_coords(view), conditioning(view, nu),
                     guard=Guard(reencode=True, conserve_mass=True))
     u0 = torch.from_numpy(view.read("test")[:4, cfg.data.initial_step - 1])
     physics = Physics(nu, view.meta.dx, view.meta.dt, view.meta.domain_length)

@@ -18,7 +18,8 @@ from ups_lightning.data.cache import build_or_load_latent_cache
 from ups_lightning.data.datamodule import LatentDataModule, open_view, unit_coords
 from ups_lightning.errors import UserError
 from ups_lightning.lit.common import sample_nrmse
-from ups_lightning.train import load_stage, run
+from ups_lightning.artifacts import checkpoint_file, load_stage
+from ups_lightning.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -33,7 +34,8 @@ def test_all_stages_finish_and_log_physical_figures(smoke_run):
     cfg, records = smoke_run
     assert list(records) == ["autoencoder", "operator", "diffusion", "distill"]
     for name, rec in records.items():
-        assert Path(rec["best_ckpt"]).exists()
+        assert checkpoint_file(cfg.run_dir, name, rec).is_file()
+        assert not Path(rec["best_ckpt"]).is_absolute()   # a run directory can move
         assert 0.0 < rec["best_val_nrmse"] < 5.0, (name, rec["best_val_nrmse"])
     # each latent stage logs the references a user needs to judge whether it helped
     assert {"val/nrmse_persistence", "val/nrmse_recon_floor"} <= set(records["operator"]["final_metrics"])
@@ -43,7 +45,7 @@ def test_all_stages_finish_and_log_physical_figures(smoke_run):
 
 def test_reconstruction_improves_with_training(smoke_run):
     cfg, records = smoke_run
-    trained = load_stage(records["autoencoder"], "autoencoder")
+    trained = load_stage(cfg.run_dir, "autoencoder", records["autoencoder"])
     view = open_view(cfg.data)
     u = torch.from_numpy(view.normalizer.normalize(view.read("val")[:, ::4])).float().flatten(0, 1)
     untrained_ae = type(trained)(trained.hparams.model_cfg, trained.hparams.optim_cfg, 1e-3, len(trained.x))
@@ -54,21 +56,21 @@ def test_reconstruction_improves_with_training(smoke_run):
 
 
 def test_stage_handoff_carries_exact_upstream_weights(smoke_run):
-    _, records = smoke_run
-    ae = load_stage(records["autoencoder"], "autoencoder")
-    op = load_stage(records["operator"], "operator")
-    dist = load_stage(records["distill"], "distill")
+    cfg, records = smoke_run
+    ae = load_stage(cfg.run_dir, "autoencoder", records["autoencoder"])
+    op = load_stage(cfg.run_dir, "operator", records["operator"])
+    dist = load_stage(cfg.run_dir, "distill", records["distill"])
     for name, p in ae.autoencoder.state_dict().items():
         assert torch.equal(p, op.autoencoder.state_dict()[name]), name
         assert torch.equal(p, dist.autoencoder.state_dict()[name]), name
-    diff = load_stage(records["diffusion"], "diffusion")
+    diff = load_stage(cfg.run_dir, "diffusion", records["diffusion"])
     for name, p in diff.flow.state_dict().items():
         assert torch.equal(p, dist.flow.state_dict()[name]), name
 
 
 def test_operator_is_a_residual_update(smoke_run):
-    _, records = smoke_run
-    op = load_stage(records["operator"], "operator")
+    cfg, records = smoke_run
+    op = load_stage(cfg.run_dir, "operator", records["operator"])
     model = op.hparams.model_cfg
     z = torch.randn(3, model["n_tokens"], model["dim"])
     cond = op.batch_cond(3)
@@ -79,8 +81,8 @@ def test_operator_is_a_residual_update(smoke_run):
 def test_relative_loss_weighs_each_sample_by_its_field_norm(smoke_run):
     """With relative_loss the same latent error counts 4x more on a field half the size (nRMSE's
     weighting); without it both count the same."""
-    _, records = smoke_run
-    op = load_stage(records["operator"], "operator")
+    cfg, records = smoke_run
+    op = load_stage(cfg.run_dir, "operator", records["operator"])
     target = torch.zeros(2, op.hparams.model_cfg["n_tokens"], op.hparams.model_cfg["dim"])
     err = torch.zeros_like(target)
     err[0] = 1.0                                       # the whole error sits on sample 0
@@ -106,11 +108,11 @@ def _latent_batch(cfg, module, split="val"):
 
 def test_diffusion_learns_and_samples_are_distinct(smoke_run):
     cfg, records = smoke_run
-    diff = load_stage(records["diffusion"], "diffusion")
+    diff = load_stage(cfg.run_dir, "diffusion", records["diffusion"])
     batch = _latent_batch(cfg, diff)
     r, z_pred = diff.scaled_residual(batch)
     cond = diff.batch_cond(r.shape[0])
-    untrained = load_stage(records["diffusion"], "diffusion")
+    untrained = load_stage(cfg.run_dir, "diffusion", records["diffusion"])
     for p in untrained.flow.parameters():  # the same architecture, re-initialised
         torch.nn.init.normal_(p, std=0.02)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
@@ -127,7 +129,7 @@ def test_student_matches_teacher_within_tolerance(smoke_run):
     """The 1-step student's samples: error and spread within a stated tolerance of the teacher's
     K-step samples on validation (here: nRMSE within 25% and spread within a factor of 3)."""
     cfg, records = smoke_run
-    dist = load_stage(records["distill"], "distill")
+    dist = load_stage(cfg.run_dir, "distill", records["distill"])
     batch = _latent_batch(cfg, dist)
     true = dist.physical(batch["u"][:, 1])
     z_pred = dist.operator_step(batch["z"][:, 0])
@@ -149,7 +151,7 @@ def test_student_matches_teacher_within_tolerance(smoke_run):
 
 def test_changed_encoder_rebuilds_the_cache(smoke_run, tmp_path):
     cfg, records = smoke_run
-    ae = load_stage(records["autoencoder"], "autoencoder").autoencoder
+    ae = load_stage(cfg.run_dir, "autoencoder", records["autoencoder"]).autoencoder
     view = open_view(cfg.data)
     x = unit_coords(view)
     a = build_or_load_latent_cache(ae, view, x, tmp_path)
@@ -165,16 +167,17 @@ def test_changed_encoder_rebuilds_the_cache(smoke_run, tmp_path):
 
 def test_finished_stages_are_skipped(smoke_run):
     cfg, records = smoke_run
-    stamps = {n: Path(r["best_ckpt"]).stat().st_mtime_ns for n, r in records.items()}
+    stamps = {n: checkpoint_file(cfg.run_dir, n, r).stat().st_mtime_ns for n, r in records.items()}
     again = run(cfg)
     assert {n: r["config_hash"] for n, r in again.items()} == {n: r["config_hash"] for n, r in records.items()}
-    assert {n: Path(r["best_ckpt"]).stat().st_mtime_ns for n, r in again.items()} == stamps
+    assert {n: checkpoint_file(cfg.run_dir, n, r).stat().st_mtime_ns for n, r in again.items()} == stamps
 
 
 def test_missing_upstream_stage_names_what_is_missing_and_how_to_make_it(smoke_data, tmp_path):
     cfg = smoke_cfg(smoke_data, "stage=operator", f"run_dir={tmp_path / 'empty'}")
-    with pytest.raises(UserError, match=r"needs the finished 'autoencoder' stage.*stage=autoencoder"):
+    with pytest.raises(UserError, match=r"needs the finished 'autoencoder' stage.*stage=all"):
         run(cfg)
+    assert not (tmp_path / "empty").exists()   # a refused run writes nothing
 
 
 def test_config_errors_are_one_paragraph_not_tracebacks(smoke_data):
@@ -195,14 +198,15 @@ def test_resume_after_a_kill(smoke_data, tmp_path):
             "stages.autoencoder.max_epochs=40"]
     proc = subprocess.Popen([sys.executable, "-m", "ups_lightning.train", *args], cwd=REPO, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run_dir / "autoencoder" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
+    while (not list(run_dir.glob(".attempts/autoencoder-*/checkpoints/last.ckpt")) and time.time() < deadline
+           and proc.poll() is None):
         time.sleep(0.2)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert last.exists() and not (run_dir / "autoencoder" / "done.json").exists()
+    assert list(run_dir.glob(".attempts/autoencoder-*/checkpoints/last.ckpt"))
+    assert not (run_dir / "autoencoder").exists()   # only a finished stage takes the stage's place
     res = cli("ups_lightning.train", *args, "stages.operator.max_epochs=1", "stages.diffusion.max_epochs=1",
               "stages.distill.max_epochs=1")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -229,7 +233,7 @@ def test_ddp_on_two_cpu_processes_with_gloo(smoke_data, tmp_path):
               f"data.root={smoke_data / 'data'}", f"run_dir={run_dir}")
     assert res.returncode == 0, res.stderr[-2000:]
     done = json.loads((run_dir / "autoencoder" / "done.json").read_text())
-    assert Path(done["best_ckpt"]).exists()
+    assert (run_dir / "autoencoder" / done["best_ckpt"]).is_file()
 
 
 def test_bf16_autocast_on_cpu(smoke_data, tmp_path):
@@ -244,5 +248,5 @@ def test_torch_compile_switch(smoke_data, tmp_path):
     cfg = smoke_cfg(smoke_data, "model=dim8", "stage=autoencoder", "trainer.compile=true",
                     "stages.autoencoder.max_epochs=1", f"run_dir={tmp_path / 'compiled'}")
     record = run(cfg)["autoencoder"]
-    ae = load_stage(record, "autoencoder")  # checkpoint keys are the plain module's
+    ae = load_stage(cfg.run_dir, "autoencoder", record)  # checkpoint keys are the plain module's
     assert ae.autoencoder is not None

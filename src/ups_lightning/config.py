@@ -6,6 +6,7 @@ anything runs, so an unknown key or a wrongly typed value is a clear error namin
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -216,8 +217,150 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         raise UserError(f"optim.schedule={merged.optim.schedule!r}: expected 'cosine' or 'constant'.")
     if merged.logger.name not in ("csv", "tensorboard", "wandb"):
         raise UserError(f"logger.name={merged.logger.name!r}: expected csv, tensorboard or wandb.")
+    if merged.callbacks.progress_bar not in ("rich", "tqdm", "none"):
+        raise UserError(f"callbacks.progress_bar={merged.callbacks.progress_bar!r}: expected rich, tqdm or none.")
+    if merged.stages.distill.student_steps not in (1, 2):
+        raise UserError(f"stages.distill.student_steps={merged.stages.distill.student_steps}: expected 1 or 2.")
+    check_ranges(merged, TRAIN_RANGES)
     return merged
+
+
+# (key, lower bound, lower bound included, upper bound or None): numbers a run cannot work with
+TRAIN_RANGES = [
+    *[(f"data.{k}", 1, True, None) for k in ("n_train", "n_val", "n_test", "initial_step", "batch_size",
+                                             "reduced_resolution", "reduced_resolution_t", "nx")],
+    ("data.nt", 2, True, None), ("data.nu", 0.0, False, None), ("data.t_max", 0.0, False, None),
+    ("data.num_workers", 0, True, None),
+    *[(f"model.{k}", 1, True, None) for k in ("dim", "n_tokens", "depth", "levels", "ae_depth",
+                                              "decoder_depth", "n_fourier", "diffusion_depth")],
+    *[(f"stages.{s}.{k}", 1, True, None) for s in STAGE_ORDER for k in ("max_epochs", "batch_size")],
+    *[(f"stages.{s}.{k}", 0.0, False, None) for s in STAGE_ORDER for k in ("lr", "max_minutes")],
+    *[(f"stages.{s}.val_batches", 1, True, None) for s in ("diffusion", "distill")],
+    ("stages.autoencoder.val_frames", 1, True, None), ("stages.autoencoder.n_query", 0, True, None),
+    ("stages.operator.rollout_steps", 1, True, None), ("stages.operator.decoded_weight", 0.0, True, None),
+    ("stages.operator.noise_std", 0.0, True, None), ("stages.diffusion.sample_steps", 1, True, None),
+    ("stages.distill.n_grid", 2, True, None), ("stages.distill.target_decay", 0.0, True, 1.0),
+    ("optim.weight_decay", 0.0, True, None), ("optim.warmup_ratio", 0.0, True, 1.0),
+    ("optim.min_lr_ratio", 0.0, True, 1.0), ("optim.grad_clip", 0.0, False, None),
+    ("optim.accumulate", 1, True, None), ("optim.ema.decay", 0.0, True, 1.0),
+    ("trainer.num_nodes", 1, True, None), ("trainer.log_every_n_steps", 1, True, None),
+    ("trainer.check_val_every_n_epoch", 1, True, None), ("trainer.num_threads", 1, True, None),
+    ("callbacks.checkpoint.save_top_k", 1, True, None), ("callbacks.early_stopping.patience", 1, True, None),
+    ("callbacks.early_stopping.min_delta", 0.0, True, None),
+]
+
+
+def check_ranges(cfg: DictConfig, ranges: List[tuple]) -> None:
+    """Each listed number (None where optional) lies in its range and is finite; else a UserError
+    naming the key, the value and the range."""
+    for key, low, low_ok, high in ranges:
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value >= low if low_ok else value > low) and (high is None or value <= high)
+        if not ok:
+            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise UserError(f"setting {key}={value!r} is out of range: expected a finite number {bound}.")
+    betas = OmegaConf.select(cfg, "optim.betas")
+    if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
+        raise UserError(f"setting optim.betas={list(betas)}: expected two numbers in [0, 1).")
 
 
 def to_container(cfg: Any) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# --- `python -m ups_lightning.evaluate` ------------------------------------------------------------
+@dataclass
+class EvalDataConfig:
+    path: Optional[str] = None   # another PDEBench-layout file (default: the run's own file)
+
+
+@dataclass
+class GuardConfig:
+    reencode: bool = True
+    conserve_mass: bool = True
+
+
+@dataclass
+class TTCSettings:
+    enabled: bool = False
+    n_candidates: int = 1
+    beam_width: int = 1
+    horizon: int = 1
+    budget: Optional[int] = None
+    include_operator: bool = True
+    weights: Dict[str, float] = field(default_factory=lambda: {"mass": 1.0, "energy": 1.0, "tv": 1.0, "pde": 1.0})
+
+
+@dataclass
+class GatesConfig:
+    delta: float = 0.0
+    max_mass_ratio: float = 1.5
+    max_boundary_ratio: float = 1.5
+    max_calibration_ratio: float = 1.5
+    max_wallclock_ratio: float = 2.0
+
+
+@dataclass
+class EvaluateConfig:
+    run_dir: str = "???"
+    stage: Optional[str] = None      # evaluate the chain up to this stage (None: the last finished)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    split: Optional[str] = None      # train | val | test | all (None: test, or all for a foreign file)
+    corrector: str = "student"
+    correct_every: int = 1
+    ensemble_members: int = 8
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    ttc: TTCSettings = field(default_factory=TTCSettings)
+    batch_size: int = 128
+    n_show: int = 3
+    seed: int = 0
+    num_threads: Optional[int] = None
+    note: str = ""
+    leaderboard: str = "outputs/leaderboard.csv"
+    html: str = "outputs/leaderboard.html"
+    gates: GatesConfig = field(default_factory=GatesConfig)
+
+
+EVAL_RANGES = [
+    ("correct_every", 1, True, None), ("ensemble_members", 1, True, None), ("batch_size", 1, True, None),
+    ("n_show", 0, True, None), ("num_threads", 1, True, None),
+    ("ttc.n_candidates", 1, True, None), ("ttc.beam_width", 1, True, None), ("ttc.horizon", 1, True, None),
+    ("ttc.budget", 1, True, None),
+    *[(f"gates.{k}", 0.0, True, None) for k in ("delta", "max_mass_ratio", "max_boundary_ratio",
+                                                "max_calibration_ratio", "max_wallclock_ratio")],
+]
+EVAL_SPLITS = ("train", "val", "test", "all")
+
+
+def validate_eval_config(cfg: DictConfig) -> DictConfig:
+    """The evaluation config merged onto its schema: unknown keys, wrong types (`guard.reencode=abc`)
+    and out-of-range values are UserErrors naming the key, before anything is read or written."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(EvaluateConfig), cfg)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise UserError(f"invalid evaluation config at key '{key}': {getattr(exc, 'msg', exc)}. Check the "
+                        "key and the type of its value against src/ups_lightning/config.py (EvaluateConfig) "
+                        "or conf/evaluate.yaml.") from None
+    if OmegaConf.is_missing(merged, "run_dir") or not str(merged.run_dir).strip():
+        raise UserError("evaluate needs run_dir=DIR: the output directory of a training run "
+                        "(by default outputs/runs/<data>/<model>).")
+    if merged.stage is not None and merged.stage not in STAGE_ORDER[1:]:
+        raise UserError(f"stage={merged.stage!r}: expected one of {list(STAGE_ORDER[1:])} (the chain up to "
+                        "that stage is evaluated) or null for the last finished stage.")
+    if merged.split is not None and merged.split not in EVAL_SPLITS:
+        raise UserError(f"split={merged.split!r}: expected one of {list(EVAL_SPLITS)} (all: every row of the file).")
+    if merged.corrector not in ("student", "teacher"):
+        raise UserError(f"corrector={merged.corrector!r}: expected student or teacher.")
+    unknown = sorted(set(merged.ttc.weights) - {"mass", "energy", "tv", "pde"})
+    if unknown:
+        raise UserError(f"ttc.weights has unknown reward(s) {unknown}: expected mass, energy, tv, pde.")
+    for k, w in merged.ttc.weights.items():
+        if not (math.isfinite(w) and w >= 0):
+            raise UserError(f"ttc.weights.{k}={w}: expected a finite number >= 0.")
+    check_ranges(merged, EVAL_RANGES)
+    return merged

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import resource
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -24,15 +26,16 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ups_lightning.config import STAGE_ORDER
-from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
+from ups_lightning.artifacts import DONE, load_stage, record_config, stage_dir, train_command, verified_chain
+from ups_lightning.config import STAGE_ORDER, validate_eval_config
+from ups_lightning.data.datamodule import check_frames, conditioning, file_nu, unit_coords
+from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset
 from ups_lightning.data.solver import solve_burgers
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.eval import leaderboard as lb
 from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench, nrmse_per_frame
 from ups_lightning.inference.rollout import Guard, Physics, Surrogate, ensemble_rollout, rollout, ttc_rollout
 from ups_lightning.inference.ttc import TTCConfig
-from ups_lightning.train import load_stage, read_record
 
 log = logging.getLogger("ups_lightning.evaluate")
 
@@ -52,36 +55,88 @@ def git_commit() -> str:
         return "unknown"
 
 
-def load_run(run_dir: Path) -> tuple:
-    """The run's training config and the module of its last finished stage."""
+def load_run(run_dir: Path, stage: Optional[str] = None) -> tuple:
+    """(training config, verified records, module) of the chain up to `stage` (default: the last
+    finished stage). The config is the one the evaluated stage was trained under, from its record,
+    so a row's settings always describe the model it scores (artifacts.verified_chain)."""
+    if not run_dir.is_dir():
+        raise UserError(f"run_dir={run_dir}: no such directory. Pass the directory a `python -m "
+                        "ups_lightning.train ... stage=all` run wrote (by default outputs/runs/<data>/<model>).")
     cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
+    try:
+        saved_cfg = OmegaConf.load(cfg_path) if cfg_path.is_file() else None
+    except Exception:  # an unreadable config.yaml only costs the suggested command its names
+        saved_cfg = None
+    fix = train_command(run_dir, saved_cfg)
+    finished = [name for name in STAGE_ORDER if (stage_dir(run_dir, name) / DONE).exists()]
+    if "operator" not in finished or (stage is not None and stage not in finished):
+        want = stage or "operator"
         raise UserError(
-            f"run_dir={run_dir}: no config.yaml there, so it is not the output directory of a training "
-            "run. Pass the directory a `python -m ups_lightning.train ... stage=all` run wrote "
-            "(by default outputs/runs/<data>/<model>)."
-        )
-    train_cfg = OmegaConf.load(cfg_path)
+            f"run_dir={run_dir} has no finished {want} stage (finished: {finished or 'none'}); an "
+            f"evaluation needs at least the autoencoder and the operator. Train them with: {fix}")
+    last = stage or finished[-1]
+    records = verified_chain(run_dir, last, fix)
+    train_cfg = record_config(records[last], stage_dir(run_dir, last) / DONE)
     train_cfg.run_dir = str(run_dir)
-    records = {name: read_record(train_cfg, name) for name in STAGE_ORDER}
-    finished = [name for name in STAGE_ORDER if records[name]]
-    if "operator" not in finished:
-        raise UserError(
-            f"run_dir={run_dir} has no finished operator stage (finished: {finished or 'none'}); an "
-            f"evaluation needs at least the autoencoder and the operator. Train them with: python -m "
-            f"ups_lightning.train model={train_cfg.model.name} data={train_cfg.data.name} stage=all"
-        )
-    final = finished[-1]
-    return train_cfg, records, load_stage(records[final], final)
+    return train_cfg, records, load_stage(run_dir, last, records[last], fix)
 
 
-def rollout_frames(view: Any, split: str, n_given: int) -> tuple:
-    """(all frames, the last given frame u0, the frames to predict) of a split, as float tensors."""
-    fields = torch.from_numpy(view.read(split)).float()
-    if fields.shape[1] <= n_given:
-        raise UserError(f"{view.path}: {fields.shape[1]} frames after reduction, but initial_step={n_given} "
-                        "frames are given: nothing is left to predict.")
-    return fields, fields[:, n_given - 1], fields[:, n_given:]   # u0: all the rollout ever sees
+@dataclass
+class EvalData:
+    """The trajectories an evaluation scores: a file's rows (a split, or all) and its grid."""
+
+    path: str
+    meta: Any
+    fields: torch.Tensor   # (n, T, X, C) physical units
+    split: str
+
+
+def eval_data(train_cfg: DictConfig, path: Optional[str], split: Optional[str]) -> EvalData:
+    """The evaluated rows: the run's own file by default, or `path` read with the run's reduction
+    and equation. A split uses the run's split sizes (or the manifest's, for another file with
+    one); `all` takes every row. The default is `test`, or `all` for another file without a
+    manifest. The file must match the model: grid, frames and equation are checked by the caller."""
+    d = train_cfg.data
+    own = path is None or Path(path).resolve() == Path(d.path).resolve()
+    path = str(d.path if path is None else path)
+    if not Path(path).is_file():
+        raise UserError(f"data.path={path}: no such file.")
+    if split is None:
+        split = "test" if own or load_manifest(path) is not None else "all"
+    if split == "all":
+        with PDEBenchFile(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
+            return EvalData(path, f.meta, torch.from_numpy(f.read(slice(None))).float(), split)
+    sizes = {"n_train": d.n_train, "n_val": d.n_val, "n_test": d.n_test}
+    if not own and load_manifest(path) is not None:
+        sizes = {f"n_{s}": r["stop"] - r["start"] for s, r in load_manifest(path)["splits"].items()
+                 if s in ("train", "val", "test")}
+        sizes["n_train"] = max(1, sizes.get("n_train", 1))
+    try:
+        view = open_dataset(path, reduced_resolution=d.reduced_resolution,
+                            reduced_resolution_t=d.reduced_resolution_t, pde=d.pde, **sizes)
+    except UserError as exc:
+        raise UserError(f"{exc} To score every row of {path} instead, pass split=all.") from None
+    return EvalData(path, view.meta, torch.from_numpy(view.read(split)).float(), split)
+
+
+def check_fits_model(data: EvalData, train_cfg: DictConfig, module: Any) -> None:
+    """The model can only score data on its own grid, with frames to predict."""
+    n_x = int(module.x.numel())
+    if data.meta.n_x != n_x:
+        raise UserError(f"{data.path}: {data.meta.n_x} cells after data.reduced_resolution="
+                        f"{train_cfg.data.reduced_resolution}, but the model in {train_cfg.run_dir} was "
+                        f"trained on {n_x} cells; evaluate it on a file with the same grid.")
+    if data.meta.n_channels != int(module.field_mean.numel()):
+        raise UserError(f"{data.path}: {data.meta.n_channels} channel(s), the model has "
+                        f"{int(module.field_mean.numel())}.")
+    check_frames(data, int(train_cfg.data.initial_step))
+    if len(data.fields) == 0:
+        raise UserError(f"{data.path}: split {data.split!r} has no rows to score.")
+
+
+def rollout_frames(fields: torch.Tensor, n_given: int) -> tuple:
+    """(the last given frame u0, the frames to predict) of trajectories (n, T, X, C)."""
+    return fields[:, n_given - 1], fields[:, n_given:]   # u0: all the rollout ever sees
 
 
 def build_surrogate(train_cfg: DictConfig, module: Any, view: Any, nu: float, guard: Guard) -> Surrogate:
@@ -91,37 +146,52 @@ def build_surrogate(train_cfg: DictConfig, module: Any, view: Any, nu: float, gu
                      student_steps=train_cfg.stages.distill.student_steps, guard=guard)
 
 
-def _timed(fn: Callable[[], Any]) -> tuple:
+def _timed(what: str, fn: Callable[[], Any]) -> tuple:
+    """fn's result and its wall time, with the mode's start and duration in the log."""
+    log.info("%s: started", what)
     start = time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - start
+    took = time.perf_counter() - start
+    log.info("%s: done in %.1f s", what, took)
+    return out, took
 
 
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, batch: int, dim: int = 0) -> torch.Tensor:
-    return torch.cat([fn(u0[i : i + batch]) for i in range(0, len(u0), batch)], dim=dim)
+def _batched(what: str, fn: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, batch: int,
+             dim: int = 0) -> torch.Tensor:
+    """fn over batches of u0, concatenated; progress per batch in the log when there are several."""
+    n_batches = -(-len(u0) // batch)
+    out, start = [], time.perf_counter()
+    for k, i in enumerate(range(0, len(u0), batch), 1):
+        out.append(fn(u0[i : i + batch]))
+        if n_batches > 1:
+            log.info("%s: batch %d/%d (%d trajectories) after %.1f s", what, k, n_batches,
+                     min(i + batch, len(u0)), time.perf_counter() - start)
+    return torch.cat(out, dim=dim)
 
 
 def evaluate(cfg: DictConfig) -> Dict[str, Any]:
+    cfg = validate_eval_config(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run_dir = Path(cfg.run_dir)
-    train_cfg, records, module = load_run(run_dir)
-    data_cfg = train_cfg.data.copy()
-    if cfg.data.path:
-        data_cfg.path = cfg.data.path
-    view = open_view(data_cfg)
-    n_given = int(data_cfg.initial_step)
-    fields, u0, truth = rollout_frames(view, cfg.split, n_given)
+    train_cfg, records, module = load_run(run_dir, cfg.stage)
+    data = eval_data(train_cfg, cfg.data.path, cfg.split)
+    check_fits_model(data, train_cfg, module)
+    n_given = int(train_cfg.data.initial_step)
+    fields = data.fields
+    u0, truth = rollout_frames(fields, n_given)
     steps = truth.shape[1]
-    meta = view.meta
-    physics = Physics(nu=file_nu(view, data_cfg.nu), dx=meta.dx, dt=meta.dt,
+    meta = data.meta
+    physics = Physics(nu=file_nu(data, train_cfg.data.nu), dx=meta.dx, dt=meta.dt,
                       domain_length=meta.domain_length)
-    sur = build_surrogate(train_cfg, module, view, physics.nu,
+    sur = build_surrogate(train_cfg, module, data, physics.nu,
                           Guard(reencode=bool(cfg.guard.reencode), conserve_mass=bool(cfg.guard.conserve_mass)))
     corrector = cfg.corrector if cfg.corrector in sur.correctors else (sur.correctors[-1] if sur.correctors else None)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, B = len(u0), cfg.batch_size
+    log.info("evaluating %s (stage %s) on %d trajectories of %s [%s], %d steps, %d threads",
+             run_dir, list(records)[-1], n, data.path, data.split, steps, torch.get_num_threads())
 
     preds: Dict[str, torch.Tensor] = {}
     walls: Dict[str, float] = {}
@@ -129,15 +199,17 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     preds["persistence"] = u0.unsqueeze(1).expand_as(truth).clone()
     walls["persistence"] = 0.0
     t_rel = np.asarray(meta.t[n_given - 1:], dtype=np.float64) - float(meta.t[n_given - 1])
-    sol, walls["solver"] = _timed(lambda: solve_burgers(u0[..., 0].double().numpy(), physics.nu, t_rel,
-                                                        domain_length=physics.domain_length))
+    sol, walls["solver"] = _timed("solver", lambda: solve_burgers(
+        u0[..., 0].double().numpy(), physics.nu, t_rel, domain_length=physics.domain_length))
     preds["solver"] = torch.from_numpy(sol[:, 1:]).float().unsqueeze(-1)
-    preds["operator"], walls["operator"] = _timed(lambda: _batched(lambda u: rollout(sur, u, steps), u0, B))
+    preds["operator"], walls["operator"] = _timed("operator rollout", lambda: _batched(
+        "operator rollout", lambda u: rollout(sur, u, steps), u0, B))
     ens = None
     if corrector is not None:
-        preds["corrected"], walls["corrected"] = _timed(lambda: _batched(
-            lambda u: rollout(sur, u, steps, corrector, cfg.correct_every, gen), u0, B))
-        ens, walls["ensemble"] = _timed(lambda: _batched(
+        preds["corrected"], walls["corrected"] = _timed("corrected rollout", lambda: _batched(
+            "corrected rollout", lambda u: rollout(sur, u, steps, corrector, cfg.correct_every, gen), u0, B))
+        ens, walls["ensemble"] = _timed("ensemble", lambda: _batched(
+            "ensemble",
             lambda u: ensemble_rollout(sur, u, steps, cfg.ensemble_members, corrector, cfg.correct_every, gen),
             u0, max(1, B // cfg.ensemble_members), dim=1))
         preds["ensemble"] = ens.mean(0)
@@ -156,7 +228,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
             infos.append(info["evals_per_step"])
             return out
 
-        preds["ttc"], walls["ttc"] = _timed(lambda: _batched(run_ttc, u0, B))
+        preds["ttc"], walls["ttc"] = _timed("TTC", lambda: _batched("TTC", run_ttc, u0, B))
         extra["ttc_evals_per_step"] = float(np.mean(infos))
 
     metrics: Dict[str, Dict[str, float]] = {}
@@ -166,7 +238,12 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
         m["ms_per_traj"] = 1000.0 * walls[name] / n
         metrics[name] = m
     headline = "ttc" if cfg.ttc.enabled else "operator"
-    row = _row(cfg, train_cfg, records, module, view, metrics, headline, steps, n, fields, preds, extra, corrector)
+    broken = [name for name, m in metrics.items() if name != "solver" and not math.isfinite(m["nrmse"])]
+    if broken:   # never a row, a plot or a champion from a model that diverged
+        raise UserError(f"the rollout of {run_dir} produced non-finite fields ({', '.join(broken)}: nRMSE "
+                        f"{metrics[broken[0]]['nrmse']}); nothing was recorded. Retrain the run's stages or "
+                        "evaluate an earlier stage with stage=operator.")
+    row = _row(cfg, train_cfg, records, module, data, metrics, headline, steps, n, fields, preds, extra, corrector)
     artifacts = _write_artifacts(run_dir, row["run_id"], preds, truth, meta, cfg.n_show)
     row["artifacts"] = str(artifacts)
     _print_table(metrics, headline, row)
@@ -174,7 +251,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     return row
 
 
-def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module: Any, view: Any,
+def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module: Any, data: EvalData,
          metrics: Dict[str, Dict[str, float]], headline: str, steps: int, n: int, fields: torch.Tensor,
          preds: Dict[str, torch.Tensor], extra: Dict[str, Any], corrector: Optional[str]) -> Dict[str, Any]:
     train_yaml = OmegaConf.to_yaml(train_cfg)
@@ -187,8 +264,8 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
         "run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6],
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "run_dir": str(cfg.run_dir),
-        "data_path": str(view.path),
-        "split": cfg.split,
+        "data_path": str(data.path),
+        "split": data.split,
         "n_test": n,
         "steps": steps,
         "git_commit": git_commit(),
@@ -266,7 +343,7 @@ def _record(cfg: DictConfig, row: Dict[str, Any]) -> None:
           f"leaderboard: {cfg.leaderboard}; report: {cfg.html}")
 
 
-@hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="pkg://ups_lightning.conf", config_name="evaluate", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)

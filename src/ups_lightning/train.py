@@ -1,113 +1,78 @@
 """`python -m ups_lightning.train [model=dim64] [stage=operator|all|...] [experiment=smoke] ...`
 
 Runs the selected stages in order in one run directory (`run_dir`, one per data x model), handing
-checkpoints along. A stage whose finished checkpoint for the same config already exists is skipped;
-a stage killed mid-way resumes from its `last.ckpt`, so a killed pipeline resumes where it stopped.
+checkpoints along. A stage whose verified finished checkpoint for the same config already exists is
+skipped; a stage killed mid-way resumes from its `last.ckpt` (RNG state included), so a killed pipeline
+resumes where it stopped. Records and the trust chain between stages: `ups_lightning.artifacts`.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import hashlib
-import json
 import logging
+import math
+import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
 import lightning as L
 import torch
 from lightning.pytorch import callbacks as cb
 from lightning.pytorch import loggers as pl_loggers
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
+from ups_lightning.artifacts import (
+    DONE, UPSTREAM, load_stage, nonfinite_tensors, read_record, save_overrides, sha256_file, stage_config_hash,
+    stage_dir, train_command, verify_checkpoint,
+)
 from ups_lightning.atomic import atomic_write_json
 from ups_lightning.config import STAGE_ORDER, validate_train_config
 from ups_lightning.data.cache import build_or_load_latent_cache
 from ups_lightning.data.datamodule import (
-    FrameDataModule, LatentDataModule, conditioning, file_nu, open_view, unit_coords,
+    FrameDataModule, LatentDataModule, check_frames, conditioning, file_nu, open_view, unit_coords,
 )
 from ups_lightning.errors import UserError, report_user_errors
-from ups_lightning.lit.callbacks import EMA
+from ups_lightning.lit.callbacks import EMA, NonFiniteLossStop, RNGState
 from ups_lightning.lit.common import StageModule
-from ups_lightning.lit.stages import AutoencoderModule, DiffusionModule, DistillModule, OperatorModule
+from ups_lightning.lit.stages import STAGE_MODULES, AutoencoderModule, DistillModule
 
 log = logging.getLogger("ups_lightning.train")
 
-UPSTREAM = {"autoencoder": None, "operator": "autoencoder", "diffusion": "operator", "distill": "diffusion"}
-MODULES = {"autoencoder": AutoencoderModule, "operator": OperatorModule,
-           "diffusion": DiffusionModule, "distill": DistillModule}
-DONE = "done.json"
-RUNNING = "running.json"
+ATTEMPTS = ".attempts"   # stages in training, one directory per stage and config hash
+LOCK = ".lock"           # held while a process trains in the run directory
 
 
-# --- records of finished stages ---------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def stage_dir(cfg: DictConfig, name: str) -> Path:
-    return Path(cfg.run_dir) / name
-
-
-def read_record(cfg: DictConfig, name: str) -> Optional[Dict[str, Any]]:
-    path = stage_dir(cfg, name) / DONE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, Any]]) -> str:
-    """What a stage's result depends on: data, model, its own settings, optimiser, seed, precision,
-    and the exact upstream checkpoint it was trained on."""
-    relevant = {
-        "stage": name,
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "settings": OmegaConf.to_container(cfg.stages[name], resolve=True),
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-        "seed": cfg.seed,
-        "precision": cfg.trainer.precision,
-        "upstream": upstream["ckpt_sha256"] if upstream else None,
-    }
-    for k in ("batch_size", "num_workers"):
-        relevant["data"].pop(k, None)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def finished_upstream(cfg: DictConfig, name: str) -> Optional[Dict[str, Any]]:
-    """The finished record of `name`'s upstream stage for this config, or a UserError naming what is
-    missing and the command that makes it."""
+def finished_upstream(cfg: DictConfig, name: str, fix: str) -> Optional[Dict[str, Any]]:
+    """The verified record of `name`'s upstream stage for this config (its own upstream verified in
+    turn), or a UserError naming what is missing or changed and the command that makes it."""
     up = UPSTREAM[name]
     if up is None:
         return None
-    record = read_record(cfg, up)
-    expected = stage_config_hash(cfg, up, finished_upstream(cfg, up))
-    if record is None or record.get("config_hash") != expected:
-        why = "was not found" if record is None else "was trained with a different config"
+    upstream_of_up = finished_upstream(cfg, up, fix)
+    record = read_record(cfg.run_dir, up)
+    expected = stage_config_hash(cfg, up, upstream_of_up)
+    if record is None or record["config_hash"] != expected:
+        why = "was not found" if record is None else "was trained with a different config or upstream"
         raise UserError(
             f"stage '{name}' needs the finished '{up}' stage for data={cfg.data.name} and "
-            f"model={cfg.model.name}, but {stage_dir(cfg, up) / DONE} {why}. Make it with: "
-            f"python -m ups_lightning.train model={cfg.model.name} data={cfg.data.name} stage={up} "
-            f"(or stage=all, which runs every stage in order and skips the finished ones)."
+            f"model={cfg.model.name}, but {stage_dir(cfg.run_dir, up) / DONE} {why}. Run every stage "
+            f"in order (finished ones are skipped) with: {fix}"
         )
+    verify_checkpoint(cfg.run_dir, up, record, fix)
     return record
 
 
-def load_stage(record: Dict[str, Any], name: str) -> StageModule:
-    module = MODULES[name].load_from_checkpoint(record["best_ckpt"], map_location="cpu", weights_only=False)
-    module.eval()
-    return module
-
-
 # --- the trainer from config ----------------------------------------------------------------------
-def build_trainer(cfg: DictConfig, name: str) -> L.Trainer:
+def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
+    """The stage's Trainer writing into `out`. Besides checkpointing, early stopping and EMA, a
+    non-finite training loss stops the stage (NonFiniteLossStop) and checkpoints carry the RNG
+    state (RNGState), so a killed and resumed stage reproduces the uninterrupted one."""
     settings = cfg.stages[name]
-    out = stage_dir(cfg, name)
-    callbacks: List[cb.Callback] = [
+    callbacks: List[cb.Callback] = [NonFiniteLossStop(), RNGState(),
         cb.ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/nrmse", mode="min",
                            save_top_k=cfg.callbacks.checkpoint.save_top_k,
                            save_last=cfg.callbacks.checkpoint.save_last, auto_insert_metric_name=False),
@@ -162,7 +127,7 @@ def _stage_module(cfg: DictConfig, name: str, n_x: int) -> StageModule:
         return AutoencoderModule(model, optim, lr, n_x, n_query=settings["n_query"])
     if name == "distill":
         return DistillModule(model, optim, settings, cfg.stages.diffusion.sample_steps, lr, n_x)
-    return MODULES[name](model, optim, settings, lr, n_x)
+    return STAGE_MODULES[name](model, optim, settings, lr, n_x)
 
 
 def compile_networks(module: StageModule) -> None:
@@ -175,26 +140,31 @@ def compile_networks(module: StageModule) -> None:
                 child.compile()
 
 
-def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
-    upstream = finished_upstream(cfg, name)
+def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
+    """Train one stage, or skip it when its verified finished checkpoint for this config exists.
+
+    It trains in `<run_dir>/.attempts/<stage>-<config hash>/` (a killed attempt resumes there from
+    its last.ckpt) and only a finished, finite result replaces `<run_dir>/<stage>/`; a stage that
+    failed (non-finite validation figure or weights) leaves the previous good stage in place."""
+    run_dir = Path(cfg.run_dir)
+    upstream = finished_upstream(cfg, name, fix)
     config_hash = stage_config_hash(cfg, name, upstream)
-    out = stage_dir(cfg, name)
-    record = read_record(cfg, name)
-    if record and record.get("config_hash") == config_hash and cfg.ckpt_path is None:
-        log.info("stage %s: finished checkpoint for this config exists (%s), skipping", name, out)
-        return record
+    final = stage_dir(run_dir, name)
+    try:
+        record = read_record(run_dir, name)
+    except UserError as exc:
+        log.warning("stage %s: %s Retraining it.", name, exc)
+        record = None
+    if record and record["config_hash"] == config_hash and cfg.ckpt_path is None:
+        try:
+            verify_checkpoint(run_dir, name, record, fix)
+            log.info("stage %s: finished checkpoint for this config exists (%s), skipping", name, final)
+            return record
+        except UserError as exc:
+            log.warning("%s Retraining it.", exc)
 
-    # a stage dir left by another config is moved aside, never mixed with this one
-    running = out / RUNNING
-    if out.exists():
-        same = running.exists() and json.loads(running.read_text()).get("config_hash") == config_hash
-        if not same:
-            stale = out.with_name(f"{name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-            log.info("stage %s: %s holds a different config, moving it to %s", name, out, stale)
-            shutil.move(str(out), str(stale))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(running, {"config_hash": config_hash, "started": time.time()})
-
+    attempt = run_dir / ATTEMPTS / f"{name}-{config_hash}"
+    attempt.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed + STAGE_ORDER.index(name), workers=True, verbose=False)
     view = open_view(cfg.data)
     x = unit_coords(view)
@@ -208,8 +178,8 @@ def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
         datamodule: L.LightningDataModule = FrameDataModule(
             cfg.data, cfg.stages.autoencoder.batch_size, cfg.stages.autoencoder.val_frames)
     else:
-        up_module = load_stage(upstream, UPSTREAM[name])
-        cache = build_or_load_latent_cache(up_module.autoencoder, view, x, Path(cfg.run_dir) / "latents")
+        up_module = load_stage(run_dir, UPSTREAM[name], upstream, fix)
+        cache = build_or_load_latent_cache(up_module.autoencoder, view, x, run_dir / "latents")
         module.load_upstream(up_module)
         module.set_data_context(x, view.normalizer.mean, view.normalizer.std, cond,
                                 cache.latent_mean, cache.latent_std)
@@ -222,61 +192,175 @@ def run_stage(cfg: DictConfig, name: str) -> Dict[str, Any]:
             module.start_from_teacher()
 
     resume = cfg.ckpt_path
-    last = out / "checkpoints" / "last.ckpt"
+    last = attempt / "checkpoints" / "last.ckpt"
     if resume is None and last.exists():
         log.info("stage %s: resuming from %s", name, last)
         resume = str(last)
-    trainer = build_trainer(cfg, name)
+    trainer = build_trainer(cfg, name, attempt)
     if cfg.trainer.compile:
         compile_networks(module)
     start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     wall = time.time() - start
 
     ckpt_cb = trainer.checkpoint_callback
-    best = ckpt_cb.best_model_path if ckpt_cb and ckpt_cb.best_model_path else str(last)
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else last
+    score = ckpt_cb.best_model_score if ckpt_cb else None
+    best_val = float(score) if score is not None else None
+    stopped = next((c.reason for c in trainer.callbacks if isinstance(c, NonFiniteLossStop) and c.reason), None)
+    problem = _failed_stage(best, best_val, stopped)
+    if problem:
+        if trainer.is_global_zero:
+            shutil.rmtree(attempt, ignore_errors=True)
+        kept = f"The previous '{name}' stage in {final} is left as it was" if final.exists() else \
+            f"Nothing was kept of it"
+        raise UserError(f"stage '{name}' failed: {problem}. {kept}. Lower stages.{name}.lr (now "
+                        f"{cfg.stages[name].lr}) or check the data, then rerun.")
+    if stopped:
+        log.warning("stage %s: %s; its best checkpoint (val/nrmse %.4g) is kept", name, stopped, best_val)
     record = {
         "stage": name,
         "config_hash": config_hash,
-        "best_ckpt": best,
-        "ckpt_sha256": _sha256_file(Path(best)),
-        "best_val_nrmse": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
+        "upstream_sha256": upstream["ckpt_sha256"] if upstream else None,
+        "best_ckpt": str(best.relative_to(attempt)),
+        "ckpt_sha256": sha256_file(best),
+        "best_val_nrmse": best_val,
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         "wall_clock_s": wall,
         "epochs": trainer.current_epoch,
         "params_trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if trainer.is_global_zero:
-        atomic_write_json(out / DONE, record)
-        running.unlink(missing_ok=True)
+        atomic_write_json(attempt / DONE, record)
+        if final.exists():   # a stage of another config is moved aside, never mixed with this one
+            stale = final.with_name(f"{name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            log.info("stage %s: moving the previous %s to %s", name, final, stale)
+            shutil.move(str(final), str(stale))
+        os.replace(attempt, final)
+        with contextlib.suppress(OSError):   # no empty .attempts/ left behind
+            attempt.parent.rmdir()
     trainer.strategy.barrier()
     log.info("stage %s done in %.1f s: best val/nrmse %s", name, wall, record["best_val_nrmse"])
     return record
 
 
-def run(cfg: DictConfig) -> Dict[str, Dict[str, Any]]:
-    cfg = validate_train_config(cfg)
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, Path(cfg.run_dir) / "config.yaml")
+def _failed_stage(best: Path, best_val: Optional[float], stopped: Optional[str]) -> Optional[str]:
+    """Why a finished fit must not count as a trained stage, or None."""
+    if not best.is_file():
+        return f"it wrote no checkpoint ({best})" + (f"; {stopped}" if stopped else "")
+    if best_val is None or not math.isfinite(best_val):
+        return f"its best validation nRMSE is {best_val}" + (f" ({stopped})" if stopped else "")
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    bad = nonfinite_tensors(state)
+    if bad:
+        return f"{len(bad)} tensors of its best checkpoint hold NaN/Inf (e.g. {bad[0]})"
+    return None
+
+
+def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> str:
+    """Every check that can fail before anything is written; returns the command that runs the
+    whole pipeline with the user's overrides (quoted in errors)."""
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator}: no CUDA GPU is visible to torch "
+                        f"{torch.__version__} here. Use trainer=cpu (the default).")
     if cfg.ckpt_path is not None and len(cfg.stage.run) != 1:
         raise UserError(f"ckpt_path={cfg.ckpt_path} resumes one stage: pick it with stage=NAME "
                         f"(stage.run is {list(cfg.stage.run)}).")
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).exists():
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file.")
-    records = {}
-    for name in STAGE_ORDER:
-        if name in cfg.stage.run:
-            records[name] = run_stage(cfg, name)
-    return records
+    fix = train_command(cfg.run_dir, cfg, overrides)
+    _ensure_data(cfg, overrides)
+    check_frames(open_view(cfg.data), int(cfg.data.initial_step))
+    first = next(name for name in STAGE_ORDER if name in cfg.stage.run)
+    finished_upstream(cfg, first, fix)
+    return fix
 
 
-@hydra.main(config_path="../../conf", config_name="train", version_base="1.3")
+def _ensure_data(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> None:
+    """The data config's own file is generated when it is missing (seconds for the small sets); a
+    file the user named with data.path= is never made up."""
+    if Path(cfg.data.path).exists():
+        return
+    if any(o.lstrip("+~").startswith("data.path=") for o in overrides or ()):
+        raise UserError(f"data.path={cfg.data.path}: no such file. Pass an existing PDEBench-layout "
+                        "HDF5 file, or drop data.path to use the data config's generated file.")
+    from ups_lightning.data.generate import run as generate
+
+    log.info("data file %s is missing: generating it (data=%s)", cfg.data.path, cfg.data.name)
+    generate({"data": cfg.data, "workers": 2, "progress": False})
+
+
+def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
+    """Run the selected stages in order. Nothing is written before every check passes; the run
+    directory is locked while this process trains in it; a run that fails before any stage
+    finished leaves no directory behind. `overrides` (the command line's) make the suggested
+    commands keep the user's settings."""
+    cfg = validate_train_config(cfg)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    fix = preflight(cfg, overrides)
+    run_dir = Path(cfg.run_dir)
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # DDP's launcher re-runs this command in each further rank: the first process holds the lock
+    lock = FileLock(str(run_dir / LOCK)) if _launching_process() else contextlib.nullcontext()
+    if isinstance(lock, FileLock):
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(f"run_dir={run_dir} is locked by another training process ({run_dir / LOCK}); "
+                            "wait for it to finish, or train into another run_dir=.") from None
+    handler = _log_to(run_dir / "train.log")
+    finished = False
+    try:
+        records = {}
+        for name in STAGE_ORDER:
+            if name in cfg.stage.run:
+                records[name] = run_stage(cfg, name, fix)
+                if not finished:   # the run's config is the one that last finished a stage
+                    OmegaConf.save(cfg, run_dir / "config.yaml")
+                    if overrides is not None:
+                        save_overrides(run_dir, overrides)
+                    finished = True
+        return records
+    except Exception:
+        with contextlib.suppress(OSError):
+            (run_dir / ATTEMPTS).rmdir()   # only if no killed attempt waits there to resume
+        if fresh and not finished and _launching_process() and not (run_dir / ATTEMPTS).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        if isinstance(lock, FileLock):
+            lock.release()
+
+
+def _launching_process() -> bool:
+    """False in the processes a DDP launcher started for ranks other than the first."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def command_overrides() -> Optional[List[str]]:
+    """The overrides of the running Hydra command, or None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+@hydra.main(config_path="pkg://ups_lightning.conf", config_name="train", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(cfg, command_overrides())
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from ups_lightning import CONF_DIR
 from ups_lightning.atomic import atomic_torch_save
 
 __all__ = ["run_bench", "check_config", "compose_train_config", "CONF", "STAGE_SHARES"]
 
 log = logging.getLogger("ups_lightning.bench")
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
+CONF = CONF_DIR
 STAGE_SHARES = ("autoencoder", "operator", "diffusion", "distill")
 METRIC_KEYS = ("nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "crmse", "frmse_low", "frmse_mid",
                "frmse_high", "correlation_horizon", "rmse", "brmse", "max_err", "mass_drift",
@@ -206,7 +207,7 @@ def run_fno(cfg: Any, checked: Dict[str, Any], view: Any, data_cfg: Any, test: A
     seed_all(int(cfg.seed))
     model = build_fno(k, meta.n_channels, settings)
     if checked["reuse"] and ckpt.exists():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)  # data, never code
         model.load_state_dict(saved["state_dict"])
         record = saved["record"]
         say(f"fno: reusing {ckpt} (trained {record['train_s']:.0f} s, {record['epochs']} epochs)")

@@ -12,7 +12,7 @@ from ups_lightning.bench import run_bench
 from ups_lightning.errors import report_user_errors
 
 
-@hydra.main(config_path="../../../conf", config_name="bench", version_base="1.3")
+@hydra.main(config_path="pkg://ups_lightning.conf", config_name="bench", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     run_bench(cfg)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from ups_lightning.atomic import atomic_write_json
-from ups_lightning.data.datamodule import file_nu, open_view
+from ups_lightning.data.datamodule import file_nu
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.inference.rewards import PENALTIES, burgers_rewards, burgers_score
 from ups_lightning.inference.rollout import Guard, Surrogate, restore_mass
@@ -94,7 +94,7 @@ def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candid
 
 
 def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
-    from ups_lightning.evaluate import build_surrogate, load_run, rollout_frames
+    from ups_lightning.evaluate import build_surrogate, check_fits_model, eval_data, load_run, rollout_frames
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -102,13 +102,14 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
         raise UserError(f"n_candidates={cfg.n_candidates}: the search needs the operator step and at least "
                         "one corrector candidate (n_candidates >= 2).")
     train_cfg, _, module = load_run(Path(cfg.run_dir))
-    view = open_view(train_cfg.data)
+    view = eval_data(train_cfg, None, cfg.split)
+    check_fits_model(view, train_cfg, module)
     nu = file_nu(view, train_cfg.data.nu)
     sur = build_surrogate(train_cfg, module, view, nu, Guard(reencode=True, conserve_mass=True))
     if cfg.corrector not in sur.correctors:
         raise UserError(f"corrector={cfg.corrector}: {cfg.run_dir} has {list(sur.correctors) or 'no'} "
                         "corrector stage(s); train them with stage=all.")
-    _, u0, truth = rollout_frames(view, cfg.split, int(train_cfg.data.initial_step))
+    u0, truth = rollout_frames(view.fields, int(train_cfg.data.initial_step))
     meta = view.meta
     physics = dict(nu=nu, dx=meta.dx, dt=meta.dt, domain_length=meta.domain_length)
     result: Dict[str, Any] = {"run_dir": str(cfg.run_dir), "split": cfg.split, "corrector": cfg.corrector,
@@ -133,7 +134,7 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
     return result
 
 
-@hydra.main(config_path="../../../conf", config_name="ttc_headroom", version_base="1.3")
+@hydra.main(config_path="pkg://ups_lightning.conf", config_name="ttc_headroom", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     run_headroom(cfg)

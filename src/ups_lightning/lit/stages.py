@@ -273,3 +273,8 @@ class DistillModule(_ResidualStage):
         self.val_teacher_spread.update(sample_nrmse(a, b))
         self.log("val/teacher_nrmse", self.val_teacher, on_epoch=True)
         self.log("val/teacher_spread", self.val_teacher_spread, on_epoch=True)
+
+
+# the stage name -> its LightningModule class (artifacts.load_stage builds modules only from these)
+STAGE_MODULES = {"autoencoder": AutoencoderModule, "operator": OperatorModule,
+                 "diffusion": DiffusionModule, "distill": DistillModule}

@@ -1,0 +1,204 @@
+"""A run directory's finished stages and the trust chain between them.
+
+Every stage of a run lives in `<run_dir>/<stage>/` and is finished once its `done.json` (the
+record) is there. A record holds the training config the stage was trained under, the hash of what
+its result depends on (`config_hash`: data, model, its settings, optimiser, seed, precision and the
+exact upstream checkpoint), and its checkpoint's path *relative to the stage directory* with that
+file's sha256. So a run directory can be moved, copied and shared, and a reader can verify, from the
+records alone, that the chain autoencoder -> operator -> diffusion -> distill is the one that was
+trained together: each checkpoint's bytes match its record, and each record names its upstream's
+current checkpoint. Checkpoints are loaded with `weights_only=True`: a checkpoint is data, never code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ups_lightning.config import STAGE_ORDER
+from ups_lightning.errors import UserError
+
+log = logging.getLogger("ups_lightning.artifacts")
+
+DONE = "done.json"
+OVERRIDES = "overrides.json"    # the command-line overrides of the run's last training command
+UPSTREAM: Dict[str, Optional[str]] = {"autoencoder": None, "operator": "autoencoder",
+                                      "diffusion": "operator", "distill": "diffusion"}
+RECORD_KEYS = ("stage", "config_hash", "best_ckpt", "ckpt_sha256")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stage_dir(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / name
+
+
+# --- the command that fixes a run ----------------------------------------------------------------
+def save_overrides(run_dir: Path, overrides: Sequence[str]) -> None:
+    from ups_lightning.atomic import atomic_write_json
+
+    atomic_write_json(run_dir / OVERRIDES, list(overrides))
+
+
+def train_command(run_dir: str | Path, cfg: Optional[DictConfig] = None,
+                  overrides: Optional[Sequence[str]] = None, stage: str = "all") -> str:
+    """`python -m ups_lightning.train ... stage=STAGE` keeping every override the user gave (from the
+    live command, else the run's saved overrides, else the config's names and run_dir)."""
+    if overrides is None:
+        path = Path(run_dir) / OVERRIDES
+        try:
+            overrides = json.loads(path.read_text()) if path.exists() else None
+        except (OSError, ValueError, UnicodeDecodeError):
+            overrides = None
+    if overrides is None:
+        overrides = []
+        if cfg is not None:
+            if cfg.get("experiment"):
+                overrides.append(f"experiment={cfg.experiment}")
+            overrides += [f"data={cfg.data.name}", f"model={cfg.model.name}"]
+        overrides.append(f"run_dir={run_dir}")
+    kept = [o for o in overrides if not (o.startswith("stage=") or o.startswith("ckpt_path="))]
+    return " ".join(["python -m ups_lightning.train", *kept, f"stage={stage}"])
+
+
+# --- records -------------------------------------------------------------------------------------
+def read_record(run_dir: str | Path, name: str) -> Optional[Dict[str, Any]]:
+    """The stage's record, None when it has none; a record that is not one (truncated, edited,
+    not UTF-8, missing keys) is a UserError naming the file."""
+    path = stage_dir(run_dir, name) / DONE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable stage record ({type(exc).__name__}: {exc}); it was "
+                        "truncated or edited. Delete the stage directory and retrain the stage.") from None
+    missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+    if missing:
+        raise UserError(f"{path}: stage record lacks {missing} (or holds them with the wrong type); it was "
+                        "edited or written by an older version. Delete the stage directory and retrain it.")
+    return record
+
+
+def checkpoint_file(run_dir: str | Path, name: str, record: Dict[str, Any]) -> Path:
+    """The record's checkpoint, resolved inside the stage directory (relative paths: a run directory
+    can move). A path leaving the stage directory is refused."""
+    sdir = stage_dir(run_dir, name).resolve()
+    rel = Path(record["best_ckpt"])
+    if rel.is_absolute():   # records of older versions stored absolute paths: keep the tail
+        rel = Path(*rel.parts[-2:])
+    path = (sdir / rel).resolve()
+    if sdir not in path.parents:
+        raise UserError(f"{stage_dir(run_dir, name) / DONE}: best_ckpt={record['best_ckpt']!r} points "
+                        "outside its stage directory; a record only ever names its own checkpoint.")
+    return path
+
+
+def verify_checkpoint(run_dir: str | Path, name: str, record: Dict[str, Any], fix: str) -> Path:
+    """The checkpoint of a finished stage, after checking its bytes against the record."""
+    path = checkpoint_file(run_dir, name, record)
+    if not path.is_file():
+        raise UserError(f"stage '{name}' of {run_dir}: its checkpoint {path} is missing. Retrain with: {fix}")
+    digest = sha256_file(path)
+    if digest != record["ckpt_sha256"]:
+        raise UserError(f"stage '{name}' of {run_dir}: checkpoint {path} does not match its record "
+                        f"(sha256 {digest[:12]}…, recorded {record['ckpt_sha256'][:12]}…): it was changed "
+                        f"after training. Retrain with: {fix}")
+    return path
+
+
+def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, Any]]) -> str:
+    """What a stage's result depends on: data, model, its own settings, optimiser, seed, precision,
+    and the exact upstream checkpoint it was trained on."""
+    relevant = {
+        "stage": name,
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "settings": OmegaConf.to_container(cfg.stages[name], resolve=True),
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "seed": cfg.seed,
+        "precision": cfg.trainer.precision,
+        "upstream": upstream["ckpt_sha256"] if upstream else None,
+    }
+    for k in ("batch_size", "num_workers"):
+        relevant["data"].pop(k, None)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def record_config(record: Dict[str, Any], where: Path) -> DictConfig:
+    """The training config a stage was trained under, from its record."""
+    from ups_lightning.config import validate_train_config
+
+    if not isinstance(record.get("config"), dict):
+        raise UserError(f"{where}: the stage record carries no training config (written by an older "
+                        "version); retrain the run into a new run_dir.")
+    return validate_train_config(OmegaConf.create(record["config"]))
+
+
+def verified_chain(run_dir: Path, last: str, fix: str) -> Dict[str, Dict[str, Any]]:
+    """The records of every stage up to `last`, each verified: the record reads, its checkpoint's
+    bytes match, it was trained on its upstream's current checkpoint, and its config hash is the one
+    its own config gives. Any break is a UserError saying which stage and the command that fixes it."""
+    records: Dict[str, Dict[str, Any]] = {}
+    for name in STAGE_ORDER[: STAGE_ORDER.index(last) + 1]:
+        record = read_record(run_dir, name)
+        if record is None:
+            raise UserError(f"stage '{name}' of {run_dir} is not finished, and '{last}' builds on it. "
+                            f"Train it with: {fix}")
+        verify_checkpoint(run_dir, name, record, fix)
+        up = UPSTREAM[name]
+        upstream = records.get(up) if up else None
+        if upstream is not None and record.get("upstream_sha256") != upstream["ckpt_sha256"]:
+            raise UserError(
+                f"stage '{name}' of {run_dir} is stale: it was trained on the '{up}' checkpoint that has "
+                f"since been replaced (retrained or swept), so evaluating it would score the old '{up}'. "
+                f"Retrain the stages after '{up}' with: {fix} -- or evaluate the chain up to '{up}' "
+                f"with stage={up}.")
+        cfg = record_config(record, stage_dir(run_dir, name) / DONE)
+        if stage_config_hash(cfg, name, upstream) != record["config_hash"]:
+            raise UserError(f"stage '{name}' of {run_dir}: its record's config hash does not match the "
+                            f"config it carries (the record was edited). Retrain with: {fix}")
+        records[name] = record
+    return records
+
+
+# --- modules from checkpoints ----------------------------------------------------------------------
+def nonfinite_tensors(state: Dict[str, Any]) -> List[str]:
+    """Names of floating-point tensors holding NaN or Inf."""
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def load_stage(run_dir: str | Path, name: str, record: Dict[str, Any], fix: str = "") -> Any:
+    """The stage's LightningModule from its verified checkpoint, loaded as data (weights_only)."""
+    from ups_lightning.lit.stages import STAGE_MODULES
+
+    path = verify_checkpoint(run_dir, name, record, fix or train_command(run_dir))
+    try:
+        module = STAGE_MODULES[name].load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a checkpoint that is not ours: refused, never executed
+        raise UserError(f"stage '{name}' of {run_dir}: {path} is not a checkpoint this version can load "
+                        f"as plain weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+                        "Retrain the stage.") from None
+    bad = nonfinite_tensors(module.state_dict())
+    if bad:
+        raise UserError(f"stage '{name}' of {run_dir}: {len(bad)} tensors of {path} hold NaN/Inf "
+                        f"(e.g. {bad[0]}); this model cannot be scored. Retrain the stage.")
+    module.eval()
+    return module
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
