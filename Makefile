@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/pip install -q -e ".[bench,test,loggers]"
 	touch $(STAMP)
 
 data: setup
@@ -24,11 +24,12 @@ data: setup
 data-full: setup
 	$(BIN)/python -m ups_lightning.data.generate data=burgers1d
 
+# PYTHONDONTWRITEBYTECODE: no __pycache__ in the checkout (pytest's cache is off in pyproject.toml)
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 eval-small: setup
 	$(BIN)/python -m ups_lightning.pipeline small

@@ -54,3 +54,12 @@ def smoke_run(smoke_data: Path):
 
     cfg = smoke_cfg(smoke_data)
     return cfg, run(cfg)
+
+
+def eval_cfg(run_dir: Path, out: Path, *overrides: str):
+    """An evaluation config for `run_dir` whose leaderboard and report go under `out`."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("evaluate", overrides=[f"run_dir={run_dir}", f"leaderboard={out / 'lb.csv'}",
+                                              f"html={out / 'lb.html'}", "ensemble_members=4", *overrides])

@@ -1,6 +1,8 @@
 """PDEBench-layout reader, splits, normaliser, manifest, generation CLI and inspect CLI."""
 from __future__ import annotations
 
+from ups_lightning import CONF_DIR
+
 import json
 import os
 import subprocess
@@ -397,7 +399,7 @@ def test_generate_cli_interrupted_leaves_nothing(tmp_path, signame, code):
     os.killpg(proc.pid, getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []      # no Hydra run dir either
     assert "Traceback" not in err
 
 
@@ -425,7 +427,7 @@ def test_ad_hoc_generate_cli(tmp_path):
                                   progress=False)
     np.testing.assert_array_equal(data, ref)
     assert not (tmp_path / "sub" / f"adhoc.hdf5.tmp-{os.getpid()}").exists()
-    assert (tmp_path / "outputs").is_dir()            # Hydra's run dir, not the cwd's contents
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]   # no Hydra run dir or log
     # and it opens with splits via n_val / n_test
     out2 = tmp_path / "adhoc2.hdf5"
     r = _cli(["-m", "ups_lightning.data.generate", f"out={out2}", "nu=0.01", "n_samples=6",
@@ -476,7 +478,7 @@ def test_inspect_cli(tmp_path, tiny_burgers_file, layout_b):
 def test_data_configs_have_the_agreed_keys():
     from omegaconf import OmegaConf
 
-    root = Path(__file__).resolve().parents[1] / "conf" / "data"
+    root = CONF_DIR / "data"
     keys = ["name", "pde", "root", "path", "nu", "nx", "nt", "t_max", "seed", "n_train", "n_val",
             "n_test", "reduced_resolution", "reduced_resolution_t", "initial_step", "batch_size",
             "num_workers"]

@@ -11,19 +11,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+
+from conftest import eval_cfg
 
 from ups_lightning.errors import UserError
 from ups_lightning.evaluate import evaluate
 from ups_lightning.inference.rollout import Guard, Surrogate, rollout
 
-CONF = CONF_DIR
-
-
-def eval_cfg(run_dir: Path, out: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("evaluate", overrides=[f"run_dir={run_dir}", f"leaderboard={out / 'lb.csv'}",
-                                              f"html={out / 'lb.html'}", "ensemble_members=4", *overrides])
 
 
 def test_evaluation_row_has_the_contracted_columns(smoke_run, tmp_path):

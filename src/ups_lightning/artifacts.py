@@ -165,7 +165,7 @@ def verified_chain(run_dir: Path, last: str, fix: str) -> Dict[str, Dict[str, An
                 f"stage '{name}' of {run_dir} is stale: it was trained on the '{up}' checkpoint that has "
                 f"since been replaced (retrained or swept), so evaluating it would score the old '{up}'. "
                 f"Retrain the stages after '{up}' with: {fix} -- or evaluate the chain up to '{up}' "
-                f"with stage={up}.")
+                f"with upto={up} (python -m ups_lightning.evaluate run_dir={run_dir} upto={up}).")
         cfg = record_config(record, stage_dir(run_dir, name) / DONE)
         if stage_config_hash(cfg, name, upstream) != record["config_hash"]:
             raise UserError(f"stage '{name}' of {run_dir}: its record's config hash does not match the "

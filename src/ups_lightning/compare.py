@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.table import Table
 
@@ -24,12 +26,19 @@ METRICS = ("nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "nrmse_pdebench", "rmse",
            "rollout_ms_per_traj", "params")
 
 
+def _resolved(path: str) -> Optional[str]:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, ValueError, RuntimeError):     # a NUL byte, a symlink loop: matches nothing
+        return None
+
+
 def _find_row(rows: List[Dict[str, str]], ref: str) -> Optional[Dict[str, str]]:
     by_id = [r for r in rows if r.get("run_id") == ref]
     if by_id:
         return by_id[-1]
-    target = str(Path(ref).resolve())
-    by_dir = [r for r in rows if r.get("run_dir") and str(Path(r["run_dir"]).resolve()) == target]
+    target = _resolved(ref)
+    by_dir = [r for r in rows if target and r.get("run_dir") and _resolved(r["run_dir"]) == target]
     return by_dir[-1] if by_dir else None
 
 
@@ -43,9 +52,20 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def _config(row: Optional[Dict[str, str]], ref: str) -> Dict[str, Any]:
-    run_dir = Path(row["run_dir"]) if row else Path(ref)
+    run_dir = Path((row or {}).get("run_dir") or ref)
     path = run_dir / "config.yaml"
-    return _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=False)) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        cfg = OmegaConf.load(path)
+        return _flat(OmegaConf.to_container(cfg, resolve=False))
+    except UnicodeDecodeError as exc:
+        problem = f"byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8 text"
+    except (OSError, ValueError, TypeError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        # OmegaConf reports a scalar document as an OSError; YAML's messages span several lines
+        problem = f"it is not a readable YAML mapping ({' '.join(str(exc).split())})"
+    raise UserError(f"{path}: {problem}; expected the config.yaml a training run writes (UTF-8 "
+                    f"YAML). Restore it or compare another run.")
 
 
 def _float(v: Optional[str]) -> float:
@@ -56,15 +76,15 @@ def _float(v: Optional[str]) -> float:
 
 
 def compare(a: str, b: str, leaderboard: str) -> None:
-    rows = read_rows(leaderboard) if Path(leaderboard).exists() else []
+    rows = read_rows(leaderboard)       # a damaged board is a UserError naming file and line
     ra, rb = _find_row(rows, a), _find_row(rows, b)
     for ref, row in ((a, ra), (b, rb)):
         if row is None and not (Path(ref) / "config.yaml").exists():
             raise UserError(f"{ref}: neither a run id in {leaderboard} nor a run directory with a config.yaml.")
     console = Console()
     if ra and rb:
-        table = Table(title=f"A = {ra['run_id']} ({ra.get('model')}, {ra.get('method')})   "
-                            f"B = {rb['run_id']} ({rb.get('model')}, {rb.get('method')})")
+        table = Table(title=f"A = {ra.get('run_id') or a} ({ra.get('model')}, {ra.get('method')})   "
+                            f"B = {rb.get('run_id') or b} ({rb.get('model')}, {rb.get('method')})")
         for col in ("metric", "A", "B", "B - A"):
             table.add_column(col, justify="right")
         for m in METRICS:

@@ -306,7 +306,7 @@ class GatesConfig:
 @dataclass
 class EvaluateConfig:
     run_dir: str = "???"
-    stage: Optional[str] = None      # evaluate the chain up to this stage (None: the last finished)
+    upto: Optional[str] = None       # evaluate the chain up to this stage (None: the last finished)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     split: Optional[str] = None      # train | val | test | all (None: test, or all for a foreign file)
     corrector: str = "student"
@@ -349,8 +349,8 @@ def validate_eval_config(cfg: DictConfig) -> DictConfig:
     if OmegaConf.is_missing(merged, "run_dir") or not str(merged.run_dir).strip():
         raise UserError("evaluate needs run_dir=DIR: the output directory of a training run "
                         "(by default outputs/runs/<data>/<model>).")
-    if merged.stage is not None and merged.stage not in STAGE_ORDER[1:]:
-        raise UserError(f"stage={merged.stage!r}: expected one of {list(STAGE_ORDER[1:])} (the chain up to "
+    if merged.upto is not None and merged.upto not in STAGE_ORDER[1:]:
+        raise UserError(f"upto={merged.upto!r}: expected one of {list(STAGE_ORDER[1:])} (the chain up to "
                         "that stage is evaluated) or null for the last finished stage.")
     if merged.split is not None and merged.split not in EVAL_SPLITS:
         raise UserError(f"split={merged.split!r}: expected one of {list(EVAL_SPLITS)} (all: every row of the file).")

@@ -175,7 +175,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run_dir = Path(cfg.run_dir)
-    train_cfg, records, module = load_run(run_dir, cfg.stage)
+    train_cfg, records, module = load_run(run_dir, cfg.upto)
     data = eval_data(train_cfg, cfg.data.path, cfg.split)
     check_fits_model(data, train_cfg, module)
     n_given = int(train_cfg.data.initial_step)
@@ -242,7 +242,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     if broken:   # never a row, a plot or a champion from a model that diverged
         raise UserError(f"the rollout of {run_dir} produced non-finite fields ({', '.join(broken)}: nRMSE "
                         f"{metrics[broken[0]]['nrmse']}); nothing was recorded. Retrain the run's stages or "
-                        "evaluate an earlier stage with stage=operator.")
+                        "evaluate an earlier stage with upto=operator.")
     row = _row(cfg, train_cfg, records, module, data, metrics, headline, steps, n, fields, preds, extra, corrector)
     artifacts = _write_artifacts(run_dir, row["run_id"], preds, truth, meta, cfg.n_show)
     row["artifacts"] = str(artifacts)

@@ -15,7 +15,9 @@ from typing import List
 
 from hydra import compose, initialize_config_dir
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from ups_lightning import CONF_DIR
+
+CONF = CONF_DIR
 PRESETS = {
     "small": {"data": "burgers1d_small", "experiment": "eval_small"},
     "full": {"data": "burgers1d", "experiment": "eval_full"},
@@ -54,5 +56,10 @@ def main(argv: List[str]) -> None:
           + f"; total {time.time() - start:.0f} s. Run: {cfg.run_dir}; report: outputs/leaderboard.html")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `ups-pipeline` console script."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -2,21 +2,25 @@
 
 Keyed by a fingerprint of the encoder's weights, the data file and the reduction/split settings, so a
 stale cache is never read (the earlier public implementation keyed on neither weights nor data), and
-written atomically, so an interrupted write leaves no half cache.
+written atomically, so an interrupted write leaves no half cache. The file's sha256 sits in its
+sidecar `.json` and is verified (with every tensor finite) before a cache is used.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 
-from ups_lightning.atomic import atomic_torch_save
+from ups_lightning.artifacts import sha256_file
+from ups_lightning.atomic import atomic_torch_save, atomic_write_json
+from ups_lightning.errors import UserError
 from ups_lightning.data.pdebench import DatasetView
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,28 @@ def cache_path(cache_dir: Path, fingerprint: str) -> Path:
     return Path(cache_dir) / f"latents-{fingerprint[:16]}.pt"
 
 
+def _load_verified(path: Path, fingerprint: str) -> Optional[LatentCache]:
+    """The cache at `path` if its bytes match the sha256 of its sidecar and every tensor is finite;
+    else None (with the reason in the log), and the caller encodes it anew."""
+    if not path.exists():
+        return None
+    try:
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        digest = sha256_file(path)
+        if sidecar.get("sha256") != digest or sidecar.get("fingerprint") != fingerprint:
+            raise ValueError("its bytes do not match the sha256 recorded beside it")
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = [*blob["z"].values(), *blob["u"].values(), blob["latent_mean"], blob["latent_std"]]
+        if blob.get("fingerprint") != fingerprint or not all(torch.isfinite(t).all() for t in tensors):
+            raise ValueError("it holds NaN/Inf or another fingerprint")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        log.warning("latent cache %s is not usable (%s): encoding it anew", path, exc)
+        return None
+    log.info("latent cache hit (verified): %s", path)
+    return LatentCache(z=blob["z"], u=blob["u"], latent_mean=blob["latent_mean"],
+                       latent_std=blob["latent_std"], fingerprint=fingerprint)
+
+
 @torch.no_grad()
 def build_or_load_latent_cache(
     autoencoder: torch.nn.Module,
@@ -80,19 +106,15 @@ def build_or_load_latent_cache(
         (module_fingerprint(autoencoder) + data_fingerprint(view)).encode()
     ).hexdigest()
     path = cache_path(cache_dir, fingerprint)
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("fingerprint") == fingerprint:
-            log.info("latent cache hit: %s", path)
-            return LatentCache(
-                z=blob["z"], u=blob["u"], latent_mean=blob["latent_mean"],
-                latent_std=blob["latent_std"], fingerprint=fingerprint,
-            )
+    cached = _load_verified(path, fingerprint)
+    if cached is not None:
+        return cached
     log.info("encoding every frame of every split into %s", path)
     was_training = autoencoder.training
     autoencoder.eval()
     z: Dict[str, torch.Tensor] = {}
     u: Dict[str, torch.Tensor] = {}
+    start = time.perf_counter()
     for split in SPLITS:
         fields = torch.from_numpy(view.normalizer.normalize(view.read(split))).float()
         n, t = fields.shape[:2]
@@ -100,6 +122,11 @@ def build_or_load_latent_cache(
         chunks = [autoencoder.encode(frames[i : i + batch_frames], x) for i in range(0, len(frames), batch_frames)]
         z[split] = torch.cat(chunks).reshape(n, t, *chunks[0].shape[1:])
         u[split] = fields
+        log.info("latent cache: encoded %s (%d frames) after %.1f s", split, n * t, time.perf_counter() - start)
+        if not torch.isfinite(z[split]).all():
+            raise UserError(f"the trained encoder maps frames of the {split} split of {view.path} to NaN/Inf "
+                            "latents, so no latent stage can train on them. Retrain the autoencoder stage "
+                            "(e.g. with a lower stages.autoencoder.lr).")
     autoencoder.train(was_training)
     latent_mean = z["train"].mean(dim=(0, 1, 2))
     latent_std = z["train"].std(dim=(0, 1, 2)).clamp_min(1e-6)
@@ -110,9 +137,10 @@ def build_or_load_latent_cache(
         "fingerprint": fingerprint,
     }
     atomic_torch_save(blob, path)
-    (path.with_suffix(".json")).write_text(json.dumps({
-        "fingerprint": fingerprint, "data": str(view.path),
+    atomic_write_json(path.with_suffix(".json"), {
+        "fingerprint": fingerprint, "data": str(view.path), "sha256": sha256_file(path),
         "shapes": {s: list(z[s].shape) for s in SPLITS},
-    }, indent=2))
+    })
+    log.info("latent cache: %s written in %.1f s", path, time.perf_counter() - start)
     return LatentCache(z=z, u=u, latent_mean=latent_mean, latent_std=latent_std, fingerprint=fingerprint)
 

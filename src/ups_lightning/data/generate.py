@@ -12,6 +12,8 @@ come from disjoint seed ranges and a split's trajectories do not change when ano
 
 Writes are atomic: the file is built at ``<target>.tmp-<pid>`` and moved into place with
 os.replace; on any error or Ctrl-C the temporary file is removed and the target left untouched.
+A run killed outright (SIGKILL) cannot clean up: its solver workers notice and exit, and the next
+run removes the ``.tmp-<pid>`` files beside its target whose process is gone.
 An existing file whose manifest matches the requested settings is kept (``force=true`` remakes it).
 In ad-hoc mode (``out=``) all rows are training rows unless ``n_val=`` / ``n_test=`` are given.
 """
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import logging
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -35,11 +39,15 @@ from ups_lightning.data.pdebench import (MANIFEST_FORMAT, SPLITS, PDEBenchFile, 
                                          load_manifest, manifest_path, write_manifest)
 
 __all__ = ["SEED_STRIDE", "SPLIT_SEED_OFFSETS", "split_seeds", "dataset_settings",
-           "write_dataset", "main"]
+           "write_dataset", "remove_stale_temps", "main"]
+
+log = logging.getLogger(__name__)
 
 SEED_STRIDE = 1_000_000
 SPLIT_SEED_OFFSETS = {"train": 0, "val": 300_000, "test": 600_000}
 _MAX_PER_SPLIT = 300_000
+# seed * SEED_STRIDE + offsets must stay inside int64
+_MAX_SEED = (np.iinfo(np.int64).max - SEED_STRIDE) // SEED_STRIDE
 
 
 def split_seeds(seed: int, counts: dict[str, int]) -> dict[str, np.ndarray]:
@@ -49,18 +57,22 @@ def split_seeds(seed: int, counts: dict[str, int]) -> dict[str, np.ndarray]:
 
 
 def _num(name: str, value: Any, kind: type, *, minimum: float | None = None,
-         positive: bool = False) -> Any:
+         positive: bool = False, maximum: float | None = None, why: str = "") -> Any:
+    why = f" ({why})" if why else ""
     try:
         if isinstance(value, bool) or value is None:
             raise TypeError
         v = kind(value)
         if kind is int and float(value) != v:
             raise ValueError
-    except (TypeError, ValueError):
-        raise UserError(f"setting {name}={value!r} must be {'an integer' if kind is int else 'a number'}.") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"setting {name}={value!r} must be "
+                        f"{'an integer' if kind is int else 'a number'}{why}.") from None
     if not np.isfinite(v) or (positive and v <= 0) or (minimum is not None and v < minimum):
         need = "> 0" if positive else f">= {minimum}"
-        raise UserError(f"setting {name}={value!r} must be {need}.")
+        raise UserError(f"setting {name}={value!r} must be a finite number {need}{why}.")
+    if maximum is not None and v > maximum:
+        raise UserError(f"setting {name}={value!r} must be <= {maximum}{why}.")
     return v
 
 
@@ -71,11 +83,13 @@ def dataset_settings(*, nu, nx, nt, t_max, seed, n_train, n_val=0, n_test=0,
         raise UserError(f"setting pde={pde!r}: the generator makes 'burgers1d' only.")
     s = {
         "pde": pde,
-        "nu": _num("nu", nu, float, minimum=0.0),
-        "nx": _num("nx", nx, int, minimum=8),
-        "nt": _num("nt", nt, int, minimum=2),
-        "t_max": _num("t_max", t_max, float, positive=True),
-        "seed": _num("seed", seed, int, minimum=0),
+        # nu > 0: a file with nu = 0 is made fine but training conditions on log10(nu)
+        "nu": _num("nu", nu, float, positive=True, why="the viscosity; the models condition on "
+                                                        "log10(nu)"),
+        "nx": _num("nx", nx, int, minimum=8, why="cells of the periodic grid"),
+        "nt": _num("nt", nt, int, minimum=2, why="saved frames, including t = 0"),
+        "t_max": _num("t_max", t_max, float, positive=True, why="the last frame's time"),
+        "seed": _num("seed", seed, int, minimum=0, maximum=_MAX_SEED),
         "n_train": _num("n_train", n_train, int, minimum=0),
         "n_val": _num("n_val", n_val, int, minimum=0),
         "n_test": _num("n_test", n_test, int, minimum=0),
@@ -90,6 +104,40 @@ def dataset_settings(*, nu, nx, nt, t_max, seed, n_train, n_val=0, n_test=0,
     if s["n_train"] + s["n_val"] + s["n_test"] < 1:
         raise UserError("settings n_train + n_val + n_test (or n_samples) must be at least 1.")
     return s
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0          # someone else's process (or a pid we cannot test): keep its file
+    stat = Path(f"/proc/{pid}/stat")     # a zombie is dead too (where /proc tells)
+    with contextlib.suppress(OSError, IndexError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove ``<target>.tmp-<pid>`` and ``<target>.manifest.json.tmp-<pid>`` left beside
+    ``target`` by a run that was killed outright (its pid no longer runs); return them."""
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^{re.escape(target.name)}(?:\.manifest\.json)?\.tmp-(\d+)$")
+    removed = []
+    for p in sorted(target.parent.iterdir()):
+        m = pattern.match(p.name)
+        if m is None or not p.is_file() or _pid_alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):     # another run may clean up at once
+            p.unlink()
+            removed.append(p)
+            log.warning("removed %s: a temporary file left by process %s, which is no longer "
+                        "running (killed mid-write)", p, m.group(1))
+    return removed
 
 
 def _is_current(path: Path, manifest: dict | None, settings: dict) -> bool:
@@ -136,8 +184,10 @@ def write_dataset(
                                 n_val=n_val, n_test=n_test)
     workers = _num("workers", workers, int, minimum=1)
     target = Path(path)
-    if target.exists() and not target.is_file():
-        raise UserError(f"output path {str(target)!r} exists and is not a file.")
+    for p in (target, manifest_path(target)):    # found now, not after a long generation
+        if p.exists() and not p.is_file():
+            raise UserError(f"output path {str(p)!r} exists and is not a file.")
+    remove_stale_temps(target)
     if target.exists():
         try:
             manifest = load_manifest(target)
@@ -154,7 +204,11 @@ def write_dataset(
                    "was made with different settings (or its manifest is stale)")
             raise UserError(f"{str(target)!r} already exists and {why}; refusing to overwrite it. "
                             f"Pass force=true to remake it, or choose another output path.")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the directory of output path {str(target)!r}: "
+                        f"{exc.strerror or exc}.") from None
 
     counts = {s: settings[f"n_{s}"] for s in SPLITS}
     seeds_by_split = split_seeds(settings["seed"], counts)
@@ -235,10 +289,15 @@ def _write_h5(tmp: Path, seeds: np.ndarray, settings: dict, x: np.ndarray, t: np
     import h5py
 
     n, nx, nt = int(seeds.size), settings["nx"], settings["nt"]
+    try:
+        h5 = h5py.File(tmp, "w")
+    except OSError as exc:
+        raise UserError(f"cannot write {str(tmp)!r} (the temporary file beside the target): "
+                        f"{exc}.") from None
     chunks = _solver.iter_trajectory_chunks(n, nx, nt, settings["t_max"], settings["nu"], seeds,
                                             workers=workers)
     bar = _solver._progress_bar(progress, "trajectories", n)
-    with h5py.File(tmp, "w") as h5, contextlib.closing(chunks), bar as (prog, task):
+    with h5, contextlib.closing(chunks), bar as (prog, task):
         ds = h5.create_dataset("tensor", shape=(n, nt, nx), dtype=np.float32,
                                chunks=(1, nt, nx))
         h5.create_dataset("x-coordinate", data=x.astype(np.float32))
@@ -262,6 +321,15 @@ def _package_version() -> str:
         return "unknown"
 
 
+def _flag(name: str, value: Any, default: bool) -> bool:
+    # bool("maybe") is True: a mistyped force= must not remake (overwrite) a data set
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise UserError(f"setting {name}={value!r} must be true or false.")
+    return value
+
+
 _AD_HOC_KEYS = ("nu", "n_samples", "nx", "nt", "t_max", "seed", "n_val", "n_test")
 
 
@@ -271,8 +339,8 @@ def run(cfg: Any) -> dict:
 
     get = (lambda k: OmegaConf.select(cfg, k)) if OmegaConf.is_config(cfg) else cfg.get
     workers = get("workers") if get("workers") is not None else 2
-    progress = bool(get("progress")) if get("progress") is not None else True
-    force = bool(get("force"))
+    progress = _flag("progress", get("progress"), True)
+    force = _flag("force", get("force"), False)
     out = get("out")
     if out is not None:
         missing = [k for k in ("nu", "n_samples", "nx", "nt", "t_max") if get(k) is None]
@@ -303,11 +371,41 @@ def run(cfg: Any) -> dict:
             raise UserError(f"data config {d('name')!r} has no data.{key}.")
     if d("pde") not in (None, "burgers1d"):
         raise UserError(f"setting data.pde={d('pde')!r}: the generator makes 'burgers1d' only.")
-    rr = (d("reduced_resolution") or 1, d("reduced_resolution_t") or 1)
+    rr = _check_trainable(d)
     return write_dataset(d("path"), nu=d("nu"), nx=d("nx"), nt=d("nt"), t_max=d("t_max"),
                          seed=d("seed"), n_train=d("n_train"), n_val=d("n_val"),
                          n_test=d("n_test"), workers=workers, progress=progress, force=force,
                          norm_reductions=(tuple(int(v) for v in rr),))
+
+
+def _check_trainable(d: Any) -> tuple[int, int]:
+    """A data config's file is made to be trained and evaluated on: refuse settings training
+    would only reject after the (long) generation. Returns the config's reduction."""
+    for key, why in (("n_train", "training needs at least one trajectory"),
+                     ("n_val", "training validates on the val split"),
+                     ("n_test", "evaluation scores the test split")):
+        _num(f"data.{key}", d(key), int, minimum=1, why=why)
+    nx = _num("data.nx", d("nx"), int, minimum=8)
+    nt = _num("data.nt", d("nt"), int, minimum=2)
+    rr = _num("data.reduced_resolution", 1 if d("reduced_resolution") is None
+              else d("reduced_resolution"), int, minimum=1)
+    rr_t = _num("data.reduced_resolution_t", 1 if d("reduced_resolution_t") is None
+                else d("reduced_resolution_t"), int, minimum=1)
+    if nx % rr:
+        raise UserError(f"setting data.reduced_resolution={rr} does not divide data.nx={nx}; "
+                        f"choose a divisor of {nx} (the reader refuses a non-uniform grid).")
+    if (nt - 1) % rr_t:
+        raise UserError(f"setting data.reduced_resolution_t={rr_t} does not divide the {nt - 1} "
+                        f"intervals between data.nt={nt} frames; choose a divisor of {nt - 1}.")
+    if d("initial_step") is not None:
+        k = _num("data.initial_step", d("initial_step"), int, minimum=1)
+        frames = (nt - 1) // rr_t + 1
+        if frames < k + 1:
+            raise UserError(f"settings data.nt={nt} with data.reduced_resolution_t={rr_t} give "
+                            f"{frames} frame(s), but data.initial_step={k} needs at least {k + 1} "
+                            f"(the given frames plus one to predict); raise data.nt or lower "
+                            f"data.initial_step.")
+    return rr, rr_t
 
 
 _STOP: dict[str, int | None] = {"signal": None}
@@ -336,7 +434,7 @@ def _hydra_main() -> None:
     import hydra
     from omegaconf import DictConfig
 
-    @hydra.main(version_base="1.3", config_path="../../../conf", config_name="generate")
+    @hydra.main(version_base="1.3", config_path="pkg://ups_lightning.conf", config_name="generate")
     @report_user_errors
     def main(cfg: DictConfig) -> None:
         # Ctrl-C and a scheduler's SIGTERM unwind: the temporary file is removed

@@ -80,14 +80,20 @@ def _report(info: dict) -> str:
                        for k, v in man["splits"].items() if v["stop"] > v["start"])
         lines.append(f"manifest    {manifest_path(info['path']).name}")
         lines.append(f"splits      {sp}")
-        gen = man.get("generation", {})
-        if gen:
+        gen = man.get("generation")
+        if isinstance(gen, dict) and gen:
             lines.append(f"generated   {gen.get('finished', '?')} in {gen.get('seconds', '?')} s "
                          f"by ups_lightning {gen.get('package_version', '?')}")
-        for e in man.get("normalization", []) or []:
-            lines.append(f"normaliser  train rows {e['rows'][0]}..{e['rows'][1] - 1} at reduction "
-                         f"({e['reduced_resolution']}, {e['reduced_resolution_t']}): mean "
-                         f"{e['mean']}, std {e['std']}")
+        norms = man.get("normalization") or []
+        for e in norms if isinstance(norms, list) else [norms]:
+            # informational only (the reader recomputes what it cannot use): report, never fail
+            try:
+                lines.append(f"normaliser  train rows {e['rows'][0]}..{e['rows'][1] - 1} at "
+                             f"reduction ({e['reduced_resolution']}, {e['reduced_resolution_t']}): "
+                             f"mean {e['mean']}, std {e['std']}")
+            except (KeyError, IndexError, TypeError):
+                lines.append(f"normaliser  unreadable manifest entry {str(e)[:60]!r} (ignored: "
+                             f"statistics are recomputed from the file)")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ opens instantly and a split costs only its own rows.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from ups_lightning.errors import UserError
 __all__ = [
     "FieldMeta",
     "PDEBenchFile",
+    "check_nu",
     "Normalizer",
     "compute_normalizer",
     "manifest_path",
@@ -106,6 +108,49 @@ def _check_pde(pde: str) -> int:
     return KNOWN_PDES[pde]
 
 
+def check_nu(value: Any, what: str) -> float:
+    """``value`` as a float viscosity, or a UserError naming ``what`` (a file's attribute or a
+    setting). It must be finite and > 0: the models condition on log10(nu)."""
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        nu = float(value)
+    except (TypeError, ValueError):
+        nu = math.nan
+    if not math.isfinite(nu) or nu <= 0:
+        raise UserError(f"{what} = {value!r}: the viscosity nu must be a finite number > 0 (e.g. "
+                        f"0.001); the models are conditioned on log10(nu).")
+    return nu
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_nu_attr(h5: Any, attr: str, path: str) -> float:
+    where = f"{path}: attribute {attr!r}"
+    try:
+        raw = np.asarray(h5.attrs[attr])
+    except (OSError, TypeError, ValueError) as exc:
+        raise UserError(f"{where} cannot be read ({exc}); expected one number, the viscosity "
+                        f"nu > 0.") from None
+    # a bool, string or array is not a viscosity, even where float() would accept it
+    if raw.dtype.kind not in "iuf" or raw.size != 1:
+        raise UserError(f"{where} = {_short(raw.tolist() if raw.size else raw)} "
+                        f"(dtype {raw.dtype}, {raw.size} value(s)) is not one number; expected "
+                        f"the viscosity nu as a single number > 0 (e.g. 0.001).")
+    return check_nu(raw.reshape(-1)[0].item(), where)
+
+
+def _coordinate(h5: Any, key: str, path: str) -> np.ndarray:
+    try:
+        return np.asarray(h5[key][...], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: dataset {key!r} (dtype {h5[key].dtype}) does not hold numbers "
+                        f"({exc}); expected the grid's coordinates as floats.") from None
+
+
 def _uniform_step(values: np.ndarray, what: str, path: str) -> float:
     v = np.asarray(values, dtype=np.float64)
     if v.size < 2:
@@ -152,6 +197,10 @@ class PDEBenchFile:
             raise UserError(f"cannot open data file {self.path!r} as HDF5: {exc}.") from None
         try:
             self.meta = self._read_meta()
+        except OSError as exc:      # HDF5 read errors: a truncated or damaged file
+            self._h5.close()
+            raise UserError(f"cannot read data file {self.path!r} ({exc}); the file is damaged "
+                            f"or truncated: regenerate or re-download it.") from None
         except BaseException:
             self._h5.close()
             raise
@@ -183,8 +232,8 @@ class PDEBenchFile:
             if not isinstance(h5.get(key), h5py.Dataset):
                 raise UserError(f"{path}: no {key!r} dataset (found keys: {keys}); the domain, dx "
                                 f"and dt are taken from the file, never assumed.")
-        x = np.asarray(h5["x-coordinate"][...], dtype=np.float64).reshape(-1)
-        t = np.asarray(h5["t-coordinate"][...], dtype=np.float64).reshape(-1)
+        x = _coordinate(h5, "x-coordinate", path)
+        t = _coordinate(h5, "t-coordinate", path)
         if x.size != n_x:
             raise UserError(f"{path}: 'x-coordinate' has {x.size} entries but 'tensor' has "
                             f"X = {n_x} cells (shape {ds.shape}).")
@@ -206,11 +255,7 @@ class PDEBenchFile:
         nu = None
         for attr in ("Nu", "nu"):
             if attr in h5.attrs:
-                try:
-                    nu = float(np.asarray(h5.attrs[attr]).reshape(-1)[0])
-                except (TypeError, ValueError, IndexError):
-                    raise UserError(f"{path}: attribute {attr!r} = {h5.attrs[attr]!r} is not a "
-                                    f"number.") from None
+                nu = _read_nu_attr(h5, attr, path)
                 break
 
         self._ds = ds
@@ -275,7 +320,12 @@ class PDEBenchFile:
             start, stop = int(run[0]), int(run[-1]) + 1
             for a in range(start, stop, per_block):
                 b = min(stop, a + per_block)
-                raw = self._ds[a:b]
+                try:
+                    raw = self._ds[a:b]
+                except OSError as exc:      # a damaged chunk: name the rows, not h5py's stack
+                    raise UserError(f"{self.path}: cannot read rows {a}..{b - 1} of 'tensor' "
+                                    f"({exc}); the file is damaged or truncated: regenerate or "
+                                    f"re-download it.") from None
                 if raw.ndim == 3:
                     raw = raw[..., None]
                 self._check_finite(raw, a)
@@ -411,12 +461,16 @@ def load_manifest(data_path: str | os.PathLike) -> dict | None:
         raise UserError(f"manifest {str(mp)!r} has no 'splits' mapping; delete it or regenerate "
                         f"the data with force=true.")
     for name, rng in manifest["splits"].items():
-        ok = (isinstance(rng, dict) and isinstance(rng.get("start"), int)
-              and isinstance(rng.get("stop"), int) and 0 <= rng["start"] <= rng["stop"])
+        ok = (isinstance(rng, dict) and _is_int(rng.get("start")) and _is_int(rng.get("stop"))
+              and 0 <= rng["start"] <= rng["stop"])
         if not ok:
             raise UserError(f"manifest {str(mp)!r}: split {name!r} must be {{'start': int, "
                             f"'stop': int}} with 0 <= start <= stop, got {rng!r}.")
     return manifest
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def write_manifest(data_path: str | os.PathLike, manifest: dict) -> Path:
@@ -430,9 +484,10 @@ def _manifest_norm(manifest: dict | None, train: np.ndarray, rr: int, rr_t: int)
     if not manifest or train.size == 0:
         return None
     start, stop = int(train[0]), int(train[-1]) + 1
-    if stop - start != train.size:
-        return None
-    for entry in manifest.get("normalization", []) or []:
+    entries = manifest.get("normalization")
+    if stop - start != train.size or not isinstance(entries, list):
+        return None     # nothing usable recorded: the caller computes the statistics
+    for entry in entries:
         try:
             if (entry.get("split") == "train" and entry.get("rows") == [start, stop]
                     and entry.get("reduced_resolution") == rr

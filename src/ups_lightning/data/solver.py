@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
 from typing import Iterator, Sequence
@@ -428,10 +431,25 @@ def _solve_chunk(seeds: np.ndarray, nx: int, t_save: np.ndarray, nu: float) -> n
     return solve_burgers(u0, nu, t_save).astype(np.float32)
 
 
-def _ignore_sigint() -> None:
+_PARENT_POLL_S = 0.2
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker-side watchdog: a parent killed outright (SIGKILL, OOM killer) cannot stop its pool,
+    and a worker would finish its chunk and then wait forever on the task queue. When the worker
+    is re-parented (its parent pid changes), it exits at once."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(_PARENT_POLL_S)
+
+
+def _init_worker(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True,
+                     name="exit-with-parent").start()
 
 
 def _chunks(n: int, nx: int, seeds: np.ndarray, workers: int, chunk: int | None):
@@ -469,7 +487,7 @@ def iter_trajectory_chunks(
         return
     ctx = mp.get_context("spawn")   # no fork: safe beside torch/OpenMP threads
     ex = ProcessPoolExecutor(max_workers=min(workers, len(groups)), mp_context=ctx,
-                             initializer=_ignore_sigint)
+                             initializer=_init_worker, initargs=(os.getpid(),))
     try:
         # Workers ignore Ctrl-C; the parent gets it and stops them on the way out. SIGINT stays
         # blocked while they start (they inherit the mask), so a Ctrl-C then cannot make them

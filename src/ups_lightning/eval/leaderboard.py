@@ -2,10 +2,16 @@
 
 CSV
     ``append_row`` adds one row. The header is the union of all columns ever written (in first-seen
-    order); a row lacking a column has it empty. Every append takes an exclusive ``fcntl.flock`` on
-    ``<csv>.lock`` beside the file, reads the board, and writes the whole board plus the new row to
-    ``<csv>.tmp-<pid>`` which then replaces the CSV (``os.replace``): concurrent evaluations lose no
-    row, and a reader (no lock needed) sees either the old or the new file, never half of one.
+    order); a row lacking a column has it empty. Every append takes an exclusive lock
+    (``filelock.FileLock``, portable) on ``<csv>.lock`` beside the file, reads the board, and writes
+    the whole board plus the new row to ``<csv>.tmp-<pid>`` which then replaces the CSV
+    (``os.replace``): concurrent evaluations lose no row, and a reader (no lock needed) sees either
+    the old or the new file, never half of one.
+
+    A damaged board (a row with the wrong number of fields, text in a numeric column, bytes that are
+    not UTF-8, a truncated quote) is a UserError naming the file and line. ``append_row`` never
+    loses the finished evaluation's row: when the board cannot be read or written, the row goes to
+    ``<csv>.rejected-<run_id>.json`` beside it (or in the temp directory) and the error says where.
 
 Gates and promotion
     Rows are compared within a *group* (same data and protocol): by default the columns
@@ -29,17 +35,20 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
-import fcntl
 import html
 import io
 import json
 import math
 import os
+import re
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ups_lightning.atomic import atomic_write_text
+from ups_lightning.atomic import atomic_write_json, atomic_write_text
+from ups_lightning.errors import UserError
 
 __all__ = [
     "GateConfig",
@@ -95,24 +104,102 @@ def _cell(v: Any) -> str:
 
 @contextlib.contextmanager
 def _locked(csv_path: Path) -> Iterator[None]:
+    from filelock import FileLock
+
     lock = csv_path.with_name(csv_path.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with FileLock(str(lock)):
+        yield
+
+
+# Columns that hold numbers on every board evaluate.py writes (empty, nan and inf allowed): text
+# there means a damaged or hand-edited row, which would silently break gates and sorting.
+_NUMERIC_COLUMNS = frozenset((
+    "steps", "n_test", "dim", "n_tokens", "params", "nrmse", "nrmse_1", "nrmse_10", "nrmse_31",
+    "nrmse_pdebench", "rmse", "crmse", "brmse", "max_err", "frmse_low", "frmse_mid", "frmse_high",
+    "mass_drift", "energy_increase", "tv_increase", "correlation_horizon", "crps", "spread_skill",
+    "coverage_50", "coverage_90", "ece", "rollout_ms_per_traj", "rollout_ms_per_step",
+    "solver_ms_per_traj", "ttc_gain_nrmse", "ttc_cost_ratio", "peak_rss_mb"))
+_NUMERIC_PREFIXES = ("params_", "train_s_", "val_nrmse_")
+
+
+def _numeric_column(name: str) -> bool:
+    return name in _NUMERIC_COLUMNS or name.startswith(_NUMERIC_PREFIXES)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _bad_board(csv_path: Path, line: int, what: str) -> UserError:
+    return UserError(f"leaderboard {str(csv_path)!r}, line {line}: {what}. Every line must be a "
+                     f"CSV row of UTF-8 text with one field per header column (numbers in the "
+                     f"metric columns); fix or delete that line.")
 
 
 def _read(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, rows) of the board; a UserError naming the file and line for a damaged one."""
     if not csv_path.exists():
         return [], []
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        rows = [dict(r) for r in reader]
-        header = list(reader.fieldnames or [])
+    try:
+        raw = csv_path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"leaderboard {str(csv_path)!r} cannot be read ({exc.strerror or exc}); "
+                        f"expected a CSV file.") from None
+    try:
+        text = raw.decode("utf-8-sig")     # a spreadsheet's byte-order mark is not a column name
+    except UnicodeDecodeError as exc:
+        raise _bad_board(csv_path, raw.count(b"\n", 0, exc.start) + 1,
+                         f"byte {raw[exc.start]:#04x} is not UTF-8 text") from None
+    # strict: an unterminated quote (a truncated file) is an error, not a silently merged row
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] = []
+    rows: list[dict[str, str]] = []
+    start = 1       # the line a record starts on (a quoted field may span several)
+    try:
+        for record in reader:
+            line, start = start, reader.line_num + 1
+            if not header:
+                if not record or len(set(record)) != len(record):
+                    raise _bad_board(csv_path, line, f"header {record!r} is empty or repeats a "
+                                                     f"column name")
+                header = record
+                continue
+            if not record:      # a blank line
+                continue
+            if len(record) != len(header):
+                raise _bad_board(csv_path, line, f"{len(record)} fields where the header has "
+                                                 f"{len(header)}")
+            row = dict(zip(header, record))
+            for key, value in row.items():
+                if value and _numeric_column(key) and not _is_number(value):
+                    raise _bad_board(csv_path, line, f"column {key!r} holds {value[:40]!r}, not "
+                                                     f"a number")
+            rows.append(row)
+    except csv.Error as exc:
+        raise _bad_board(csv_path, start, f"unreadable CSV ({exc})") from None
     return header, rows
+
+
+def _save_rejected(csv_path: Path, row: dict[str, str], reason: str) -> str:
+    """Keep a row the board could not take: ``<csv>.rejected-<run_id>.json`` beside it, else in
+    the temp directory. Returns where it went, or why it could not be saved."""
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "_", row.get("run_id") or "")[:80]
+    tag = tag or time.strftime("%Y%m%d-%H%M%S-") + str(os.getpid())
+    payload = {"leaderboard": str(csv_path), "reason": reason, "row": row}
+    name = f"{csv_path.name}.rejected-{tag}.json"
+    errors = []
+    for folder in (csv_path.parent, Path(tempfile.gettempdir())):
+        try:
+            atomic_write_json(folder / name, payload)
+            return str(folder / name)
+        except OSError as exc:
+            errors.append(f"{folder}: {exc.strerror or exc}")
+    return f"nowhere (could not write it: {'; '.join(errors)}); the row was {json.dumps(row)}"
 
 
 def read_rows(csv_path: str | os.PathLike) -> list[dict[str, str]]:
@@ -127,22 +214,30 @@ def append_row(csv_path: str | os.PathLike, row: dict[str, Any], gates: GateConf
     Returns the row as written (strings)."""
     path = Path(csv_path)
     new = {str(k): _cell(v) for k, v in row.items()}
-    with _locked(path):
-        header, rows = _read(path)
-        if gates is not None and not new.get("label"):
-            champ = current_champion(rows, _group(new, group_keys), group_keys)
-            passed, reasons = check_gates(new, champ, gates)
-            new["label"] = "champion" if passed else "candidate"
-            new["gate_reasons"] = "; ".join(reasons)
-        for k in new:
-            if k not in header:
-                header.append(k)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        writer.writerow(new)
-        atomic_write_text(path, buf.getvalue())
+    try:
+        with _locked(path):
+            header, rows = _read(path)
+            if gates is not None and not new.get("label"):
+                champ = current_champion(rows, _group(new, group_keys), group_keys)
+                passed, reasons = check_gates(new, champ, gates)
+                new["label"] = "champion" if passed else "candidate"
+                new["gate_reasons"] = "; ".join(reasons)
+            for k in new:
+                if k not in header:
+                    header.append(k)
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            writer.writerow(new)
+            atomic_write_text(path, buf.getvalue())
+    except (UserError, OSError) as exc:
+        # the evaluation behind this row may have taken hours: keep the row before failing
+        problem = (str(exc) if isinstance(exc, UserError) else
+                   f"leaderboard {str(path)!r} cannot be written ({exc.strerror or exc}).")
+        saved = _save_rejected(path, new, problem)
+        raise UserError(f"{problem} The new row (run_id {new.get('run_id') or '?'}) was NOT added "
+                        f"to the board; it is saved in {saved}.") from None
     return new
 
 

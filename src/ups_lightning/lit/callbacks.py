@@ -1,10 +1,12 @@
 """Callbacks the stages share."""
 from __future__ import annotations
 
-from typing import Callable
+import random
+from typing import Any, Callable, Dict, Optional
 
+import numpy as np
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 
 
 def _ema_keeping_constants(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -18,10 +20,58 @@ def _ema_keeping_constants(decay: float) -> Callable[[torch.Tensor, torch.Tensor
     return avg
 
 
-class EMA(EMAWeightAveraging):
+class EMA(WeightAveraging):
     """Lightning's EMA of weights (validated and checkpointed with the averaged weights), keeping
-    parameters and buffers that never change (frozen upstream stages) bit-identical."""
+    parameters and buffers that never change (frozen upstream stages) bit-identical.
+
+    Built on the public ``WeightAveraging`` constructor, whose keyword arguments go to torch's
+    ``AveragedModel`` (``avg_fn`` here). ``EMAWeightAveraging`` cannot take an ``avg_fn`` (it passes
+    its own), so this is the same callback with the constant-keeping average; the inherited
+    ``should_update`` (after every optimizer step, never at epoch ends) is ``EMAWeightAveraging``'s
+    default schedule."""
 
     def __init__(self, decay: float = 0.999) -> None:
-        super().__init__(decay=decay)
-        self._kwargs["avg_fn"] = _ema_keeping_constants(decay)
+        super().__init__(avg_fn=_ema_keeping_constants(decay))
+        self.decay = decay
+
+
+class NonFiniteLossStop(Callback):
+    """Stop the stage at the first NaN/Inf training loss (nothing learns past it); `reason` says
+    when, and the stage runner refuses a result whose best checkpoint is not finite."""
+
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss) and not torch.isfinite(loss).all():
+            self.reason = f"the training loss became {float(loss)} at step {trainer.global_step}"
+            trainer.should_stop = True
+
+
+class RNGState(Callback):
+    """Checkpoints carry torch's, numpy's and Python's RNG states, restored when the resumed stage
+    starts its next training epoch (after the sanity check, which draws samples), so a killed and
+    resumed stage shuffles and samples exactly as the uninterrupted one. Plain types and tensors
+    only: checkpoints stay loadable with weights_only=True."""
+
+    def __init__(self) -> None:
+        self._pending: Optional[Dict[str, Any]] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
