@@ -192,6 +192,14 @@ class TrainConfig:
     experiment: Optional[str] = None
 
 
+def schema_error(exc: OmegaConfBaseException, what: str, where: str) -> UserError:
+    """One paragraph from OmegaConf's multi-line message: the key, the first line, where to look."""
+    key = getattr(exc, "full_key", None) or "?"
+    first = str(getattr(exc, "msg", None) or exc).strip().splitlines()[0]
+    return UserError(f"invalid {what} config at key '{key}': {first}. Check the spelling of the key and "
+                     f"the type of its value against {where}.")
+
+
 def validate_train_config(cfg: DictConfig) -> DictConfig:
     """Merge the composed config onto the schema; unknown keys and wrong types become UserError."""
     schema = OmegaConf.structured(TrainConfig)
@@ -199,12 +207,8 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         merged = OmegaConf.merge(schema, cfg)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise UserError(
-            f"invalid training config at key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}. "
-            "Check the spelling of the key and the type of its value against "
-            "src/ups_lightning/config.py (the config schema) or the YAML files under conf/."
-        ) from None
+        raise schema_error(exc, "training", "src/ups_lightning/config.py (the config schema) or the "
+                                            "YAML files under conf/") from None
     unknown = [s for s in merged.stage.run if s not in STAGE_ORDER]
     if unknown:
         raise UserError(
@@ -342,10 +346,8 @@ def validate_eval_config(cfg: DictConfig) -> DictConfig:
         merged = OmegaConf.merge(OmegaConf.structured(EvaluateConfig), cfg)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise UserError(f"invalid evaluation config at key '{key}': {getattr(exc, 'msg', exc)}. Check the "
-                        "key and the type of its value against src/ups_lightning/config.py (EvaluateConfig) "
-                        "or conf/evaluate.yaml.") from None
+        raise schema_error(exc, "evaluation", "src/ups_lightning/config.py (EvaluateConfig) or "
+                                              "conf/evaluate.yaml") from None
     if OmegaConf.is_missing(merged, "run_dir") or not str(merged.run_dir).strip():
         raise UserError("evaluate needs run_dir=DIR: the output directory of a training run "
                         "(by default outputs/runs/<data>/<model>).")

@@ -95,14 +95,20 @@ def eval_data(train_cfg: DictConfig, path: Optional[str], split: Optional[str]) 
     """The evaluated rows: the run's own file by default, or `path` read with the run's reduction
     and equation. A split uses the run's split sizes (or the manifest's, for another file with
     one); `all` takes every row. The default is `test`, or `all` for another file without a
-    manifest. The file must match the model: grid, frames and equation are checked by the caller."""
+    manifest that is smaller than the run's splits. The caller checks that the file fits the model."""
     d = train_cfg.data
     own = path is None or Path(path).resolve() == Path(d.path).resolve()
     path = str(d.path if path is None else path)
     if not Path(path).is_file():
         raise UserError(f"data.path={path}: no such file.")
-    if split is None:
-        split = "test" if own or load_manifest(path) is not None else "all"
+    if split is None:   # a file smaller than the run's splits, without a manifest: every row
+        split = "test"
+        if not own and load_manifest(path) is None:
+            with PDEBenchFile(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
+                if f.meta.n_samples < d.n_train + d.n_val + d.n_test:
+                    split = "all"
+                    log.info("%s has %d rows, fewer than the run's splits: scoring all of them",
+                             path, f.meta.n_samples)
     if split == "all":
         with PDEBenchFile(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
             return EvalData(path, f.meta, torch.from_numpy(f.read(slice(None))).float(), split)

@@ -1,0 +1,191 @@
+"""Hostile command lines for train and evaluate: each bad setting is one clear paragraph naming the
+key, before anything is read or written (issue 9). The in-process cases call the library the CLIs
+wrap; a few go through the real command line to check exit code 2 and no traceback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import eval_cfg, smoke_cfg
+
+from ups_lightning.errors import UserError
+from ups_lightning.evaluate import evaluate
+from ups_lightning.train import run
+
+TRAIN_CASES = [
+    ("stages.operator.max_epochs=-1", "stages.operator.max_epochs"),
+    ("stages.autoencoder.max_epochs=0", "stages.autoencoder.max_epochs"),
+    ("stages.operator.batch_size=0", "stages.operator.batch_size"),
+    ("stages.diffusion.batch_size=-4", "stages.diffusion.batch_size"),
+    ("stages.operator.lr=0", "stages.operator.lr"),
+    ("stages.operator.lr=-1e-3", "stages.operator.lr"),
+    ("stages.operator.lr=nan", "stages.operator.lr"),
+    ("stages.operator.lr=inf", "stages.operator.lr"),
+    ("stages.distill.lr=0", "stages.distill.lr"),
+    ("stages.autoencoder.max_minutes=0", "stages.autoencoder.max_minutes"),
+    ("stages.operator.max_minutes=-2", "stages.operator.max_minutes"),
+    ("stages.operator.rollout_steps=0", "stages.operator.rollout_steps"),
+    ("stages.operator.noise_std=-0.1", "stages.operator.noise_std"),
+    ("stages.operator.decoded_weight=-1", "stages.operator.decoded_weight"),
+    ("stages.autoencoder.val_frames=0", "stages.autoencoder.val_frames"),
+    ("stages.autoencoder.n_query=-1", "stages.autoencoder.n_query"),
+    ("stages.diffusion.sample_steps=0", "stages.diffusion.sample_steps"),
+    ("stages.diffusion.val_batches=0", "stages.diffusion.val_batches"),
+    ("stages.distill.n_grid=1", "stages.distill.n_grid"),
+    ("stages.distill.student_steps=3", "stages.distill.student_steps"),
+    ("stages.distill.target_decay=1.5", "stages.distill.target_decay"),
+    ("data.n_val=0", "data.n_val"),
+    ("data.n_test=0", "data.n_test"),
+    ("data.n_train=0", "data.n_train"),
+    ("data.initial_step=0", "data.initial_step"),
+    ("data.nu=0", "data.nu"),
+    ("data.nu=-0.01", "data.nu"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.reduced_resolution=0", "data.reduced_resolution"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("model.dim=0", "model.dim"),
+    ("model.n_tokens=-8", "model.n_tokens"),
+    ("model.depth=0", "model.depth"),
+    ("model.attn_backend=xformers", "model.attn_backend"),
+    ("optim.warmup_ratio=1.5", "optim.warmup_ratio"),
+    ("optim.min_lr_ratio=-0.1", "optim.min_lr_ratio"),
+    ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("optim.grad_clip=0", "optim.grad_clip"),
+    ("optim.accumulate=0", "optim.accumulate"),
+    ("optim.ema.decay=2", "optim.ema.decay"),
+    ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("optim.schedule=linear", "optim.schedule"),
+    ("trainer.num_threads=0", "trainer.num_threads"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
+    ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
+    ("logger.name=mlflow", "logger.name"),
+    ("callbacks.progress_bar=fancy", "callbacks.progress_bar"),
+    ("callbacks.checkpoint.save_top_k=0", "callbacks.checkpoint.save_top_k"),
+    ("callbacks.early_stopping.patience=0", "callbacks.early_stopping.patience"),
+    ("seed=abc", "seed"),
+    ("stages.operator.lr=fast", "stages.operator.lr"),
+    ("trainer.accelerator=gpu", "trainer.accelerator"),
+    ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
+    ("stage.run=[autoencoder,decoder]", "stage.run"),
+]
+
+
+@pytest.mark.parametrize("override,key", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_bad_training_setting_is_one_paragraph_and_writes_nothing(smoke_data, tmp_path, override, key):
+    if override.startswith("trainer.accelerator=gpu"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible here")
+    extra = ["stage=operator"] if override.startswith("ckpt_path") else []
+    cfg = smoke_cfg(smoke_data, f"run_dir={tmp_path / 'run'}", *extra, override)
+    with pytest.raises(UserError) as err:
+        run(cfg)
+    text = str(err.value)
+    assert key in text and "\n" not in text.strip()
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_few_frames_for_initial_step_is_refused_before_training(smoke_data, tmp_path):
+    cfg = smoke_cfg(smoke_data, f"run_dir={tmp_path / 'run'}", "data.initial_step=21")
+    with pytest.raises(UserError, match=r"initial_step=21 needs at least 22"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_default_data_file_is_generated(tmp_path):
+    """The first run is one command: the data config's own file is made when absent."""
+    cfg = smoke_cfg(tmp_path, f"run_dir={tmp_path / 'run'}", "stage=autoencoder", "model=dim8",
+                    "stages.autoencoder.max_epochs=1")
+    assert not Path(cfg.data.path).exists()
+    assert "autoencoder" in run(cfg)
+    assert Path(cfg.data.path).exists()
+
+
+def test_a_missing_user_named_file_is_never_made_up(smoke_data, tmp_path):
+    missing = tmp_path / "mine.hdf5"
+    cfg = smoke_cfg(smoke_data, f"run_dir={tmp_path / 'run'}", f"data.path={missing}")
+    with pytest.raises(UserError, match="no such file"):
+        run(cfg, overrides=[f"data.path={missing}"])
+    assert not missing.exists() and not (tmp_path / "run").exists()
+
+
+def test_stage_operator_without_upstream_offers_stage_all_with_every_override(smoke_data, tmp_path):
+    overrides = ["experiment=smoke", "model=dim8", f"data.root={smoke_data / 'data'}",
+                 f"run_dir={tmp_path / 'run'}", "stages.operator.lr=2e-3", "stage=operator"]
+    cfg = smoke_cfg(smoke_data, *overrides)
+    with pytest.raises(UserError) as err:
+        run(cfg, overrides=overrides)
+    expected = "python -m ups_lightning.train " + " ".join(overrides[:-1]) + " stage=all"
+    assert expected in str(err.value)
+
+
+EVAL_CASES = [
+    ("guard.reencode=abc", "guard.reencode"),
+    ("guard.conserve_mass=maybe", "guard.conserve_mass"),
+    ("ensemble_members=0", "ensemble_members"),
+    ("ensemble_members=-3", "ensemble_members"),
+    ("batch_size=0", "batch_size"),
+    ("correct_every=0", "correct_every"),
+    ("n_show=-1", "n_show"),
+    ("num_threads=0", "num_threads"),
+    ("split=holdout", "split"),
+    ("corrector=oracle", "corrector"),
+    ("upto=autoencoder", "upto"),
+    ("upto=everything", "upto"),
+    ("ttc.n_candidates=0", "ttc.n_candidates"),
+    ("ttc.beam_width=0", "ttc.beam_width"),
+    ("ttc.horizon=-1", "ttc.horizon"),
+    ("ttc.budget=0", "ttc.budget"),
+    ("ttc.weights.mass=-1", "ttc.weights.mass"),
+    ("+ttc.weights.truth=1", "truth"),
+    ("gates.delta=-0.1", "gates.delta"),
+    ("gates.max_wallclock_ratio=nan", "gates.max_wallclock_ratio"),
+    ("seed=xyz", "seed"),
+    ("+data.n_test=5", "data.n_test"),
+]
+
+
+@pytest.mark.parametrize("override,key", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+def test_bad_evaluation_setting_is_one_paragraph_and_writes_nothing(smoke_run, tmp_path, override, key):
+    cfg, _ = smoke_run
+    with pytest.raises(UserError) as err:
+        evaluate(eval_cfg(Path(cfg.run_dir), tmp_path / "lb", override))
+    text = str(err.value)
+    assert key in text and "\n" not in text.strip()
+    assert not (tmp_path / "lb").exists()
+
+
+def test_evaluate_without_run_dir_is_a_clear_error(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ups_lightning import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate")
+    with pytest.raises(UserError, match="evaluate needs run_dir=DIR"):
+        evaluate(cfg)
+
+
+# --- through the real command line ---------------------------------------------------------------
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("module,args,needle", [
+    ("ups_lightning.evaluate", [], "run_dir"),
+    ("ups_lightning.evaluate", ["run_dir=missing-run", "guard.reencode=abc"], "guard.reencode"),
+    ("ups_lightning.evaluate", ["run_dir=missing-run"], "no such directory"),
+    ("ups_lightning.train", ["experiment=smoke", "stages.operator.max_epochs=-1"], "max_epochs"),
+    ("ups_lightning.train", ["experiment=smoke", "trainer.accelerator=gpu"], "accelerator"),
+])
+def test_cli_exits_2_with_one_paragraph_and_leaves_nothing(tmp_path, module, args, needle):
+    res = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                         cwd=tmp_path, env=ENV, timeout=120)
+    if needle == "accelerator" and res.returncode == 0:
+        pytest.skip("a GPU is visible here")
+    assert res.returncode == 2, res.stderr[-1500:]
+    assert needle in res.stderr and "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == []   # no run directory, no outputs/, no .hydra
