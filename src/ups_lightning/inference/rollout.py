@@ -14,7 +14,9 @@ starts from a state on the autoencoder's manifold. The guard uses nothing but th
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -23,6 +25,8 @@ from torch import Tensor
 
 from ups_lightning.inference.rewards import burgers_score
 from ups_lightning.inference.ttc import TTCConfig, ttc_step
+
+log = logging.getLogger("ups_lightning.rollout")
 
 
 @dataclass(frozen=True)
@@ -168,10 +172,14 @@ def ttc_rollout(sur: Surrogate, u0: Tensor, steps: int, corrector: str, cfg: TTC
 
     z, mass = sur.encode(u0), u0.mean(dim=1, keepdim=True)
     frames, evals = [], []
-    for _ in range(steps):
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
         z, info = ttc_step(z, propose, score, cfg)
         z, u = sur.settle(z, mass)
         frames.append(u)
         evals.append(info["evals"].double().mean())
+        if step % 10 == 0 or step == steps:   # the search is the slow mode: say where it is
+            log.info("TTC: step %d/%d of %d trajectories after %.1f s", step, steps, len(u0),
+                     time.perf_counter() - start)
     mean_evals = float(torch.stack(evals).mean()) if evals else math.nan
     return torch.stack(frames, dim=1), {"evals_per_step": mean_evals}
