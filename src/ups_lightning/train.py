@@ -209,6 +209,8 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
     best_val = float(score) if score is not None else None
     stopped = next((c.reason for c in trainer.callbacks if isinstance(c, NonFiniteLossStop) and c.reason), None)
     problem = _failed_stage(best, best_val, stopped)
+    digest = None if problem else sha256_file(best)
+    trainer.strategy.barrier()   # every rank has read the attempt before the first moves or removes it
     if problem:
         if trainer.is_global_zero:
             shutil.rmtree(attempt, ignore_errors=True)
@@ -223,7 +225,7 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
         "config_hash": config_hash,
         "upstream_sha256": upstream["ckpt_sha256"] if upstream else None,
         "best_ckpt": str(best.relative_to(attempt)),
-        "ckpt_sha256": sha256_file(best),
+        "ckpt_sha256": digest,
         "best_val_nrmse": best_val,
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         "wall_clock_s": wall,
