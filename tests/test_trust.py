@@ -226,3 +226,13 @@ def test_a_killed_and_resumed_stage_reproduces_the_uninterrupted_one(smoke_data,
     wa = load_stage(tmp_path / "straight", "autoencoder", a).state_dict()
     wb = load_stage(killed, "autoencoder", b).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_relative_run_dir_trains_and_evaluates(smoke_data, tmp_path, monkeypatch):
+    """The default run_dir is relative (outputs/runs/...): records stay relative to the stage."""
+    monkeypatch.chdir(tmp_path)
+    cfg = smoke_cfg(smoke_data, "run_dir=outputs/runs/rel", "model=dim8", "stage=autoencoder",
+                    "stages.autoencoder.max_epochs=1")
+    record = run(cfg)["autoencoder"]
+    assert record["best_ckpt"] == "checkpoints/best.ckpt"
+    assert load_stage(Path("outputs/runs/rel"), "autoencoder", record) is not None

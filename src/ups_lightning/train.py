@@ -224,7 +224,7 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
         "stage": name,
         "config_hash": config_hash,
         "upstream_sha256": upstream["ckpt_sha256"] if upstream else None,
-        "best_ckpt": str(best.relative_to(attempt)),
+        "best_ckpt": str(best.resolve().relative_to(attempt.resolve())),   # Lightning reports it absolute
         "ckpt_sha256": digest,
         "best_val_nrmse": best_val,
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
