@@ -17,7 +17,7 @@ import torch
 from conftest import eval_cfg, smoke_cfg
 from filelock import FileLock
 
-from ups_lightning.artifacts import checkpoint_file, load_stage, read_record
+from ups_lightning.artifacts import checkpoint_file, load_stage, read_record, sha256_file
 from ups_lightning.errors import UserError
 from ups_lightning.evaluate import evaluate
 from ups_lightning.train import run
@@ -32,12 +32,6 @@ def run_copy(smoke_run, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(cfg.run_dir, dst)
     return smoke_cfg(Path(cfg.data.root).parent, f"run_dir={dst}"), dst
-
-
-def _sha(path: Path) -> str:
-    from ups_lightning.artifacts import sha256_file
-
-    return sha256_file(path)
 
 
 def test_a_copied_run_directory_evaluates_its_own_checkpoints(run_copy, tmp_path):
@@ -63,13 +57,13 @@ def test_retrained_operator_makes_the_downstream_stages_stale(run_copy, tmp_path
 
 def test_a_diverging_stage_fails_and_keeps_the_previous_good_one(run_copy):
     cfg, dst = run_copy
-    before = _sha(checkpoint_file(dst, "operator", read_record(dst, "operator")))
+    before = sha256_file(checkpoint_file(dst, "operator", read_record(dst, "operator")))
     record_before = (dst / "operator" / "done.json").read_text()
     bad = smoke_cfg(Path(cfg.data.root).parent, f"run_dir={dst}", "stage=operator", "stages.operator.lr=1e6")
     with pytest.raises(UserError, match=r"stage 'operator' failed: .*(NaN|nan|inf).*left as it was"):
         run(bad)
     assert (dst / "operator" / "done.json").read_text() == record_before
-    assert _sha(checkpoint_file(dst, "operator", read_record(dst, "operator"))) == before
+    assert sha256_file(checkpoint_file(dst, "operator", read_record(dst, "operator"))) == before
     assert not (dst / ".attempts").exists() and not list(dst.glob("operator.stale-*"))
     # the run's config still describes the model that is there
     assert "1000000.0" not in (dst / "config.yaml").read_text()
@@ -85,7 +79,7 @@ def test_a_tampered_checkpoint_is_never_scored_and_is_retrained_by_stage_all(run
     with pytest.raises(UserError, match=r"stage 'operator' .* does not match its record .*stage=all"):
         evaluate(eval_cfg(dst, tmp_path / "lb"))
     records = run(cfg)   # stage=all: the tampered stage and everything after it are trained again
-    assert _sha(checkpoint_file(dst, "operator", records["operator"])) == records["operator"]["ckpt_sha256"]
+    assert sha256_file(checkpoint_file(dst, "operator", records["operator"])) == records["operator"]["ckpt_sha256"]
     assert evaluate(eval_cfg(dst, tmp_path / "lb"))["nrmse"] < 5
 
 
@@ -102,7 +96,7 @@ def test_a_checkpoint_that_carries_code_is_refused_without_running_it(run_copy, 
     blob = torch.load(ckpt, weights_only=True)
     blob["hyper_parameters"]["evil"] = Payload()
     torch.save(blob, ckpt)
-    record["ckpt_sha256"] = _sha(ckpt)    # an attacker controls the record too
+    record["ckpt_sha256"] = sha256_file(ckpt)    # an attacker controls the record too
     (dst / "distill" / "done.json").write_text(json.dumps(record))
     with pytest.raises(UserError, match="not a checkpoint this version can load as plain weights"):
         evaluate(eval_cfg(dst, tmp_path / "lb"))

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ups_lightning.atomic import atomic_write_json
 from ups_lightning.config import STAGE_ORDER
 from ups_lightning.errors import UserError
-
-log = logging.getLogger("ups_lightning.artifacts")
 
 DONE = "done.json"
 OVERRIDES = "overrides.json"    # the command-line overrides of the run's last training command
@@ -47,8 +44,6 @@ def stage_dir(run_dir: str | Path, name: str) -> Path:
 
 # --- the command that fixes a run ----------------------------------------------------------------
 def save_overrides(run_dir: Path, overrides: Sequence[str]) -> None:
-    from ups_lightning.atomic import atomic_write_json
-
     atomic_write_json(run_dir / OVERRIDES, list(overrides))
 
 
@@ -198,7 +193,3 @@ def load_stage(run_dir: str | Path, name: str, record: Dict[str, Any], fix: str 
                         f"(e.g. {bad[0]}); this model cannot be scored. Retrain the stage.")
     module.eval()
     return module
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

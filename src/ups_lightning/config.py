@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ups_lightning.errors import UserError
+from ups_lightning.eval.leaderboard import GateConfig
 
 STAGE_ORDER = ("autoencoder", "operator", "diffusion", "distill")
 
@@ -299,15 +300,6 @@ class TTCSettings:
 
 
 @dataclass
-class GatesConfig:
-    delta: float = 0.0
-    max_mass_ratio: float = 1.5
-    max_boundary_ratio: float = 1.5
-    max_calibration_ratio: float = 1.5
-    max_wallclock_ratio: float = 2.0
-
-
-@dataclass
 class EvaluateConfig:
     run_dir: str = "???"
     upto: Optional[str] = None       # evaluate the chain up to this stage (None: the last finished)
@@ -325,7 +317,7 @@ class EvaluateConfig:
     note: str = ""
     leaderboard: str = "outputs/leaderboard.csv"
     html: str = "outputs/leaderboard.html"
-    gates: GatesConfig = field(default_factory=GatesConfig)
+    gates: GateConfig = field(default_factory=GateConfig)   # the leaderboard's own gates
 
 
 EVAL_RANGES = [

@@ -101,9 +101,10 @@ def eval_data(train_cfg: DictConfig, path: Optional[str], split: Optional[str]) 
     path = str(d.path if path is None else path)
     if not Path(path).is_file():
         raise UserError(f"data.path={path}: no such file.")
-    if split is None:   # a file smaller than the run's splits, without a manifest: every row
+    manifest = None if own else load_manifest(path)
+    if split is None:   # another file smaller than the run's splits, without a manifest: every row
         split = "test"
-        if not own and load_manifest(path) is None:
+        if not own and manifest is None:
             with PDEBenchFile(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
                 if f.meta.n_samples < d.n_train + d.n_val + d.n_test:
                     split = "all"
@@ -113,8 +114,8 @@ def eval_data(train_cfg: DictConfig, path: Optional[str], split: Optional[str]) 
         with PDEBenchFile(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
             return EvalData(path, f.meta, torch.from_numpy(f.read(slice(None))).float(), split)
     sizes = {"n_train": d.n_train, "n_val": d.n_val, "n_test": d.n_test}
-    if not own and load_manifest(path) is not None:
-        sizes = {f"n_{s}": r["stop"] - r["start"] for s, r in load_manifest(path)["splits"].items()
+    if manifest is not None:   # another file with its own splits
+        sizes = {f"n_{s}": r["stop"] - r["start"] for s, r in manifest["splits"].items()
                  if s in ("train", "val", "test")}
         sizes["n_train"] = max(1, sizes.get("n_train", 1))
     try:
