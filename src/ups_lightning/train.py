@@ -33,7 +33,7 @@ from ups_lightning.atomic import atomic_write_json
 from ups_lightning.config import STAGE_ORDER, validate_train_config
 from ups_lightning.data.cache import build_or_load_latent_cache
 from ups_lightning.data.datamodule import (
-    FrameDataModule, LatentDataModule, check_frames, conditioning, file_nu, open_view, unit_coords,
+    FrameDataModule, LatentDataModule, conditioning, file_nu, open_view, unit_coords,
 )
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.lit.callbacks import EMA, NonFiniteLossStop, RNGState
@@ -274,7 +274,7 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> str:
         raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file.")
     fix = train_command(cfg.run_dir, cfg, overrides)
     _ensure_data(cfg, overrides)
-    check_frames(open_view(cfg.data), int(cfg.data.initial_step))
+    open_view(cfg.data)   # checks the file, its split sizes and its frames against initial_step
     first = next(name for name in STAGE_ORDER if name in cfg.stage.run)
     finished_upstream(cfg, first, fix)
     return fix
