@@ -32,10 +32,10 @@ test-slow: setup
 	PYTHONDONTWRITEBYTECODE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 eval-small: setup
-	$(BIN)/python -m ups_lightning.pipeline small
+	$(BIN)/python -m ups_lightning.pipeline small $(if $(DATA),data=$(DATA))
 
 eval-full: setup
-	$(BIN)/python -m ups_lightning.pipeline full
+	$(BIN)/python -m ups_lightning.pipeline full $(if $(DATA),data=$(DATA))
 
 bench: setup
 	$(BIN)/python -m ups_lightning.bench

@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from ups_lightning.atomic import atomic_write_json
 from ups_lightning.config import STAGE_ORDER
 from ups_lightning.errors import UserError
+from ups_lightning.lit.stages import STAGE_MODULES
 
 DONE = "done.json"
 OVERRIDES = "overrides.json"    # the command-line overrides of the run's last training command
-UPSTREAM: Dict[str, Optional[str]] = {"autoencoder": None, "operator": "autoencoder",
-                                      "diffusion": "operator", "distill": "diffusion"}
+UPSTREAM: Dict[str, Optional[str]] = {name: cls.upstream for name, cls in STAGE_MODULES.items()}
 RECORD_KEYS = ("stage", "config_hash", "best_ckpt", "ckpt_sha256")
 
 
@@ -178,8 +178,6 @@ def nonfinite_tensors(state: Dict[str, Any]) -> List[str]:
 
 def load_stage(run_dir: str | Path, name: str, record: Dict[str, Any], fix: str = "") -> Any:
     """The stage's LightningModule from its verified checkpoint, loaded as data (weights_only)."""
-    from ups_lightning.lit.stages import STAGE_MODULES
-
     path = verify_checkpoint(run_dir, name, record, fix or train_command(run_dir))
     try:
         module = STAGE_MODULES[name].load_from_checkpoint(path, map_location="cpu", weights_only=True)

@@ -16,16 +16,22 @@ from omegaconf.errors import OmegaConfBaseException
 from ups_lightning.errors import UserError
 from ups_lightning.eval.leaderboard import GateConfig
 
-STAGE_ORDER = ("autoencoder", "operator", "diffusion", "distill")
+from ups_lightning.lit.stages import STAGE_MODULES
+
+STAGE_ORDER = tuple(STAGE_MODULES)   # the registered stages, each after its upstream
 
 
 @dataclass
 class DataConfig:
+    """One file of one equation (``pde`` a registered equation, ``params`` its parameters), or a
+    mixed set (``pde: mixed``) whose ``members`` are such configs, one per equation."""
+
     name: str = "burgers1d_small"
     pde: str = "burgers1d"
     root: str = "data"
-    path: str = "data/burgers1d_small/1D_Burgers_Sols_Nu0.001.hdf5"
-    nu: float = 0.001
+    path: Optional[str] = "data/burgers1d_small/1D_Burgers_Sols_Nu0.001.hdf5"
+    params: Dict[str, float] = field(default_factory=dict)
+    members: Optional[Dict[str, Any]] = None
     nx: int = 256
     nt: int = 41
     t_max: float = 2.0
@@ -227,14 +233,44 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
     if merged.stages.distill.student_steps not in (1, 2):
         raise UserError(f"stages.distill.student_steps={merged.stages.distill.student_steps}: expected 1 or 2.")
     check_ranges(merged, TRAIN_RANGES)
+    _check_data(merged.data)
     return merged
+
+
+def _check_data(data: DictConfig) -> None:
+    """A single-file data config names a registered equation; a mixed one (pde: mixed) lists
+    members, each a valid single-file data config."""
+    from ups_lightning.pdes import get_pde
+
+    if data.pde != "mixed":
+        if data.members:
+            raise UserError(f"data.members is set but data.pde={data.pde!r}: a mixed data config has "
+                            "pde: mixed.")
+        get_pde(data.pde)
+        if not data.path:
+            raise UserError(f"data.path is not set for data={data.name}: name the PDEBench-layout file.")
+        return
+    if not data.members:
+        raise UserError(f"data={data.name} is mixed (pde: mixed) but lists no members; list one data "
+                        "config per equation under data.members.")
+    schema = OmegaConf.structured(DataConfig)
+    for key in list(data.members):
+        try:
+            member = OmegaConf.merge(schema, data.members[key])
+        except OmegaConfBaseException as exc:
+            raise schema_error(exc, f"data.members.{key}", "conf/data/") from None
+        if member.pde == "mixed" or member.members:
+            raise UserError(f"data.members.{key}: a member is one file of one equation, not a mixed set.")
+        check_ranges(OmegaConf.create({"data": member}), [r for r in TRAIN_RANGES if r[0].startswith("data.")])
+        _check_data(member)
+        data.members[key] = member
 
 
 # (key, lower bound, lower bound included, upper bound or None): numbers a run cannot work with
 TRAIN_RANGES = [
     *[(f"data.{k}", 1, True, None) for k in ("n_train", "n_val", "n_test", "initial_step", "batch_size",
                                              "reduced_resolution", "reduced_resolution_t", "nx")],
-    ("data.nt", 2, True, None), ("data.nu", 0.0, False, None), ("data.t_max", 0.0, False, None),
+    ("data.nt", 2, True, None), ("data.t_max", 0.0, False, None),
     ("data.num_workers", 0, True, None),
     *[(f"model.{k}", 1, True, None) for k in ("dim", "n_tokens", "depth", "levels", "ae_depth",
                                               "decoder_depth", "n_fourier", "diffusion_depth")],
@@ -284,8 +320,8 @@ class EvalDataConfig:
 
 @dataclass
 class GuardConfig:
-    reencode: bool = True
-    conserve_mass: bool = True
+    reencode: bool = True      # decode and re-encode every rolled-out state
+    invariants: bool = True    # project decoded states onto the equation's invariants (its spec)
 
 
 @dataclass
@@ -296,7 +332,7 @@ class TTCSettings:
     horizon: int = 1
     budget: Optional[int] = None
     include_operator: bool = True
-    weights: Dict[str, float] = field(default_factory=lambda: {"mass": 1.0, "energy": 1.0, "tv": 1.0, "pde": 1.0})
+    weights: Dict[str, float] = field(default_factory=dict)   # conf/ttc/*.yaml; unnamed rewards weigh 1
 
 
 @dataclass
@@ -350,9 +386,12 @@ def validate_eval_config(cfg: DictConfig) -> DictConfig:
         raise UserError(f"split={merged.split!r}: expected one of {list(EVAL_SPLITS)} (all: every row of the file).")
     if merged.corrector not in ("student", "teacher"):
         raise UserError(f"corrector={merged.corrector!r}: expected student or teacher.")
-    unknown = sorted(set(merged.ttc.weights) - {"mass", "energy", "tv", "pde"})
+    from ups_lightning.pdes.base import PENALTY_DOCS
+
+    unknown = sorted(set(merged.ttc.weights) - set(PENALTY_DOCS))
     if unknown:
-        raise UserError(f"ttc.weights has unknown reward(s) {unknown}: expected mass, energy, tv, pde.")
+        raise UserError(f"ttc.weights has unknown reward(s) {unknown}: expected some of "
+                        f"{', '.join(PENALTY_DOCS)} (each equation uses the ones that hold for it).")
     for k, w in merged.ttc.weights.items():
         if not (math.isfinite(w) and w >= 0):
             raise UserError(f"ttc.weights.{k}={w}: expected a finite number >= 0.")

@@ -28,9 +28,9 @@ from rich.table import Table
 
 from ups_lightning.artifacts import DONE, load_stage, record_config, stage_dir, train_command, verified_chain
 from ups_lightning.config import STAGE_ORDER, validate_eval_config
-from ups_lightning.data.datamodule import check_frames, conditioning, file_nu, unit_coords
+from ups_lightning.data.contract import DataContract
+from ups_lightning.data.datamodule import check_frames, member_configs, resolve_params, unit_coords
 from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset
-from ups_lightning.data.solver import solve_burgers
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.eval import leaderboard as lb
 from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench, nrmse_per_frame
@@ -91,12 +91,12 @@ class EvalData:
     split: str
 
 
-def eval_data(train_cfg: DictConfig, path: Optional[str], split: Optional[str]) -> EvalData:
-    """The evaluated rows: the run's own file by default, or `path` read with the run's reduction
-    and equation. A split uses the run's split sizes (or the manifest's, for another file with
-    one); `all` takes every row. The default is `test`, or `all` for another file without a
-    manifest that is smaller than the run's splits. The caller checks that the file fits the model."""
-    d = train_cfg.data
+def eval_data(d: DictConfig, path: Optional[str], split: Optional[str]) -> EvalData:
+    """The evaluated rows: the data config ``d``'s own file by default (one file of one equation: a
+    single-equation run's data config or a member of a mixed one), or `path` read with its reduction
+    and equation. A split uses the config's split sizes (or the manifest's, for another file with
+    one); `all` takes every row. The default is `test`, or `all` for another file without a manifest
+    that is smaller than the config's splits. The caller checks that the file fits the model."""
     own = path is None or Path(path).resolve() == Path(d.path).resolve()
     path = str(d.path if path is None else path)
     if not Path(path).is_file():
@@ -126,16 +126,35 @@ def eval_data(train_cfg: DictConfig, path: Optional[str], split: Optional[str]) 
     return EvalData(path, view.meta, torch.from_numpy(view.read(split)).float(), split)
 
 
+def eval_member(train_cfg: DictConfig, path: Optional[str]) -> DictConfig:
+    """The run's data config of the file to score: the one file of a single-equation run; for a
+    mixed run, the member of the named file's equation (every member when ``path`` is None is the
+    caller's loop)."""
+    members = member_configs(train_cfg.data)
+    if path is None or len(members) == 1:
+        return next(iter(members.values()))
+    with PDEBenchFile(path) as f:     # the file says which equation it holds
+        pde = f.pde
+    if pde not in members:
+        raise UserError(f"{path} holds {pde} data; the run in {train_cfg.run_dir} was trained on "
+                        f"{', '.join(members)}.")
+    return members[pde]
+
+
 def check_fits_model(data: EvalData, train_cfg: DictConfig, module: Any) -> None:
-    """The model can only score data on its own grid, with frames to predict."""
-    n_x = int(module.x.numel())
-    if data.meta.n_x != n_x:
-        raise UserError(f"{data.path}: {data.meta.n_x} cells after data.reduced_resolution="
-                        f"{train_cfg.data.reduced_resolution}, but the model in {train_cfg.run_dir} was "
-                        f"trained on {n_x} cells; evaluate it on a file with the same grid.")
-    if data.meta.n_channels != int(module.field_mean.numel()):
+    """The model can only score data on its own grid, of its equations, with frames to predict."""
+    contract = module.contract
+    if data.meta.pde not in contract.pdes:
+        raise UserError(f"{data.path}: {data.meta.pde} data, but the model in {train_cfg.run_dir} was "
+                        f"trained on {', '.join(contract.pdes)}.")
+    if (data.meta.n_x,) != tuple(contract.spatial_shape):
+        raise UserError(f"{data.path}: {data.meta.n_x} cells after reduced_resolution="
+                        f"{data.meta.reduced_resolution}, but the model in {train_cfg.run_dir} was "
+                        f"trained on {tuple(contract.spatial_shape)}; evaluate it on a file with the "
+                        f"same grid.")
+    if data.meta.n_channels != contract.n_channels:
         raise UserError(f"{data.path}: {data.meta.n_channels} channel(s), the model has "
-                        f"{int(module.field_mean.numel())}.")
+                        f"{contract.n_channels}.")
     check_frames(data, int(train_cfg.data.initial_step))
     if len(data.fields) == 0:
         raise UserError(f"{data.path}: split {data.split!r} has no rows to score.")
@@ -146,11 +165,19 @@ def rollout_frames(fields: torch.Tensor, n_given: int) -> tuple:
     return fields[:, n_given - 1], fields[:, n_given:]   # u0: all the rollout ever sees
 
 
-def build_surrogate(train_cfg: DictConfig, module: Any, view: Any, nu: float, guard: Guard) -> Surrogate:
-    """The run's module as a Surrogate on the grid and conditioning of `view`."""
-    return Surrogate(module, unit_coords(view), conditioning(view, nu),
-                     teacher_steps=train_cfg.stages.diffusion.sample_steps,
-                     student_steps=train_cfg.stages.distill.student_steps, guard=guard)
+def file_physics(data: EvalData, member: DictConfig) -> Physics:
+    """The equation, parameters and spacings of the scored file (parameters as the file states
+    them, the member config's only for ones it does not)."""
+    meta = data.meta
+    return Physics(pde=meta.pde, params=resolve_params(meta, member.get("params"), "data"), dx=meta.dx,
+                   dt=meta.dt, domain_length=meta.domain_length)
+
+
+def build_surrogate(train_cfg: DictConfig, module: Any, data: Any, physics: Physics, guard: Guard) -> Surrogate:
+    """The run's module as a Surrogate on the grid and conditioning of `data`."""
+    cond = module.contract.conditioning(physics.pde, physics.params, physics.dt)
+    return Surrogate(module, unit_coords(data), cond, teacher_steps=train_cfg.stages.diffusion.sample_steps,
+                     student_steps=train_cfg.stages.distill.student_steps, guard=guard, pde=physics.spec)
 
 
 def _timed(what: str, fn: Callable[[], Any]) -> tuple:
@@ -176,24 +203,36 @@ def _batched(what: str, fn: Callable[[torch.Tensor], torch.Tensor], u0: torch.Te
     return torch.cat(out, dim=dim)
 
 
-def evaluate(cfg: DictConfig) -> Dict[str, Any]:
+def evaluate(cfg: DictConfig) -> Any:
+    """Score a finished run (one leaderboard row per scored file). A single-equation run, or any run
+    with data.path=FILE, gives its row; a mixed run without data.path scores each equation's file and
+    gives {equation: row}."""
     cfg = validate_eval_config(cfg)
-    torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run_dir = Path(cfg.run_dir)
     train_cfg, records, module = load_run(run_dir, cfg.upto)
-    data = eval_data(train_cfg, cfg.data.path, cfg.split)
+    members = member_configs(train_cfg.data)
+    if cfg.data.path is not None or len(members) == 1:
+        return evaluate_file(cfg, train_cfg, records, module, eval_member(train_cfg, cfg.data.path))
+    return {pde: evaluate_file(cfg, train_cfg, records, module, member) for pde, member in members.items()}
+
+
+def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module: Any,
+                  member: DictConfig) -> Dict[str, Any]:
+    """Roll out, score and record one file of one equation (module doc)."""
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    data = eval_data(member, cfg.data.path, cfg.split)
     check_fits_model(data, train_cfg, module)
     n_given = int(train_cfg.data.initial_step)
     fields = data.fields
     u0, truth = rollout_frames(fields, n_given)
     steps = truth.shape[1]
     meta = data.meta
-    physics = Physics(nu=file_nu(data, train_cfg.data.nu), dx=meta.dx, dt=meta.dt,
-                      domain_length=meta.domain_length)
-    sur = build_surrogate(train_cfg, module, data, physics.nu,
-                          Guard(reencode=bool(cfg.guard.reencode), conserve_mass=bool(cfg.guard.conserve_mass)))
+    physics = file_physics(data, member)
+    sur = build_surrogate(train_cfg, module, data, physics,
+                          Guard(reencode=bool(cfg.guard.reencode), invariants=bool(cfg.guard.invariants)))
     corrector = cfg.corrector if cfg.corrector in sur.correctors else (sur.correctors[-1] if sur.correctors else None)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, B = len(u0), cfg.batch_size
@@ -206,9 +245,9 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     preds["persistence"] = u0.unsqueeze(1).expand_as(truth).clone()
     walls["persistence"] = 0.0
     t_rel = np.asarray(meta.t[n_given - 1:], dtype=np.float64) - float(meta.t[n_given - 1])
-    sol, walls["solver"] = _timed("solver", lambda: solve_burgers(
-        u0[..., 0].double().numpy(), physics.nu, t_rel, domain_length=physics.domain_length))
-    preds["solver"] = torch.from_numpy(sol[:, 1:]).float().unsqueeze(-1)
+    sol, walls["solver"] = _timed("solver", lambda: physics.spec.solve(
+        u0.double().numpy(), physics.params, t_rel, domain_length=physics.domain_length))
+    preds["solver"] = torch.from_numpy(sol[:, 1:]).float()
     preds["operator"], walls["operator"] = _timed("operator rollout", lambda: _batched(
         "operator rollout", lambda u: rollout(sur, u, steps), u0, B))
     ens = None
@@ -251,6 +290,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
                         f"{metrics[broken[0]]['nrmse']}); nothing was recorded. Retrain the run's stages or "
                         "evaluate an earlier stage with upto=operator.")
     row = _row(cfg, train_cfg, records, module, data, metrics, headline, steps, n, fields, preds, extra, corrector)
+    row.update(pde=physics.pde, pde_params=json.dumps(physics.params))
     artifacts = _write_artifacts(run_dir, row["run_id"], preds, truth, meta, cfg.n_show)
     row["artifacts"] = str(artifacts)
     _print_table(metrics, headline, row)
@@ -322,8 +362,8 @@ def _write_artifacts(run_dir: Path, run_id: str, preds: Dict[str, torch.Tensor],
     (out / "curves.json").write_text(json.dumps(curves))
     model_key = "ttc" if "ttc" in preds else "operator"
     show = np.linspace(0, len(truth) - 1, max(1, n_show)).round().astype(int)
-    np.savez_compressed(out / "samples.npz", true=truth[show, ..., 0].numpy(),
-                        pred=preds[model_key][show, ..., 0].numpy(), x=np.asarray(meta.x),
+    np.savez_compressed(out / "samples.npz", true=truth[show].numpy(),
+                        pred=preds[model_key][show].numpy(), x=np.asarray(meta.x),
                         t=np.asarray(meta.t[len(meta.t) - truth.shape[1]:]))
     return out
 

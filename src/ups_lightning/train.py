@@ -32,13 +32,11 @@ from ups_lightning.artifacts import (
 from ups_lightning.atomic import atomic_write_json
 from ups_lightning.config import STAGE_ORDER, validate_train_config
 from ups_lightning.data.cache import build_or_load_latent_cache
-from ups_lightning.data.datamodule import (
-    FrameDataModule, LatentDataModule, conditioning, file_nu, open_view, unit_coords,
-)
+from ups_lightning.data.datamodule import FrameDataModule, LatentDataModule, open_run_data, unit_coords
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.lit.callbacks import EMA, NonFiniteLossStop, RNGState
 from ups_lightning.lit.common import StageModule
-from ups_lightning.lit.stages import STAGE_MODULES, AutoencoderModule, DistillModule
+from ups_lightning.lit.stages import STAGE_MODULES
 
 log = logging.getLogger("ups_lightning.train")
 
@@ -118,16 +116,10 @@ def _build_loggers(cfg: DictConfig, out: Path) -> list:
 
 
 # --- one stage ------------------------------------------------------------------------------------
-def _stage_module(cfg: DictConfig, name: str, n_x: int) -> StageModule:
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    settings = OmegaConf.to_container(cfg.stages[name], resolve=True)
-    lr = settings["lr"]
-    if name == "autoencoder":
-        return AutoencoderModule(model, optim, lr, n_x, n_query=settings["n_query"])
-    if name == "distill":
-        return DistillModule(model, optim, settings, cfg.stages.diffusion.sample_steps, lr, n_x)
-    return STAGE_MODULES[name](model, optim, settings, lr, n_x)
+def _stage_module(cfg: DictConfig, name: str, contract: Any) -> StageModule:
+    """The registered stage, built with the one constructor signature every stage has."""
+    return STAGE_MODULES[name](*(OmegaConf.to_container(part, resolve=True) for part in
+                                 (cfg.model, cfg.optim, cfg.stages)), contract.to_dict())
 
 
 def compile_networks(module: StageModule) -> None:
@@ -166,25 +158,25 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
     attempt = run_dir / ATTEMPTS / f"{name}-{config_hash}"
     attempt.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed + STAGE_ORDER.index(name), workers=True, verbose=False)
-    view = open_view(cfg.data)
-    x = unit_coords(view)
-    cond = conditioning(view, file_nu(view, cfg.data.nu))
+    data = open_run_data(cfg.data)
+    x = unit_coords(data)
     try:
-        module = _stage_module(cfg, name, n_x=len(x))
+        module = _stage_module(cfg, name, data.contract)
     except ValueError as exc:  # the networks' own checks of the model settings
         raise UserError(f"model={cfg.model.name}: {exc} Adjust the model.* settings.") from None
     if name == "autoencoder":
-        module.set_data_context(x, view.normalizer.mean, view.normalizer.std, cond)
+        module.set_data_context(x, data.normalizer.mean, data.normalizer.std)
         datamodule: L.LightningDataModule = FrameDataModule(
             cfg.data, cfg.stages.autoencoder.batch_size, cfg.stages.autoencoder.val_frames)
     else:
         up_module = load_stage(run_dir, UPSTREAM[name], upstream, fix)
-        cache = build_or_load_latent_cache(up_module.autoencoder, view, x, run_dir / "latents")
+        cache = build_or_load_latent_cache(up_module.autoencoder, data, x, run_dir / "latents")
         module.load_upstream(up_module)
-        module.set_data_context(x, view.normalizer.mean, view.normalizer.std, cond,
-                                cache.latent_mean, cache.latent_std)
+        module.set_data_context(x, data.normalizer.mean, data.normalizer.std, cache.latent_mean,
+                                cache.latent_std)
         steps = cfg.stages.operator.rollout_steps if name == "operator" else 1
-        datamodule = LatentDataModule(cache, cfg.stages[name].batch_size, steps=steps,
+        cond = {split: data.cond(split) for split in ("train", "val")}
+        datamodule = LatentDataModule(cache, cond, cfg.stages[name].batch_size, steps=steps,
                                       num_workers=cfg.data.num_workers)
         if name == "diffusion":
             module.fit_residual_scale(datamodule.train_dataloader(shuffle=False))  # same on every rank
@@ -274,24 +266,27 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> str:
         raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file.")
     fix = train_command(cfg.run_dir, cfg, overrides)
     _ensure_data(cfg, overrides)
-    open_view(cfg.data)   # checks the file, its split sizes and its frames against initial_step
+    open_run_data(cfg.data)   # checks the files, split sizes, parameters, frames against initial_step
     first = next(name for name in STAGE_ORDER if name in cfg.stage.run)
     finished_upstream(cfg, first, fix)
     return fix
 
 
 def _ensure_data(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> None:
-    """The data config's own file is generated when it is missing (seconds for the small sets); a
-    file the user named with data.path= is never made up."""
-    if Path(cfg.data.path).exists():
-        return
-    if any(o.lstrip("+~").startswith("data.path=") for o in overrides or ()):
-        raise UserError(f"data.path={cfg.data.path}: no such file. Pass an existing PDEBench-layout "
-                        "HDF5 file, or drop data.path to use the data config's generated file.")
+    """The data config's own files are generated when missing (seconds for the small sets); a file
+    the user named with data.path= (or data.members.<m>.path=) is never made up."""
+    from ups_lightning.data.datamodule import member_configs
     from ups_lightning.data.generate import run as generate
 
-    log.info("data file %s is missing: generating it (data=%s)", cfg.data.path, cfg.data.name)
-    generate({"data": cfg.data, "workers": 2, "progress": False})
+    for member in member_configs(cfg.data).values():
+        if Path(member.path).exists():
+            continue
+        named = [o for o in overrides or () if o.lstrip("+~").split("=", 1)[0].endswith(".path")]
+        if named:
+            raise UserError(f"{named[0]}: no such file {member.path}. Pass an existing PDEBench-layout "
+                            "HDF5 file, or drop the override to use the data config's generated file.")
+        log.info("data file %s is missing: generating it (data=%s)", member.path, member.name)
+        generate({"data": member, "workers": 2, "progress": False})
 
 
 def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:

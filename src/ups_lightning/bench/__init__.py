@@ -1,4 +1,5 @@
-"""`python -m ups_lightning.bench [budget_min=10] [data=burgers1d] [model=dim32] ...` (`make bench`).
+"""`python -m ups_lightning.bench [budget_min=10] [data=burgers1d|advection1d|reacdiff1d] [model=dim32] ...`
+(`make bench`).
 
 The benchmark suite of benchmark.md section 4, on one split of one data file, every method scored on
 the same test frames by the same code (``ups_lightning.eval.metrics.all_metrics``, as
@@ -273,7 +274,7 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
 
     from ups_lightning.bench.report import add_equal_accuracy, write_summary
     from ups_lightning.bench.solver_sweep import sweep
-    from ups_lightning.data.datamodule import file_nu, open_view
+    from ups_lightning.data.datamodule import open_run_data
     from ups_lightning.errors import UserError
     from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench
     from ups_lightning.evaluate import git_commit
@@ -289,7 +290,11 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
         run_dir = run_dir.with_name(run_dir.name + time.strftime("-%Y%m%d-%H%M%S"))
     train_cfg = compose_train_config(cfg, checked, run_dir)
     data_cfg = train_cfg.data
-    view = open_view(data_cfg)
+    data = open_run_data(data_cfg)
+    if len(data.views) != 1:
+        raise UserError(f"bench: data={data_cfg.name} holds {len(data.views)} equations; the benchmark runs "
+                        "on one file of one equation (pass data=<equation>).")
+    view, params = data.views[0], data.params[data.views[0].pde]
     meta = view.meta
     n_given = int(data_cfg.initial_step)
     test = torch.from_numpy(view.read("test")).float()
@@ -306,9 +311,10 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
                         f"{meta.n_x}-cell evaluation grid of {view.path}.")
     steps = test.shape[1] - n_given
     u0, truth = test[:, n_given - 1], test[:, n_given:]
-    nu = file_nu(view, data_cfg.nu)
-    common = {"budget_min": checked["budget_min"], "n_test": len(test), "steps": steps, "data_path": str(view.path)}
-    say(f"bench: {view.path} ({meta.n_x} cells x {meta.n_t} frames after reduction, nu={nu:g}); splits "
+    common = {"budget_min": checked["budget_min"], "n_test": len(test), "steps": steps, "data_path": str(view.path),
+              "pde": view.pde}
+    stated = ", ".join(f"{k}={v:g}" for k, v in params.items())
+    say(f"bench: {view.path} ({view.pde}, {stated}; {meta.n_x} cells x {meta.n_t} frames after reduction); splits "
         f"{view.sizes()} from the {view.split_source}; frames 0..{n_given - 1} given, {steps} predicted; "
         f"budget {checked['budget_min']:g} min per learned method; torch threads {torch.get_num_threads()}")
 
@@ -321,7 +327,8 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
     solver_rows: List[Dict[str, Any]] = []
     if not cfg.skip_solver:
         t_rel = [float(t) - float(meta.t[n_given - 1]) for t in meta.t[n_given - 1:]]
-        for s in sweep(u0, truth, nu, t_rel, meta.dx, meta.domain_length, checked["solver_grids"], log=say):
+        for s in sweep(u0, truth, view.pde, params, t_rel, meta.dx, meta.domain_length, checked["solver_grids"],
+                       log=say):
             solver_rows.append(s)
             # PDEBench's figure: the given frames count with zero error, so it is nRMSE * steps / T
             rows.append(_metric_row(f"solver {s['grid']} cells", "solver", s, train_s=0.0,

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ups_lightning.eval.metrics import frame_nrmse
+
 __all__ = ["FNOSettings", "FNOPeer", "build_fno", "rollout_fno", "predict_test", "train_fno", "count_params"]
 
 
@@ -155,10 +157,8 @@ def _unroll_loss(model: FNOPeer, traj: Tensor, t_train: int) -> Tensor:
 def _val_nrmse(model: FNOPeer, val: Tensor, batch: int) -> float:
     k = model.initial_step
     pred = rollout_fno(model, val[:, :k], val.shape[1] - k, batch=batch)
-    true = val[:, k:]
-    num = (pred - true).pow(2).mean(dim=2).sqrt()
-    den = true.pow(2).mean(dim=2).sqrt()
-    return float((num / den).mean())
+    # nRMSE per sample, frame and channel (the one implementation, eval.metrics), mean over all
+    return float(frame_nrmse(pred, val[:, k:]).mean())
 
 
 def train_fno(model: FNOPeer, train: Tensor, val: Tensor, settings: FNOSettings, budget_s: float,

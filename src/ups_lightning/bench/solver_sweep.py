@@ -2,12 +2,12 @@
 
 From the last given frame (frame ``initial_step - 1``) of each test trajectory on the evaluation grid
 (N cells), the field is reduced to ``n`` cells by cell averages (the mean of N/n consecutive
-evaluation-grid values; n must divide N), solved with ``ups_lightning.data.solver.solve_burgers`` to
-the remaining save times, and brought back to the N-cell evaluation grid by **periodic linear
+evaluation-grid values; n must divide N), solved with the equation's reference solver (its spec's
+``solve``) to the remaining save times, and brought back to the N-cell evaluation grid by **periodic linear
 interpolation** between coarse cell centres (centre of coarse cell j = the mean position of the
-evaluation-grid points it averages). Linear rather than spectral: the nu = 0.001 fields carry
-under-resolved shocks, where a Fourier interpolant rings (Gibbs) and would charge the coarse solver
-an error that is the interpolant's, not the scheme's. With n = N the round trip is the identity.
+evaluation-grid points it averages). Linear rather than spectral: fields with under-resolved shocks
+make a Fourier interpolant ring (Gibbs), which would charge the coarse solver an error that is the
+interpolant's, not the scheme's. With n = N the round trip is the identity.
 
 The result is scored with the same ``all_metrics`` call as every other method, and timed per
 trajectory (the solver is batched over trajectories, as the surrogates are). Interpolation is not
@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ups_lightning.data.solver import solve_burgers
 from ups_lightning.eval.metrics import all_metrics
+from ups_lightning.pdes import get_pde
 
 __all__ = ["cell_average", "upsample_linear", "solve_on_grid", "sweep", "cheapest_meeting", "SWEEP_GRIDS"]
 
@@ -61,25 +61,26 @@ def upsample_linear(u: np.ndarray, big: int) -> np.ndarray:
     return u[..., a] * (1.0 - w) + u[..., b] * w
 
 
-def solve_on_grid(u0: np.ndarray, n: int, nu: float, t_rel: np.ndarray, domain_length: float) -> tuple:
-    """Solve from ``u0`` (B, N) reduced to ``n`` cells; returns (frames (B, T-1, N) on the evaluation
-    grid, excluding t_rel[0], wall-clock seconds of the solve)."""
-    big = u0.shape[-1]
-    coarse = cell_average(np.asarray(u0, dtype=np.float64), n)
+def solve_on_grid(u0: np.ndarray, n: int, pde: str, params: Dict[str, float], t_rel: np.ndarray,
+                  domain_length: float) -> tuple:
+    """Solve equation ``pde`` from ``u0`` (B, N, C) reduced to ``n`` cells; returns (frames
+    (B, T-1, N, C) on the evaluation grid, excluding t_rel[0], wall-clock seconds of the solve)."""
+    big = u0.shape[-2]
+    coarse = np.moveaxis(cell_average(np.moveaxis(np.asarray(u0, dtype=np.float64), -1, -2), n), -1, -2)
     start = time.perf_counter()
-    sol = solve_burgers(coarse, nu, t_rel, domain_length=domain_length)
+    sol = get_pde(pde).solve(coarse, params, t_rel, domain_length=domain_length)
     wall = time.perf_counter() - start
-    return upsample_linear(sol[:, 1:], big), wall
+    return np.moveaxis(upsample_linear(np.moveaxis(sol[:, 1:], -1, -2), big), -1, -2), wall
 
 
-def sweep(u0: torch.Tensor, truth: torch.Tensor, nu: float, t_rel: Sequence[float], dx: float,
-          domain_length: float, grids: Sequence[int] = SWEEP_GRIDS,
+def sweep(u0: torch.Tensor, truth: torch.Tensor, pde: str, params: Dict[str, float], t_rel: Sequence[float],
+          dx: float, domain_length: float, grids: Sequence[int] = SWEEP_GRIDS,
           log: Optional[Any] = print) -> List[Dict[str, Any]]:
-    """Run the solver at each grid from ``u0`` (B, N[, 1]) and score it against ``truth``
-    (B, T, N[, 1]) with ``all_metrics``; one dict per grid (metrics + ``grid``, ``ms_per_traj``,
+    """Run the solver at each grid from ``u0`` (B, N, C) and score it against ``truth``
+    (B, T, N, C) with ``all_metrics``; one dict per grid (metrics + ``grid``, ``ms_per_traj``,
     ``wall_s``). Grids that do not divide N are skipped with a note."""
-    u0_np = u0[..., 0].double().numpy() if u0.dim() == 3 else u0.double().numpy()
-    big = u0_np.shape[-1]
+    u0_np = u0.double().numpy()
+    big = u0_np.shape[-2]
     t_rel = np.asarray(t_rel, dtype=np.float64)
     rows = []
     for n in grids:
@@ -88,8 +89,8 @@ def sweep(u0: torch.Tensor, truth: torch.Tensor, nu: float, t_rel: Sequence[floa
             if log:
                 log(f"solver sweep: skipping {n} cells (must divide the {big}-cell evaluation grid)")
             continue
-        pred, wall = solve_on_grid(u0_np, n, nu, t_rel, domain_length)
-        pred_t = torch.from_numpy(pred).float().unsqueeze(-1)
+        pred, wall = solve_on_grid(u0_np, n, pde, params, t_rel, domain_length)
+        pred_t = torch.from_numpy(pred).float()
         m = all_metrics(pred_t, truth, dx=dx, domain_length=domain_length, u0=u0)
         m.update(grid=n, wall_s=wall, ms_per_traj=1000.0 * wall / len(u0_np))
         rows.append(m)

@@ -5,10 +5,10 @@ operator step and (2) its physics score finds them. This measures both on a trai
 evaluation's guard, on the validation split by default:
 
 - **plain**: the guarded operator rollout;
-- **TTC score**: at each step the candidate with the best ``burgers_score`` (TTC's score, default
-  weights; greedy, beam 1);
+- **TTC score**: at each step the candidate with the best score of the equation's rewards (TTC's
+  score, the spec's ``score`` with default weights; greedy, beam 1);
 - **oracle**: the candidate nearest the true next frame (reads the future: the headroom, no method);
-- per penalty (mass, energy, tv, pde): along the plain rollout, the mean change of the one-step nRMSE
+- per penalty of the equation (e.g. mass, energy, tv, pde): along the plain rollout, the mean change of the one-step nRMSE
   when that penalty alone picks the candidate, against keeping the operator step (< 0: it helps).
 
 Prints a table and writes ``ttc_headroom.json`` in the Hydra run directory. Settings:
@@ -26,18 +26,16 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from ups_lightning.atomic import atomic_write_json
-from ups_lightning.data.datamodule import file_nu
 from ups_lightning.errors import UserError, report_user_errors
-from ups_lightning.inference.rewards import PENALTIES, burgers_rewards, burgers_score
-from ups_lightning.inference.rollout import Guard, Surrogate, restore_mass
+from ups_lightning.inference.rollout import Guard, Physics, Surrogate
 from ups_lightning.lit.common import sample_nrmse
 
 
 @torch.no_grad()
 def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candidates: int, scale: float,
-             physics: Dict[str, float], generator: torch.Generator) -> Dict[str, Any]:
+             physics: Physics, generator: torch.Generator) -> Dict[str, Any]:
     """The three rollouts and the per-penalty picks of the module doc, for one candidate scale."""
-    mass = u0.mean(dim=1, keepdim=True)
+    spec, rate = physics.spec, dict(params=physics.params, dx=physics.dx, dt=physics.dt)
     steps, rows = truth.shape[1], torch.arange(u0.shape[0])
 
     def candidates(z: Tensor) -> tuple:
@@ -50,10 +48,12 @@ def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candid
         return cand, frames
 
     def errors(frames: Tensor, k: int) -> Tensor:
-        """(B, K) nRMSE of each candidate's frame as the guard reports it (mass restored) against the
-        truth. (The physics score sees the candidates as decoded, as ``ttc_rollout`` scores them.)"""
-        shown = restore_mass(frames, mass.unsqueeze(1))
-        return torch.stack([sample_nrmse(shown[:, j], truth[:, k]) for j in range(n_candidates)], 1)
+        """(B, K) nRMSE of each candidate's frame as the guard reports it (projected onto the
+        invariants) against the truth. (The physics score sees the candidates as decoded, as
+        ``ttc_rollout`` scores them.)"""
+        shown = [spec.project(frames[:, j], u0) if sur.guard.invariants else frames[:, j]
+                 for j in range(n_candidates)]
+        return torch.stack([sample_nrmse(shown[j], truth[:, k]) for j in range(n_candidates)], 1)
 
     def run(pick: Callable[[Tensor, Tensor, int], Tensor]) -> Dict[str, Any]:
         z, u_prev, errs, kept = sur.encode(u0), u0, [], []
@@ -61,14 +61,14 @@ def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candid
             cand, frames = candidates(z)
             idx = pick(u_prev, frames, k)
             kept.append((idx == 0).double().mean())
-            z, u_prev = sur.settle(cand[rows, idx], mass)
+            z, u_prev = sur.settle(cand[rows, idx], u0)
             errs.append(sample_nrmse(u_prev, truth[:, k]))
         e = torch.stack(errs, dim=1).mean(0)
         return {"nrmse": float(e.mean()), "nrmse_1": float(e[0]), "nrmse_31": float(e[-1]),
                 "operator_step_kept": float(torch.stack(kept).mean())}
 
     def by_score(u_prev: Tensor, frames: Tensor, k: int) -> Tensor:
-        s = torch.stack([burgers_score(u_prev, frames[:, j], **physics) for j in range(n_candidates)], 1)
+        s = torch.stack([spec.score(u_prev, frames[:, j], **rate) for j in range(n_candidates)], 1)
         return s.argmax(1)
 
     def by_truth(u_prev: Tensor, frames: Tensor, k: int) -> Tensor:
@@ -78,23 +78,24 @@ def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candid
            "ttc_score": run(by_score), "oracle": run(by_truth)}
 
     # each penalty alone, along the plain rollout: does its pick beat the operator step?
-    change = {p: [] for p in PENALTIES}
+    change = {p: [] for p in spec.penalties}
     z = sur.encode(u0)
     u_prev = u0
     for k in range(steps):
         cand, frames = candidates(z)
         err = errors(frames, k)
-        pens = [burgers_rewards(u_prev, frames[:, j], **physics) for j in range(n_candidates)]
-        for p in PENALTIES:
+        pens = [spec.rewards(u_prev, frames[:, j], **rate) for j in range(n_candidates)]
+        for p in spec.penalties:
             idx = torch.stack([pen[p] for pen in pens], 1).argmin(1)
             change[p].append(float((err[rows, idx] - err[:, 0]).mean()))
-        z, u_prev = sur.settle(cand[:, 0], mass)
+        z, u_prev = sur.settle(cand[:, 0], u0)
     out["penalty_pick_change"] = {p: sum(v) / len(v) for p, v in change.items()}
     return out
 
 
 def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
-    from ups_lightning.evaluate import build_surrogate, check_fits_model, eval_data, load_run, rollout_frames
+    from ups_lightning.evaluate import (build_surrogate, check_fits_model, eval_data, eval_member, file_physics,
+                                       load_run, rollout_frames)
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -102,16 +103,15 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
         raise UserError(f"n_candidates={cfg.n_candidates}: the search needs the operator step and at least "
                         "one corrector candidate (n_candidates >= 2).")
     train_cfg, _, module = load_run(Path(cfg.run_dir))
-    view = eval_data(train_cfg, None, cfg.split)
+    member = eval_member(train_cfg, None)
+    view = eval_data(member, None, cfg.split)
     check_fits_model(view, train_cfg, module)
-    nu = file_nu(view, train_cfg.data.nu)
-    sur = build_surrogate(train_cfg, module, view, nu, Guard(reencode=True, conserve_mass=True))
+    physics = file_physics(view, member)
+    sur = build_surrogate(train_cfg, module, view, physics, Guard(reencode=True, invariants=True))
     if cfg.corrector not in sur.correctors:
         raise UserError(f"corrector={cfg.corrector}: {cfg.run_dir} has {list(sur.correctors) or 'no'} "
                         "corrector stage(s); train them with stage=all.")
     u0, truth = rollout_frames(view.fields, int(train_cfg.data.initial_step))
-    meta = view.meta
-    physics = dict(nu=nu, dx=meta.dx, dt=meta.dt, domain_length=meta.domain_length)
     result: Dict[str, Any] = {"run_dir": str(cfg.run_dir), "split": cfg.split, "corrector": cfg.corrector,
                               "n_candidates": int(cfg.n_candidates), "n": len(u0), "scales": {}}
     gen = torch.Generator().manual_seed(int(cfg.seed))

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -21,7 +21,6 @@ import torch
 from ups_lightning.artifacts import sha256_file
 from ups_lightning.atomic import atomic_torch_save, atomic_write_json
 from ups_lightning.errors import UserError
-from ups_lightning.data.pdebench import DatasetView
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +38,18 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(view: DatasetView) -> str:
-    """Identity of the data as read: the file (path, size, mtime), the reduction and the splits."""
-    st = Path(view.path).stat()
+def data_fingerprint(data: Any) -> str:
+    """Identity of the data as read: each file (path, size, mtime), the reduction and the splits
+    (``data``: a DatasetView, or a RunData of one or several files)."""
     h = hashlib.sha256()
-    h.update(str(Path(view.path).resolve()).encode())
-    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(f"rr={view.meta.n_x}:{view.meta.n_t}:{view.meta.dx!r}:{view.meta.dt!r}".encode())
-    for split in SPLITS:
-        h.update(split.encode())
-        h.update(np.asarray(view.splits[split], dtype=np.int64).tobytes())
+    for view in getattr(data, "views", [data]):
+        st = Path(view.path).stat()
+        h.update(str(Path(view.path).resolve()).encode())
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"rr={view.meta.n_x}:{view.meta.n_t}:{view.meta.dx!r}:{view.meta.dt!r}".encode())
+        for split in SPLITS:
+            h.update(split.encode())
+            h.update(np.asarray(view.splits[split], dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
@@ -96,7 +97,7 @@ def _load_verified(path: Path, fingerprint: str) -> Optional[LatentCache]:
 @torch.no_grad()
 def build_or_load_latent_cache(
     autoencoder: torch.nn.Module,
-    view: DatasetView,
+    view: Any,
     x: torch.Tensor,
     cache_dir: Path,
     batch_frames: int = 512,

@@ -1,7 +1,7 @@
 """DataModules: frames for the autoencoder, and one LatentDataModule for every latent stage."""
 from __future__ import annotations
 
-import math
+import logging
 from typing import Any, Dict, Optional
 
 import lightning as L
@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from ups_lightning.data.cache import LatentCache
-from ups_lightning.data.pdebench import DatasetView, check_nu, open_dataset
+from ups_lightning.data.contract import DataContract
+from ups_lightning.data.pdebench import DatasetView, Normalizer, open_dataset
 from ups_lightning.errors import UserError
+from ups_lightning.pdes import get_pde
 
-# Conditioning scales: cond = [dt / DT_REF, log10(nu) - LOG_NU_REF] keeps both entries O(1).
-DT_REF = 0.05
-LOG_NU_REF = -3.0
+log = logging.getLogger(__name__)
 
 
 def _positive_int(name: str, value: Any, why: str) -> int:
@@ -24,7 +24,7 @@ def _positive_int(name: str, value: Any, why: str) -> int:
     return int(value)
 
 
-def check_frames(view: DatasetView, initial_step: Any) -> int:
+def check_frames(view: Any, initial_step: Any) -> int:
     """Refuse a file too short for ``initial_step`` given frames plus at least one to predict
     (training would otherwise run every stage on windows that do not exist). ``view``: anything
     with ``.path`` and a ``.meta`` FieldMeta (a DatasetView, evaluate's EvalData). Returns the step."""
@@ -40,53 +40,126 @@ def check_frames(view: DatasetView, initial_step: Any) -> int:
     return k
 
 
-def open_view(data_cfg: Any) -> DatasetView:
-    """The data file of a training or evaluation run: every split non-empty (training validates on
-    `val`, evaluation scores `test`) and, when the config has `initial_step`, enough frames."""
-    why = {"n_train": "training needs at least one trajectory",
-           "n_val": "training validates every stage on the val split",
-           "n_test": "evaluation scores the test split"}
-    counts = {k: _positive_int(k, getattr(data_cfg, k), w) for k, w in why.items()}
-    view = open_dataset(
-        data_cfg.path,
-        **counts,
-        reduced_resolution=data_cfg.reduced_resolution,
-        reduced_resolution_t=data_cfg.reduced_resolution_t,
-        pde=data_cfg.pde,
-    )
-    initial_step = getattr(data_cfg, "initial_step", None)
-    if initial_step is not None:
-        check_frames(view, initial_step)
-    return view
+def resolve_params(meta: Any, configured: Any, where: str) -> Dict[str, float]:
+    """The equation's parameters for a file: what the file states (attributes or PDEBench's file
+    name); the configured ``data.params`` only for ones it does not state (said in the log). A
+    configured value is checked even when unused: a typo must not hide."""
+    spec = get_pde(meta.pde)
+    configured = dict(configured or {})
+    unknown = sorted(set(configured) - set(spec.param_names))
+    if unknown:
+        raise UserError(f"setting {where}.params has {', '.join(unknown)}, which "
+                        f"{'is' if len(unknown) == 1 else 'are'} not a parameter of {spec.name} "
+                        f"({spec.equation}); its parameters are {', '.join(spec.param_names)}.")
+    for k, v in configured.items():
+        spec.parameter(k).check(v, f"setting {where}.params.{k}")
+    params = {}
+    for p in spec.params:
+        if p.name in meta.params:
+            params[p.name] = float(meta.params[p.name])
+        elif configured.get(p.name) is not None:
+            params[p.name] = float(configured[p.name])
+            log.warning("%s states no %s (no %s attribute, not in its name): using %s.params.%s=%g",
+                        meta.path, p.name, "/".join(p.attrs), where, p.name, params[p.name])
+        else:
+            raise UserError(f"{meta.path} states no {p.name} ({p.doc}): no {'/'.join(p.attrs)} "
+                            f"attribute and no {p.filename_key}<value> in its name. Set {where}."
+                            f"params.{p.name} to the value the file was made with.")
+    return params
 
 
-def unit_coords(view: DatasetView) -> torch.Tensor:
+def unit_coords(view: Any) -> torch.Tensor:
     """Cell centres mapped to [0, 1): what every model sees, whatever the file's domain."""
     x = (np.asarray(view.meta.x, dtype=np.float64) - view.meta.x_left) / view.meta.domain_length
     return torch.from_numpy(x).float()
 
 
-def file_nu(view: DatasetView, configured: Any) -> float:
-    """The file's `Nu` attribute (checked by the reader); the configured `data.nu` only for a file
-    that carries none. A configured value is checked even when unused: a typo must not hide."""
-    if configured is not None:
-        configured = check_nu(configured, "setting data.nu")
-    if view.meta.nu is not None:
-        return float(view.meta.nu)
-    if configured is None:
-        raise UserError(f"{view.path} has no 'Nu' attribute and data.nu is not set: set data.nu "
-                        f"to the viscosity the file was made with (e.g. data.nu=0.001).")
-    return configured
+def _open_member(data_cfg: Any, where: str) -> DatasetView:
+    why = {"n_train": "training needs at least one trajectory",
+           "n_val": "training validates every stage on the val split",
+           "n_test": "evaluation scores the test split"}
+    counts = {k: _positive_int(k, getattr(data_cfg, k), w) for k, w in why.items()}
+    return open_dataset(data_cfg.path, **counts, reduced_resolution=data_cfg.reduced_resolution,
+                        reduced_resolution_t=data_cfg.reduced_resolution_t, pde=data_cfg.pde)
 
 
-def conditioning(view: DatasetView, nu: float) -> torch.Tensor:
-    """(2,) conditioning vector from the file's own frame step and the viscosity."""
-    nu = check_nu(nu, f"viscosity for {view.path}")
-    dt = view.meta.dt
-    if not (math.isfinite(dt) and dt > 0):
-        raise UserError(f"{view.path}: frame step dt={dt} (from {view.meta.n_t} frame(s)); need at "
-                        f"least 2 evenly spaced frames to condition on the time step.")
-    return torch.tensor([dt / DT_REF, math.log10(nu) - LOG_NU_REF], dtype=torch.float32)
+def _pooled(norms: list, counts: list) -> Normalizer:
+    """One per-channel normaliser over several training splits (exact pooled mean and std)."""
+    c = np.asarray(counts, dtype=np.float64)[:, None]
+    means = np.stack([n.mean for n in norms])
+    var = np.stack([n.std for n in norms]) ** 2
+    mean = (c * means).sum(0) / c.sum()
+    std = np.sqrt((c * (var + (means - mean) ** 2)).sum(0) / c.sum())
+    return Normalizer(mean, np.where(std > 0, std, 1.0))
+
+
+class RunData:
+    """The data of a training run: one file, or the member files of a mixed data config (one per
+    equation, on the same grid and frames). Reads splits as one array, with a conditioning vector
+    per trajectory (``DataContract.conditioning``) and one normaliser over all training splits."""
+
+    def __init__(self, members: Dict[str, DatasetView], params: Dict[str, Dict[str, float]]) -> None:
+        self.members, self.params = members, params
+        views = list(members.values())
+        first = views[0]
+        for v in views[1:]:
+            if (v.meta.n_x, v.meta.n_t, v.meta.n_channels) != (first.meta.n_x, first.meta.n_t, first.meta.n_channels):
+                raise UserError(f"mixed data: {v.path} has {v.meta.n_x} cells x {v.meta.n_t} frames x "
+                                f"{v.meta.n_channels} channel(s) after reduction, {first.path} has "
+                                f"{first.meta.n_x} x {first.meta.n_t} x {first.meta.n_channels}; one model "
+                                f"needs one grid: set the members' reduced_resolution(_t) to match.")
+        self.meta = first.meta
+        self.path = " + ".join(v.path for v in views)
+        self.contract = DataContract(tuple(members), (first.meta.n_x,), first.meta.n_channels)
+        self.normalizer = first.normalizer if len(views) == 1 else _pooled(
+            [v.normalizer for v in views], [v.sizes()["train"] for v in views])
+        self.splits = {s: np.arange(sum(v.sizes()[s] for v in views)) for s in views[0].splits}
+
+    @property
+    def views(self) -> list:
+        return list(self.members.values())
+
+    def read(self, split: str) -> np.ndarray:
+        return np.concatenate([v.read(split) for v in self.views])
+
+    def cond(self, split: str) -> torch.Tensor:
+        """(rows of the split, cond_dim): each trajectory's conditioning vector."""
+        rows = [self.contract.conditioning(pde, self.params[pde], v.meta.dt).expand(v.sizes()[split], -1)
+                for pde, v in self.members.items()]
+        return torch.cat(rows)
+
+    def sizes(self) -> Dict[str, int]:
+        return {s: int(v.size) for s, v in self.splits.items()}
+
+
+def member_configs(data_cfg: Any) -> Dict[str, Any]:
+    """A data config's files by equation: its ``members`` (a mixed config) or itself."""
+    members = getattr(data_cfg, "members", None)
+    if not members:
+        return {data_cfg.pde: data_cfg}
+    out = {}
+    for key, member in members.items():
+        if member.pde in out:
+            raise UserError(f"data.members: two members ({key} and another) hold {member.pde}; a "
+                            f"mixed run takes one file per equation.")
+        out[member.pde] = member
+    return out
+
+
+def open_run_data(data_cfg: Any) -> RunData:
+    """The files of a training or evaluation run, each split non-empty (training validates on `val`,
+    evaluation scores `test`), the parameters resolved, enough frames for `initial_step`."""
+    members, params = {}, {}
+    for pde, member in member_configs(data_cfg).items():
+        where = "data" if member is data_cfg else f"data.members.{member.name}"
+        view = _open_member(member, where)
+        if view.pde != pde:
+            raise UserError(f"{view.path} holds {view.pde} data but {where}.pde={pde}.")
+        members[pde], params[pde] = view, resolve_params(view.meta, getattr(member, "params", None), where)
+        initial_step = getattr(data_cfg, "initial_step", None)
+        if initial_step is not None:
+            check_frames(view, initial_step)
+    return RunData(members, params)
 
 
 def evenly_spaced(n_total: int, n_pick: int) -> np.ndarray:
@@ -103,12 +176,12 @@ class FrameDataModule(L.LightningDataModule):
         self.data_cfg = data_cfg
         self.batch_size = batch_size
         self.val_frames = val_frames
-        self.view: Optional[DatasetView] = None
+        self.view: Optional[RunData] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.view is not None:
             return
-        self.view = open_view(self.data_cfg)
+        self.view = open_run_data(self.data_cfg)
         norm = self.view.normalizer
         train = torch.from_numpy(norm.normalize(self.view.read("train"))).float()
         val = torch.from_numpy(norm.normalize(self.view.read("val"))).float()
@@ -172,10 +245,12 @@ class _TensorItems(Dataset):
 
 
 class _Windows(Dataset):
-    """Windows of `steps + 1` consecutive frames (latent and physical) starting at the given times."""
+    """Windows of `steps + 1` consecutive frames (latent and physical) starting at the given times,
+    with their trajectory's conditioning vector."""
 
-    def __init__(self, z: torch.Tensor, u: torch.Tensor, starts: np.ndarray, steps: int) -> None:
-        self.z, self.u, self.steps = z, u, steps
+    def __init__(self, z: torch.Tensor, u: torch.Tensor, cond: torch.Tensor, starts: np.ndarray,
+                 steps: int) -> None:
+        self.z, self.u, self.cond, self.steps = z, u, cond, steps
         self.index = [(i, int(t)) for i in range(z.shape[0]) for t in starts]
 
     def __len__(self) -> int:
@@ -184,7 +259,7 @@ class _Windows(Dataset):
     def __getitem__(self, k: int) -> Dict[str, torch.Tensor]:
         i, t = self.index[k]
         sl = slice(t, t + self.steps + 1)
-        return {"z": self.z[i, sl], "u": self.u[i, sl]}
+        return {"z": self.z[i, sl], "u": self.u[i, sl], "cond": self.cond[i]}
 
 
 class LatentDataModule(L.LightningDataModule):
@@ -192,21 +267,21 @@ class LatentDataModule(L.LightningDataModule):
     one-step or multi-step losses, validation pairs (z_t, z_t+1) with the physical frames beside them
     so that each stage can report a decoded, physical-space figure."""
 
-    def __init__(self, cache: LatentCache, batch_size: int, steps: int = 1, val_pairs: int = 8,
-                 num_workers: int = 0) -> None:
+    def __init__(self, cache: LatentCache, cond: Dict[str, torch.Tensor], batch_size: int, steps: int = 1,
+                 val_pairs: int = 8, num_workers: int = 0) -> None:
         super().__init__()
         if steps < 1 or steps >= cache.n_t:
             raise ValueError(f"window of {steps} steps does not fit {cache.n_t} frames")
-        self.cache, self.batch_size, self.steps = cache, batch_size, steps
+        self.cache, self.cond, self.batch_size, self.steps = cache, cond, batch_size, steps
         self.val_pairs, self.num_workers = val_pairs, num_workers
 
     def train_dataloader(self, shuffle: bool = True) -> DataLoader:
         starts = np.arange(self.cache.n_t - self.steps)
-        ds = _Windows(self.cache.z["train"], self.cache.u["train"], starts, self.steps)
+        ds = _Windows(self.cache.z["train"], self.cache.u["train"], self.cond["train"], starts, self.steps)
         return DataLoader(ds, batch_size=self.batch_size, sampler=_sampler(len(ds), shuffle),
                           generator=_own_generator(), num_workers=self.num_workers, drop_last=shuffle and len(ds) > self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         starts = evenly_spaced(self.cache.n_t - 1, self.val_pairs)
-        ds = _Windows(self.cache.z["val"], self.cache.u["val"], starts, 1)
+        ds = _Windows(self.cache.z["val"], self.cache.u["val"], self.cond["val"], starts, 1)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

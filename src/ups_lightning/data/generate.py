@@ -1,11 +1,13 @@
-"""Make PDEBench-layout 1D Burgers data sets with the reference solver.
+"""Make PDEBench-layout data sets of any registered equation with its reference solver.
 
     python -m ups_lightning.data.generate data=burgers1d_small      # the data config's file
-    python -m ups_lightning.data.generate data=burgers1d workers=2  # the full set
-    python -m ups_lightning.data.generate out=PATH nu=0.001 n_samples=64 nx=256 nt=41 t_max=2 seed=0
+    python -m ups_lightning.data.generate data=advection1d workers=2  # a full set
+    python -m ups_lightning.data.generate data=reacdiff1d out=PATH n_samples=64 nx=256 nt=41 t_max=1 \
+        seed=0 nu=0.5 rho=1.0                                        # one file, parameters by name
 
-One HDF5 file (``tensor`` (N, nt, nx) float32, ``x-coordinate``, ``t-coordinate`` (nt,), attribute
-``Nu``; domain (0, 1)) plus ``<file>.manifest.json`` with the splits, seeds, solver settings, grid,
+One HDF5 file (``tensor`` (N, nt, nx) float32, ``x-coordinate``, ``t-coordinate`` (nt,), the
+equation's parameters as attributes named as PDEBench names them (``Nu``, ``beta``, ``Rho``) and
+``pde``; domain (0, 1)) plus ``<file>.manifest.json`` with the splits, seeds, solver settings, grid,
 training-split normalisation and generation time. Rows are [train | val | test]; split s row i is
 made from seed ``seed * 1_000_000 + offset[s] + i`` (offsets 0, 300_000, 600_000), so the splits
 come from disjoint seed ranges and a split's trajectories do not change when another split grows.
@@ -35,6 +37,8 @@ import numpy as np
 
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.data import solver as _solver
+from ups_lightning.pdes import get_pde, registered
+from ups_lightning.pdes.initial import cell_centres
 from ups_lightning.data.pdebench import (MANIFEST_FORMAT, SPLITS, PDEBenchFile, compute_normalizer,
                                          load_manifest, manifest_path, write_manifest)
 
@@ -76,16 +80,12 @@ def _num(name: str, value: Any, kind: type, *, minimum: float | None = None,
     return v
 
 
-def dataset_settings(*, nu, nx, nt, t_max, seed, n_train, n_val=0, n_test=0,
-                     pde="burgers1d") -> dict:
+def dataset_settings(*, pde, params, nx, nt, t_max, seed, n_train, n_val=0, n_test=0) -> dict:
     """Validated generation settings (the manifest's ``settings``, used to tell a file is current)."""
-    if pde != "burgers1d":
-        raise UserError(f"setting pde={pde!r}: the generator makes 'burgers1d' only.")
+    spec = get_pde(pde, "setting data.pde")
     s = {
-        "pde": pde,
-        # nu > 0: a file with nu = 0 is made fine but training conditions on log10(nu)
-        "nu": _num("nu", nu, float, positive=True, why="the viscosity; the models condition on "
-                                                        "log10(nu)"),
+        "pde": spec.name,
+        **spec.check_params(dict(params), "setting"),
         "nx": _num("nx", nx, int, minimum=8, why="cells of the periodic grid"),
         "nt": _num("nt", nt, int, minimum=2, why="saved frames, including t = 0"),
         "t_max": _num("t_max", t_max, float, positive=True, why="the last frame's time"),
@@ -93,10 +93,11 @@ def dataset_settings(*, nu, nx, nt, t_max, seed, n_train, n_val=0, n_test=0,
         "n_train": _num("n_train", n_train, int, minimum=0),
         "n_val": _num("n_val", n_val, int, minimum=0),
         "n_test": _num("n_test", n_test, int, minimum=0),
-        "cfl": _solver.SOLVER_SETTINGS["cfl"],
-        "scheme": _solver.SOLVER_SETTINGS["scheme"],
-        "initial_condition": "init_multi/1",
+        "scheme": spec.solver_settings["scheme"],
+        "initial_condition": spec.recipe_id,
     }
+    if "cfl" in spec.solver_settings:
+        s["cfl"] = spec.solver_settings["cfl"]
     for k in ("n_train", "n_val", "n_test"):
         if s[k] > _MAX_PER_SPLIT:
             raise UserError(f"setting {k}={s[k]}: at most {_MAX_PER_SPLIT} rows per split (the "
@@ -146,9 +147,9 @@ def _is_current(path: Path, manifest: dict | None, settings: dict) -> bool:
     try:
         if manifest.get("file_bytes") != path.stat().st_size:
             return False
-        with PDEBenchFile(path) as f:
+        with PDEBenchFile(path, pde=settings["pde"]) as f:
             n = settings["n_train"] + settings["n_val"] + settings["n_test"]
-            return f.meta.shape == (n, settings["nt"], settings["nx"], 1)
+            return f.meta.shape == (n, settings["nt"], settings["nx"], f.spec.n_channels)
     except UserError:
         return False
 
@@ -161,7 +162,8 @@ def _say(msg: str, quiet: bool) -> None:
 def write_dataset(
     path: str | os.PathLike,
     *,
-    nu: float,
+    pde: str,
+    params: dict,
     nx: int,
     nt: int,
     t_max: float,
@@ -180,8 +182,10 @@ def write_dataset(
     ``norm_reductions``: extra (reduced_resolution, reduced_resolution_t) pairs at which to record
     the training split's normalisation too (the (1, 1) entry is always recorded).
     """
-    settings = dataset_settings(nu=nu, nx=nx, nt=nt, t_max=t_max, seed=seed, n_train=n_train,
-                                n_val=n_val, n_test=n_test)
+    settings = dataset_settings(pde=pde, params=params, nx=nx, nt=nt, t_max=t_max, seed=seed,
+                                n_train=n_train, n_val=n_val, n_test=n_test)
+    spec = get_pde(settings["pde"])
+    params = {k: settings[k] for k in spec.param_names}
     workers = _num("workers", workers, int, minimum=1)
     target = Path(path)
     for p in (target, manifest_path(target)):    # found now, not after a long generation
@@ -216,19 +220,20 @@ def write_dataset(
     n = int(seeds.size)
     starts = np.cumsum([0] + [counts[s] for s in SPLITS])
     splits = {s: {"start": int(starts[i]), "stop": int(starts[i + 1])} for i, s in enumerate(SPLITS)}
-    x = _solver.cell_centres(nx)
+    x = cell_centres(nx)
     t = np.linspace(0.0, settings["t_max"], settings["nt"])
 
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     t0 = time.perf_counter()
     _say(f"generating {n} trajectories ({counts['train']} train / {counts['val']} val / "
-         f"{counts['test']} test) of 1D Burgers, nu={settings['nu']}, {nx} cells x {nt} frames, "
+         f"{counts['test']} test) of {spec.title} ({', '.join(f'{k}={v:g}' for k, v in params.items())}), "
+         f"{nx} cells x {nt} frames, "
          f"t in [0, {settings['t_max']}], workers={workers} -> {target}", quiet)
     try:
         _write_h5(tmp, seeds, settings, x, t, workers, progress)
         seconds = time.perf_counter() - t0
         norms = []
-        with PDEBenchFile(tmp) as f:     # validates what was written (finite, layout)
+        with PDEBenchFile(tmp, pde=spec.name) as f:     # validates what was written (finite, layout)
             norm_rows = np.arange(splits["train"]["start"], splits["train"]["stop"])
             pairs = [(1, 1)] + [tuple(p) for p in norm_reductions if tuple(p) != (1, 1)]
         for rr, rr_t in pairs:
@@ -236,7 +241,7 @@ def write_dataset(
                 break
             if nx % rr or (nt - 1) % rr_t:
                 continue
-            with PDEBenchFile(tmp, rr, rr_t) as f:
+            with PDEBenchFile(tmp, rr, rr_t, spec.name) as f:
                 stats = compute_normalizer(f, norm_rows).to_dict()
             norms.append({"split": "train", "rows": [int(norm_rows[0]), int(norm_rows[-1]) + 1],
                           "reduced_resolution": int(rr), "reduced_resolution_t": int(rr_t),
@@ -248,7 +253,7 @@ def write_dataset(
             "n_samples": n,
             "file_bytes": tmp.stat().st_size,
             "settings": settings,
-            "nu": settings["nu"],
+            "params": params,
             "grid": {"nx": nx, "nt": nt, "t_max": settings["t_max"], "x_left": 0.0,
                      "domain_length": 1.0, "dx": 1.0 / nx,
                      "dt_save": settings["t_max"] / (nt - 1)},
@@ -258,7 +263,7 @@ def write_dataset(
                       **{s: {"start": int(seeds_by_split[s][0]) if counts[s] else None,
                              "stop": int(seeds_by_split[s][-1]) + 1 if counts[s] else None}
                          for s in SPLITS}},
-            "solver": dict(_solver.SOLVER_SETTINGS),
+            "solver": dict(spec.solver_settings),
             "normalization": norms,
             "generation": {
                 "seconds": round(seconds, 3),
@@ -289,24 +294,28 @@ def _write_h5(tmp: Path, seeds: np.ndarray, settings: dict, x: np.ndarray, t: np
     import h5py
 
     n, nx, nt = int(seeds.size), settings["nx"], settings["nt"]
+    spec = get_pde(settings["pde"])
     try:
         h5 = h5py.File(tmp, "w")
     except OSError as exc:
         raise UserError(f"cannot write {str(tmp)!r} (the temporary file beside the target): "
                         f"{exc}.") from None
-    chunks = _solver.iter_trajectory_chunks(n, nx, nt, settings["t_max"], settings["nu"], seeds,
-                                            workers=workers)
+    chunks = _solver.iter_trajectory_chunks(spec.name, {k: settings[k] for k in spec.param_names}, n,
+                                            nx, nt, settings["t_max"], seeds, workers=workers)
     bar = _solver._progress_bar(progress, "trajectories", n)
     with h5, contextlib.closing(chunks), bar as (prog, task):
-        ds = h5.create_dataset("tensor", shape=(n, nt, nx), dtype=np.float32,
-                               chunks=(1, nt, nx))
+        c = spec.n_channels     # PDEBench's layout: (N, T, X) for one field, (N, T, X, C) else
+        shape = (n, nt, nx) if c == 1 else (n, nt, nx, c)
+        ds = h5.create_dataset("tensor", shape=shape, dtype=np.float32, chunks=(1, *shape[1:]))
         h5.create_dataset("x-coordinate", data=x.astype(np.float32))
         h5.create_dataset("t-coordinate", data=t.astype(np.float32))
-        h5.attrs["Nu"] = float(settings["nu"])
+        h5.attrs["pde"] = spec.name
+        for p in spec.params:
+            h5.attrs[p.attrs[0]] = float(settings[p.name])
         for rows, fields in chunks:
             _check_stop()
             for r, field in zip(rows, fields):
-                ds[int(r)] = field
+                ds[int(r)] = field if c > 1 else field[..., 0]
             if prog is not None:
                 prog.advance(task, len(rows))
         h5.flush()
@@ -330,52 +339,79 @@ def _flag(name: str, value: Any, default: bool) -> bool:
     return value
 
 
-_AD_HOC_KEYS = ("nu", "n_samples", "nx", "nt", "t_max", "seed", "n_val", "n_test")
+_AD_HOC_KEYS = ("n_samples", "nx", "nt", "t_max", "seed", "n_val", "n_test")
 
 
-def run(cfg: Any) -> dict:
-    """The CLI's task, on a composed config (DictConfig or mapping)."""
+def _param_keys() -> list[str]:
+    """Every registered equation's parameter names: top-level keys of the single-file mode."""
+    return sorted({p.name for spec in registered().values() for p in spec.params})
+
+
+def run(cfg: Any) -> dict | list:
+    """The CLI's task, on a composed config (DictConfig or mapping). A mixed data config (one with
+    ``members``) makes each member's file; returns the manifest(s)."""
     from omegaconf import OmegaConf
 
     get = (lambda k: OmegaConf.select(cfg, k)) if OmegaConf.is_config(cfg) else cfg.get
     workers = get("workers") if get("workers") is not None else 2
     progress = _flag("progress", get("progress"), True)
     force = _flag("force", get("force"), False)
+    data = get("data")
+    d = ((lambda k: OmegaConf.select(data, k)) if OmegaConf.is_config(data) else data.get) \
+        if data is not None else (lambda k: None)
     out = get("out")
+    given = {k: get(k) for k in _param_keys() if get(k) is not None}
     if out is not None:
-        missing = [k for k in ("nu", "n_samples", "nx", "nt", "t_max") if get(k) is None]
+        pde = get_pde(d("pde") or "", "setting data.pde (choose the equation with data=<name>)") \
+            if d("pde") != "mixed" else None
+        if pde is None:
+            raise UserError("out=FILE makes one file of one equation: choose it with data=<name> (e.g. "
+                            "data=advection1d), not a mixed data config.")
+        missing = [k for k in ("n_samples", "nx", "nt", "t_max") if get(k) is None]
         if missing:
-            raise UserError(f"ad-hoc generation (out={out}) also needs "
+            raise UserError(f"single-file generation (out={out}) also needs "
                             f"{', '.join(k + '=...' for k in missing)}.")
+        foreign = sorted(set(given) - set(pde.param_names))
+        if foreign:
+            raise UserError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a "
+                            f"parameter of {pde.name} ({pde.equation}); its parameters are "
+                            f"{', '.join(pde.param_names)}.")
+        params = {**(_container(d("params")) or pde.default_params()), **given}
         n_samples = _num("n_samples", get("n_samples"), int, minimum=1)
         n_val = _num("n_val", get("n_val") or 0, int, minimum=0)
         n_test = _num("n_test", get("n_test") or 0, int, minimum=0)
         if n_val + n_test > n_samples:
             raise UserError(f"settings n_val={n_val} + n_test={n_test} exceed n_samples={n_samples}.")
-        return write_dataset(out, nu=get("nu"), nx=get("nx"), nt=get("nt"), t_max=get("t_max"),
-                             seed=get("seed") if get("seed") is not None else 0,
+        return write_dataset(out, pde=pde.name, params=params, nx=get("nx"), nt=get("nt"),
+                             t_max=get("t_max"), seed=get("seed") if get("seed") is not None else 0,
                              n_train=n_samples - n_val - n_test, n_val=n_val, n_test=n_test,
                              workers=workers, progress=progress, force=force)
-    stray = [k for k in _AD_HOC_KEYS if get(k) is not None]
+    stray = [k for k in (*_AD_HOC_KEYS, *_param_keys()) if get(k) is not None]
     if stray:
-        raise UserError(f"{', '.join(k + '=' + str(get(k)) for k in stray)}: these are ad-hoc "
+        raise UserError(f"{', '.join(k + '=' + str(get(k)) for k in stray)}: these are single-file "
                         f"settings and need out=PATH; to change the data config's file use "
-                        f"data.<key>=... (e.g. data.nu=0.01 data.path=...).")
-    data = get("data")
+                        f"data.<key>=... (e.g. data.params.nu=0.01 data.path=...).")
     if data is None:
         raise UserError("no data config selected: pass data=burgers1d_small (or another file under "
-                        "conf/data/), or out=PATH with nu=, n_samples=, nx=, nt=, t_max=.")
-    d = (lambda k: OmegaConf.select(data, k)) if OmegaConf.is_config(data) else data.get
-    for key in ("path", "nu", "nx", "nt", "t_max", "seed", "n_train", "n_val", "n_test"):
+                        "conf/data/), or out=PATH with n_samples=, nx=, nt=, t_max= and the "
+                        "equation's parameters.")
+    if d("members") is not None:
+        return [run({"data": member, "workers": workers, "progress": progress, "force": force})
+                for member in d("members").values()]
+    for key in ("path", "pde", "nx", "nt", "t_max", "seed", "n_train", "n_val", "n_test"):
         if d(key) is None:
             raise UserError(f"data config {d('name')!r} has no data.{key}.")
-    if d("pde") not in (None, "burgers1d"):
-        raise UserError(f"setting data.pde={d('pde')!r}: the generator makes 'burgers1d' only.")
     rr = _check_trainable(d)
-    return write_dataset(d("path"), nu=d("nu"), nx=d("nx"), nt=d("nt"), t_max=d("t_max"),
-                         seed=d("seed"), n_train=d("n_train"), n_val=d("n_val"),
-                         n_test=d("n_test"), workers=workers, progress=progress, force=force,
-                         norm_reductions=(tuple(int(v) for v in rr),))
+    return write_dataset(d("path"), pde=d("pde"), params=_container(d("params")) or {}, nx=d("nx"),
+                         nt=d("nt"), t_max=d("t_max"), seed=d("seed"), n_train=d("n_train"),
+                         n_val=d("n_val"), n_test=d("n_test"), workers=workers, progress=progress,
+                         force=force, norm_reductions=(tuple(int(v) for v in rr),))
+
+
+def _container(value: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _check_trainable(d: Any) -> tuple[int, int]:

@@ -3,7 +3,7 @@
     python -m ups_lightning.data.inspect FILE [--reduced-resolution N] [--reduced-resolution-t N]
                                               [--full | --rows K]
 
-Prints the shape, domain, dx, dt, nu, the value range, and the splits when a manifest lies beside
+Prints the equation and its parameters, the shape, domain, dx, dt, the value range, and the splits when a manifest lies beside
 the file; checks that values are finite over a bounded sample of rows (evenly spread, first and
 last included) or, with ``--full``, over every row. Reads in bounded blocks, never the whole file.
 Exit code 2 with a one-paragraph ``error:`` on bad input.
@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ups_lightning.pdes import get_pde
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, manifest_path
 
@@ -30,7 +31,7 @@ def sample_rows(n: int, k: int) -> np.ndarray:
 
 
 def inspect_file(path: str, reduced_resolution: int = 1, reduced_resolution_t: int = 1,
-                 full: bool = False, rows: int = 64, pde: str = "burgers1d") -> dict:
+                 full: bool = False, rows: int = 64, pde: str | None = None) -> dict:
     """Collect the facts ``main`` prints (also handy in tests)."""
     t0 = time.perf_counter()
     with PDEBenchFile(path, reduced_resolution, reduced_resolution_t, pde) as f:
@@ -64,8 +65,10 @@ def _report(info: dict) -> str:
         f"L = {m.domain_length:.6g}, periodic, cell centres",
         f"dx          {m.dx:.6g}",
         f"t           [{m.t[0]:.6g}, {m.t[-1]:.6g}], {m.n_t} frames, dt = {m.dt:.6g}",
-        f"nu          {m.nu if m.nu is not None else 'not recorded (no Nu attribute)'}"
-        + (f" (diffusivity nu/pi = {m.nu / np.pi:.6g})" if m.nu is not None else ""),
+        f"equation    {m.pde}: {get_pde(m.pde).equation}",
+        f"parameters  " + (", ".join(f"{k} = {v:g}" for k, v in m.params.items()) or "not stated")
+        + "".join(f"; {p} not stated (set data.params.{p})" for p in get_pde(m.pde).param_names
+                  if p not in m.params),
         f"values      min {info['min']:.6g}, max {info['max']:.6g}, mean {info['mean']:.6g} "
         f"over {'all' if info['full'] else 'a sample of'} {info['rows_checked']} rows",
         f"check       finite over {info['rows_checked']} of {m.n_samples} rows: OK"
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="check every row (reads the whole file)")
     ap.add_argument("--rows", type=int, default=64, metavar="K",
                     help="rows to check without --full (default 64)")
-    ap.add_argument("--pde", default="burgers1d")
+    ap.add_argument("--pde", default=None, help="the equation (default: what the file says)")
     args = ap.parse_args(argv)
     if args.rows < 1:
         raise UserError(f"--rows {args.rows}: need at least 1 row.")

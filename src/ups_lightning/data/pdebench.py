@@ -2,8 +2,10 @@
 
 Layout (benchmark.md section 1): dataset ``tensor`` (N, T, X) or (N, T, X, C), ``x-coordinate``
 (X,) cell centres, ``t-coordinate`` (T,) or (T+1,) (released PDEBench files carry one extra entry at
-the end: it is dropped), attribute ``Nu`` (or ``nu``; absent -> None). The domain, dx and dt always
-come from the file: domain length = X dx, x_left = x[0] - dx/2, for (0, 1) and (-1, 1) alike.
+the end: it is dropped). The equation's parameters come from the attributes its spec names (``Nu``,
+``beta``, ``Rho``...), else from PDEBench's file name (``1D_Burgers_Sols_Nu0.001.hdf5``); a file whose
+attributes or name belong to another equation is refused. The domain, dx and dt always come from the
+file: domain length = X dx, x_left = x[0] - dx/2, for (0, 1) and (-1, 1) alike.
 
 Reduction follows PDEBench's ``reduced_resolution`` / ``reduced_resolution_t``: strided slicing
 ``[:, ::rr_t, ::rr]``. A reduction must divide the grid: X % rr == 0 (the periodic grid stays
@@ -29,11 +31,11 @@ import numpy as np
 
 from ups_lightning.atomic import atomic_write_json
 from ups_lightning.errors import UserError
+from ups_lightning.pdes import PDE, get_pde, pde_of_file_attrs, registered
 
 __all__ = [
     "FieldMeta",
     "PDEBenchFile",
-    "check_nu",
     "Normalizer",
     "compute_normalizer",
     "manifest_path",
@@ -41,17 +43,14 @@ __all__ = [
     "write_manifest",
     "DatasetView",
     "open_dataset",
-    "KNOWN_PDES",
     "MANIFEST_FORMAT",
     "SPLITS",
 ]
 
-KNOWN_PDES = {"burgers1d": 1}       # name -> number of channels
 MANIFEST_FORMAT = "ups_lightning.manifest/1"
 SPLITS = ("train", "val", "test")
-_GENERATE_HINT = ("Make it with `make data` (python -m ups_lightning.data.generate "
-                  "data=burgers1d_small), `make data-full` for the full set, or point data.path at "
-                  "your PDEBench file (e.g. 1D_Burgers_Sols_Nu0.001.hdf5)")
+_GENERATE_HINT = ("Make it with `python -m ups_lightning.data.generate data=<name>` (`make data` "
+                  "makes every small set), or point data.path at your PDEBench file")
 _BLOCK_BYTES = 128 * 1024 * 1024     # at most this much raw data per read block
 
 
@@ -75,7 +74,8 @@ class FieldMeta:
     dt: float
     x_left: float
     domain_length: float
-    nu: float | None
+    pde: str
+    params: dict = field(default_factory=dict)   # the parameters the file states (attrs or name)
     reduced_resolution: int = 1
     reduced_resolution_t: int = 1
 
@@ -101,46 +101,83 @@ def _check_reduction(name: str, value: Any) -> int:
     return int(value)
 
 
-def _check_pde(pde: str) -> int:
-    if pde not in KNOWN_PDES:
-        raise UserError(f"unknown PDE {pde!r} (setting data.pde): known PDEs are "
-                        f"{', '.join(sorted(KNOWN_PDES))}.")
-    return KNOWN_PDES[pde]
-
-
-def check_nu(value: Any, what: str) -> float:
-    """``value`` as a float viscosity, or a UserError naming ``what`` (a file's attribute or a
-    setting). It must be finite and > 0: the models condition on log10(nu)."""
-    try:
-        if isinstance(value, (bool, np.bool_)):
-            raise TypeError
-        nu = float(value)
-    except (TypeError, ValueError):
-        nu = math.nan
-    if not math.isfinite(nu) or nu <= 0:
-        raise UserError(f"{what} = {value!r}: the viscosity nu must be a finite number > 0 (e.g. "
-                        f"0.001); the models are conditioned on log10(nu).")
-    return nu
-
-
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _read_nu_attr(h5: Any, attr: str, path: str) -> float:
+def _read_param_attr(h5: Any, attr: str, path: str, spec: PDE, name: str) -> float:
+    param = spec.parameter(name)
     where = f"{path}: attribute {attr!r}"
     try:
         raw = np.asarray(h5.attrs[attr])
     except (OSError, TypeError, ValueError) as exc:
-        raise UserError(f"{where} cannot be read ({exc}); expected one number, the viscosity "
-                        f"nu > 0.") from None
-    # a bool, string or array is not a viscosity, even where float() would accept it
+        raise UserError(f"{where} cannot be read ({exc}); expected one number, {param.doc}.") from None
+    # a bool, string or array is not a parameter, even where float() would accept it
     if raw.dtype.kind not in "iuf" or raw.size != 1:
         raise UserError(f"{where} = {_short(raw.tolist() if raw.size else raw)} "
                         f"(dtype {raw.dtype}, {raw.size} value(s)) is not one number; expected "
-                        f"the viscosity nu as a single number > 0 (e.g. 0.001).")
-    return check_nu(raw.reshape(-1)[0].item(), where)
+                        f"{name}, {param.doc}, as a single number (e.g. {param.default:g}).")
+    return param.check(raw.reshape(-1)[0].item(), where)
+
+
+def _filename_prefix(spec: PDE) -> str:
+    return spec.filename.split("{", 1)[0]
+
+
+def infer_pde(h5: Any, path: str) -> str:
+    """The equation a file holds, for callers that do not name one: its ``pde`` attribute, else the
+    one equation whose parameter attributes it carries, else PDEBench's file name."""
+    attrs = set(h5.attrs.keys())
+    if "pde" in attrs:
+        stated = h5.attrs["pde"]
+        return stated.decode() if isinstance(stated, bytes) else str(stated)
+    hits = pde_of_file_attrs(attrs)
+    if hits:
+        return hits[0]
+    base = Path(path).name
+    named = [s.name for s in registered().values() if base.startswith(_filename_prefix(s))]
+    if len(named) == 1:
+        return named[0]
+    raise UserError(f"{path}: cannot tell which equation the file holds (no 'pde' attribute, no "
+                    f"parameter attributes, no PDEBench file name); set data.pde to one of "
+                    f"{', '.join(sorted(registered()))}.")
+
+
+def file_params(h5: Any, path: str, spec: PDE) -> dict:
+    """The parameters a file states for equation ``spec``: attributes first, then PDEBench's file
+    name. A file that says it holds another equation (its ``pde`` attribute, another equation's
+    parameter attributes, another equation's file name) is refused: never read as this one."""
+    attrs = set(h5.attrs.keys())
+    base = Path(path).name
+    if "pde" in attrs:
+        stated = h5.attrs["pde"]
+        stated = stated.decode() if isinstance(stated, bytes) else str(stated)
+        if stated != spec.name:
+            raise UserError(f"{path}: the file holds {stated!r} data (its 'pde' attribute) but "
+                            f"data.pde={spec.name!r}; choose data={stated} (or a data config of that "
+                            f"equation) for this file.")
+    own = {a for p in spec.params for a in p.attrs}
+    for other in registered().values():
+        if other.name == spec.name:
+            continue
+        foreign = sorted({a for p in other.params for a in p.attrs} & attrs - own)
+        prefix = _filename_prefix(other)
+        if foreign or (prefix and base.startswith(prefix) and not base.startswith(_filename_prefix(spec))):
+            why = (f"attribute(s) {', '.join(foreign)} of {other.name}" if foreign
+                   else f"a {other.name} file name ({other.filename})")
+            raise UserError(f"{path}: the file carries {why} ({other.equation}), but data.pde="
+                            f"{spec.name!r} ({spec.equation}). Choose data={other.name} (or a data "
+                            f"config of that equation) for this file.")
+    found = {}
+    from_name = spec.params_from_filename(base)
+    for p in spec.params:
+        attr = next((a for a in p.attrs if a in attrs), None)
+        if attr is not None:
+            found[p.name] = _read_param_attr(h5, attr, path, spec, p.name)
+        elif p.name in from_name:
+            found[p.name] = p.check(from_name[p.name], f"{path}: {p.filename_key} in the file name")
+    return found
 
 
 def _coordinate(h5: Any, key: str, path: str) -> np.ndarray:
@@ -174,12 +211,11 @@ class PDEBenchFile:
     ``.read(indices)`` returns (n, T, X, C) float32 in the requested order."""
 
     def __init__(self, path: str | os.PathLike, reduced_resolution: int = 1,
-                 reduced_resolution_t: int = 1, pde: str = "burgers1d"):
+                 reduced_resolution_t: int = 1, pde: str | None = None):
         import h5py
 
         self.path = str(path)
-        self.pde = pde
-        self._channels_expected = _check_pde(pde)
+        self._pde_setting = pde     # None: the file says which equation it holds (infer_pde)
         self.rr = _check_reduction("reduced_resolution", reduced_resolution)
         self.rr_t = _check_reduction("reduced_resolution_t", reduced_resolution_t)
         p = Path(self.path)
@@ -210,6 +246,8 @@ class PDEBenchFile:
         import h5py
 
         h5, path = self._h5, self.path
+        self.spec = get_pde(self._pde_setting if self._pde_setting is not None else infer_pde(h5, path))
+        self.pde = self.spec.name
         keys = sorted(h5.keys())
         ds = h5.get("tensor")
         if not isinstance(ds, h5py.Dataset):
@@ -225,9 +263,9 @@ class PDEBenchFile:
         n_c = int(ds.shape[3]) if ds.ndim == 4 else 1
         if n < 1 or n_t < 1 or n_x < 2:
             raise UserError(f"{path}: dataset 'tensor' has shape {ds.shape}: no data.")
-        if n_c != self._channels_expected:
+        if n_c != self.spec.n_channels:
             raise UserError(f"{path}: dataset 'tensor' has {n_c} channels (shape {ds.shape}) but "
-                            f"PDE {self.pde!r} has {self._channels_expected}.")
+                            f"{self.pde} has {self.spec.n_channels} ({', '.join(self.spec.fields)}).")
         for key in ("x-coordinate", "t-coordinate"):
             if not isinstance(h5.get(key), h5py.Dataset):
                 raise UserError(f"{path}: no {key!r} dataset (found keys: {keys}); the domain, dx "
@@ -252,11 +290,7 @@ class PDEBenchFile:
             raise UserError(f"{path}: reduced_resolution_t={self.rr_t} does not divide the "
                             f"{n_t - 1} intervals between the T = {n_t} frames; choose a divisor "
                             f"of {n_t - 1}.")
-        nu = None
-        for attr in ("Nu", "nu"):
-            if attr in h5.attrs:
-                nu = _read_nu_attr(h5, attr, path)
-                break
+        params = file_params(h5, path, self.spec)
 
         self._ds = ds
         self._n_t_file, self._n_x_file = n_t, n_x
@@ -266,7 +300,7 @@ class PDEBenchFile:
         return FieldMeta(
             path=path, n_samples=n, n_t=int(t_r.size), n_x=int(x_r.size), n_channels=n_c,
             x=x_r, t=t_r, dx=dx_r, dt=dt * self.rr_t, x_left=float(x[0] - dx / 2),
-            domain_length=float(n_x * dx), nu=nu,
+            domain_length=float(n_x * dx), pde=self.pde, params=params,
             reduced_resolution=self.rr, reduced_resolution_t=self.rr_t,
         )
 
@@ -513,7 +547,7 @@ class DatasetView:
     manifest: dict | None
     reduced_resolution: int = 1
     reduced_resolution_t: int = 1
-    pde: str = "burgers1d"
+    pde: str | None = None
     split_source: str = field(default="index ranges")
 
     def open(self) -> PDEBenchFile:
@@ -548,7 +582,7 @@ def open_dataset(
     n_test: int,
     reduced_resolution: int = 1,
     reduced_resolution_t: int = 1,
-    pde: str = "burgers1d",
+    pde: str | None = None,
 ) -> DatasetView:
     """Open ``path`` with frozen, disjoint splits and the training split's normaliser.
 
@@ -609,4 +643,4 @@ def open_dataset(
             norm = compute_normalizer(f, splits["train"])
     return DatasetView(path=str(path), meta=meta, splits=splits, normalizer=norm,
                        manifest=manifest, reduced_resolution=f.rr, reduced_resolution_t=f.rr_t,
-                       pde=pde, split_source=source)
+                       pde=f.pde, split_source=source)

@@ -1,21 +1,8 @@
-"""Reference solver for PDEBench 1D Burgers (benchmark.md section 1).
+"""Data sets of trajectories from an equation's reference solver, over a process pool.
 
-    u_t + (u^2/2)_x = (nu/pi) u_xx,   periodic domain of length L, cell centres x_i = x_left + (i+0.5) dx
-
-Finite volume: MUSCL reconstruction with the monotonised-central (MC) limiter, local Lax-Friedrichs
-interface flux, central-difference diffusion (written as an interface flux so the update is exactly
-conservative up to round-off), two-stage midpoint time stepping
-
-    u* = u + dt/2 R(u);   u_new = u + dt R(u*)
-
-with dt = cfl * min(dx / max|u|, 0.5 dx^2 / (nu/pi)) chosen per trajectory (PDEBench's rule: the
-CFL factor scales the diffusive limit too; see ``_stable_dt``) and clipped so that every
-save time is hit exactly. Everything is float64 and vectorised over trajectories (rows); every
-operation is row-local, so a trajectory's result never depends on which other trajectories share
-its batch, how a set is chunked, or how many worker processes solve it.
-
-Also here: PDEBench's ``init_multi`` initial-condition recipe (seeded per trajectory), the exact
-Cole-Hopf solution used to validate the scheme, and ``generate_trajectories`` (process pool).
+Which equation, initial conditions and scheme: the spec (``ups_lightning.pdes``). Here: chunking,
+workers that exit with their parent, Ctrl-C handling and progress. Every solver is row-local, so a
+row's values do not depend on its chunk or on ``workers``.
 """
 from __future__ import annotations
 
@@ -27,408 +14,19 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-__all__ = [
-    "init_multi",
-    "solve_burgers",
-    "burgers_rhs",
-    "cole_hopf",
-    "cole_hopf_cell_averages",
-    "generate_trajectories",
-    "iter_trajectory_chunks",
-    "cell_centres",
-    "SOLVER_SETTINGS",
-]
+from ups_lightning.pdes import get_pde
 
-#: What the scheme is, for manifests and reports.
-SOLVER_SETTINGS = {
-    "equation": "u_t + (u^2/2)_x = (nu/pi) u_xx, periodic",
-    "scheme": "finite volume, MUSCL + MC limiter, local Lax-Friedrichs flux, central diffusion",
-    "time_stepping": "two-stage midpoint: u* = u + dt/2 R(u); u_new = u + dt R(u*)",
-    "cfl": 0.25,
-    "diffusive_limit": 0.5,
-    "dt_rule": "per trajectory: cfl * min(dx / max|u|, 0.5 dx^2 / (nu/pi)) (PDEBench), clipped to hit"
-    " save times",
-    "precision": "float64 compute, float32 storage",
-    "initial_condition": "PDEBench init_multi recipe: 2 sines, k in 1..4, amp U[0,1), phase U[0,2pi),"
-    " random sign, abs() p=0.1, tanh window p=0.1 (edges U(0.1,0.45), U(0.55,0.9), width 0.01);"
-    " numpy default_rng(seed) per trajectory",
-}
-
-_K_MAX = 4            # wavenumbers 1..4
-_N_MODES = 2          # two sines
-_P_ABS = 0.1
-_P_WINDOW = 0.1
-_WINDOW_WIDTH = 0.01
+__all__ = ["generate_trajectories", "iter_trajectory_chunks"]
 
 
-def cell_centres(nx: int, x_left: float = 0.0, domain_length: float = 1.0) -> np.ndarray:
-    """Cell centres ``x_left + (i + 0.5) dx`` (float64)."""
-    dx = domain_length / nx
-    return x_left + (np.arange(nx, dtype=np.float64) + 0.5) * dx
-
-
-# --------------------------------------------------------------------------------------------
-# initial conditions
-# --------------------------------------------------------------------------------------------
-def _one_initial_condition(seed: int, xi: np.ndarray) -> np.ndarray:
-    """One PDEBench-style initial condition on fractional coordinates xi in [0, 1)."""
-    rng = np.random.default_rng(int(seed))
-    # Every random number is drawn unconditionally, in a fixed order, so the stream layout (and
-    # hence each field) is fixed by the seed alone.
-    k = rng.integers(1, _K_MAX + 1, size=_N_MODES)
-    amp = rng.uniform(0.0, 1.0, size=_N_MODES)
-    phase = rng.uniform(0.0, 2.0 * np.pi, size=_N_MODES)
-    do_abs = rng.uniform() < _P_ABS
-    sign = 1.0 if rng.integers(0, 2) == 0 else -1.0
-    do_window = rng.uniform() < _P_WINDOW
-    x_l = rng.uniform(0.1, 0.45)
-    x_r = rng.uniform(0.55, 0.9)
-
-    u = np.zeros_like(xi)
-    for j in range(_N_MODES):
-        u += amp[j] * np.sin(2.0 * np.pi * k[j] * xi + phase[j])
-    if do_abs:
-        u = np.abs(u)
-    u *= sign
-    if do_window:
-        u *= 0.5 * (np.tanh((xi - x_l) / _WINDOW_WIDTH) - np.tanh((xi - x_r) / _WINDOW_WIDTH))
-    return u
-
-
-def init_multi(
-    n: int,
-    nx: int,
-    seeds: Sequence[int] | np.ndarray,
-    x_left: float = 0.0,
-    domain_length: float = 1.0,
-) -> np.ndarray:
-    """``n`` initial conditions on ``nx`` cell centres, PDEBench's ``init_multi`` recipe.
-
-    Each: a sum of two sines ``amp_j sin(k_j 2 pi (x - x_left)/L + phase_j)`` with integer
-    wavenumbers k_j drawn from 1..4, amp_j ~ U[0,1), phase_j ~ U[0, 2pi); abs() with probability
-    0.1; a random sign; a tanh window (edges ~U(0.1,0.45), U(0.55,0.9) as fractions of the domain,
-    width 0.01) with probability 0.1. Trajectory i uses ``np.random.default_rng(seeds[i])``.
-    Returns (n, nx) float64.
-    """
-    seeds = np.asarray(seeds).reshape(-1)
-    if seeds.shape[0] != n:
-        raise ValueError(f"init_multi: got {seeds.shape[0]} seeds for n={n} trajectories")
-    if n and (not np.issubdtype(seeds.dtype, np.integer) or seeds.min() < 0):
-        raise ValueError("init_multi: seeds must be non-negative integers")
-    if nx < 4:
-        raise ValueError(f"init_multi: nx={nx} is too small (need >= 4 cells)")
-    xi = (np.arange(nx, dtype=np.float64) + 0.5) / nx   # (x - x_left) / L
-    out = np.empty((n, nx), dtype=np.float64)
-    for i in range(n):
-        out[i] = _one_initial_condition(int(seeds[i]), xi)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# the scheme
-# --------------------------------------------------------------------------------------------
-def burgers_rhs(u: np.ndarray, dx: float, diff: float) -> np.ndarray:
-    """Semi-discrete right-hand side R(u) = -(F_{i+1/2} - F_{i-1/2}) / dx for rows of ``u``.
-
-    F = local Lax-Friedrichs flux of the MUSCL/MC-reconstructed states, minus the central
-    diffusive flux ``diff * (u_{i+1} - u_i) / dx``.
-    """
-    up = np.roll(u, -1, axis=-1)           # u_{i+1}
-    dp = up - u                            # forward difference at i (= backward at i+1)
-    dm = np.roll(dp, 1, axis=-1)           # backward difference at i
-    # MC limiter: minmod(2 dm, 2 dp, (dm + dp)/2); zero unless dm and dp share a sign
-    mag = np.minimum(np.minimum(np.abs(dm), np.abs(dp)) * 2.0, 0.5 * np.abs(dm + dp))
-    half_slope = 0.25 * (np.sign(dm) + np.sign(dp)) * mag      # = slope / 2
-    u_l = u + half_slope                                       # left state at i+1/2
-    u_r = np.roll(u - half_slope, -1, axis=-1)                 # right state at i+1/2
-    speed = np.maximum(np.abs(u_l), np.abs(u_r))
-    flux = 0.25 * (u_l * u_l + u_r * u_r) - 0.5 * speed * (u_r - u_l)
-    if diff:
-        flux -= (diff / dx) * dp
-    return (np.roll(flux, 1, axis=-1) - flux) / dx
-
-
-class _Workspace:
-    """Preallocated buffers for ``_rhs_into`` (the solver's hot loop allocates nothing: with
-    fresh temporaries per operation, page faults cost as much system time as the arithmetic)."""
-
-    def __init__(self, shape: tuple[int, int]):
-        self.shape = shape
-        (self.dp, self.dm, self.t1, self.t2, self.t3, self.ul, self.ur, self.r,
-         self.stage) = (np.empty(shape) for _ in range(9))
-
-
-def _rhs_into(u: np.ndarray, dx: float, diff: float, w: _Workspace, out: np.ndarray) -> np.ndarray:
-    """``burgers_rhs`` into ``out`` with the same operations in the same order (bit-identical)."""
-    dp, dm, t1, t2, t3, ul, ur = w.dp, w.dm, w.t1, w.t2, w.t3, w.ul, w.ur
-    np.subtract(u[:, 1:], u[:, :-1], out=dp[:, :-1])          # dp = roll(u, -1) - u
-    np.subtract(u[:, :1], u[:, -1:], out=dp[:, -1:])
-    dm[:, 1:] = dp[:, :-1]                                     # dm = roll(dp, 1)
-    dm[:, :1] = dp[:, -1:]
-    np.abs(dm, out=t1)                                         # MC limiter magnitude -> t1
-    np.abs(dp, out=t2)
-    np.minimum(t1, t2, out=t1)
-    t1 *= 2.0
-    np.add(dm, dp, out=t2)
-    np.abs(t2, out=t2)
-    np.multiply(0.5, t2, out=t2)
-    np.minimum(t1, t2, out=t1)
-    np.sign(dm, out=t2)                                        # half slope -> t2
-    np.sign(dp, out=t3)
-    t2 += t3
-    np.multiply(0.25, t2, out=t2)
-    t2 *= t1
-    np.add(u, t2, out=ul)                                      # u_l
-    np.subtract(u, t2, out=t3)                                 # u_r = roll(u - hs, -1)
-    ur[:, :-1] = t3[:, 1:]
-    ur[:, -1:] = t3[:, :1]
-    np.abs(ul, out=t1)                                         # speed -> t1
-    np.abs(ur, out=t2)
-    np.maximum(t1, t2, out=t1)
-    np.multiply(ul, ul, out=t2)                                # flux -> t2
-    np.multiply(ur, ur, out=t3)
-    t2 += t3
-    np.multiply(0.25, t2, out=t2)
-    np.multiply(0.5, t1, out=t1)
-    np.subtract(ur, ul, out=t3)
-    t1 *= t3
-    t2 -= t1
-    if diff:
-        np.multiply(diff / dx, dp, out=t1)
-        t2 -= t1
-    np.subtract(t2[:, :-1], t2[:, 1:], out=out[:, 1:])        # roll(flux, 1) - flux
-    np.subtract(t2[:, -1:], t2[:, :1], out=out[:, :1])
-    out /= dx
-    return out
-
-
-def _stable_dt(u: np.ndarray, dx: float, diff: float, cfl: float) -> np.ndarray:
-    umax = np.max(np.abs(u), axis=-1)
-    with np.errstate(divide="ignore"):
-        dt = np.where(umax > 0.0, cfl * dx / np.where(umax > 0.0, umax, 1.0), np.inf)
-    if diff > 0.0:
-        # PDEBench multiplies the diffusive limit by the CFL number too. Without it, dt = 0.5
-        # dx^2/D sits exactly on the midpoint rule's stability boundary for the highest mode
-        # (G(-2) = 1) and advection tips it over: the scheme blows up wherever this limit binds.
-        dt = np.minimum(dt, cfl * 0.5 * dx * dx / diff)
-    return dt
-
-
-def solve_burgers(
-    u0: np.ndarray,
-    nu: float,
-    t_save: Sequence[float] | np.ndarray,
-    domain_length: float = 1.0,
-    cfl: float = 0.25,
-    progress: bool = False,
-) -> np.ndarray:
-    """Solve from ``u0`` (B, nx) (or (nx,)) and return (B, len(t_save), nx) float64; frame 0 is u0.
-
-    ``t_save`` is increasing and starts at 0 (relative to u0's time). Each trajectory takes its own
-    time steps; one that has reached the next save time waits (dt = 0) until all have.
-    """
-    u = np.array(u0, dtype=np.float64, copy=True)
-    squeeze = u.ndim == 1
-    if squeeze:
-        u = u[None, :]
-    if u.ndim != 2:
-        raise ValueError(f"solve_burgers: u0 must be (B, nx), got shape {u.shape}")
-    t_save = np.asarray(t_save, dtype=np.float64).reshape(-1)
-    if t_save.size == 0 or t_save[0] != 0.0 or np.any(np.diff(t_save) <= 0):
-        raise ValueError("solve_burgers: t_save must be increasing and start at 0")
-    if not np.isfinite(u).all():
-        raise ValueError("solve_burgers: u0 has non-finite values")
-    if nu < 0 or cfl <= 0 or domain_length <= 0:
-        raise ValueError("solve_burgers: need nu >= 0, cfl > 0, domain_length > 0")
-    n_b, nx = u.shape
-    dx = domain_length / nx
-    diff = nu / np.pi
-    out = np.empty((n_b, t_save.size, nx), dtype=np.float64)
-    out[:, 0] = u
-    t = np.zeros(n_b, dtype=np.float64)
-    work = None
-
-    bar = _progress_bar(progress, "solving", t_save.size - 1)
-    with bar as (prog, task):
-        for k in range(1, t_save.size):
-            target = t_save[k]
-            while True:
-                active = t < target
-                if not active.any():
-                    break
-                if active.all():
-                    rows = None
-                    ua, ta = u, t
-                else:                       # only rows that still move do work (row-local)
-                    rows = np.flatnonzero(active)
-                    ua, ta = u[rows], t[rows]
-                dt = _stable_dt(ua, dx, diff, cfl)
-                remaining = target - ta
-                last = dt >= remaining
-                dt = np.where(last, remaining, dt)
-                dtc = dt[:, None]
-                if work is None or work.shape != ua.shape:
-                    work = _Workspace(ua.shape)
-                r, stage = work.r, work.stage
-                _rhs_into(ua, dx, diff, work, r)                 # u* = u + (dt/2) R(u)
-                np.multiply(0.5 * dtc, r, out=r)
-                np.add(ua, r, out=stage)
-                _rhs_into(stage, dx, diff, work, r)              # u_new = u + dt R(u*)
-                np.multiply(dtc, r, out=r)
-                t_new = np.where(last, target, ta + dt)
-                if rows is None:
-                    ua += r
-                    t = t_new
-                else:
-                    u[rows] = ua + r
-                    t[rows] = t_new
-            if not np.isfinite(u).all():
-                bad = np.flatnonzero(~np.isfinite(u).all(axis=1))
-                raise FloatingPointError(
-                    f"solve_burgers: non-finite values at t={target} in rows {bad[:10].tolist()}")
-            out[:, k] = u
-            if prog is not None:
-                prog.advance(task)
-    return out[0] if squeeze else out
-
-
-def _progress_bar(enabled: bool, label: str, total: int):
-    """Context manager yielding (progress, task) or (None, None) when disabled."""
-    if not enabled:
-        return nullcontext((None, None))
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    class _Bar:
-        def __enter__(self):
-            self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                              MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                              transient=False)
-            self.p.__enter__()
-            return self.p, self.p.add_task(label, total=total)
-
-        def __exit__(self, *exc):
-            return self.p.__exit__(*exc)
-
-    return _Bar()
-
-
-# --------------------------------------------------------------------------------------------
-# exact solution (Cole-Hopf)
-# --------------------------------------------------------------------------------------------
-class _ColeHopf:
-    """phi_t = D phi_xx with phi0 = exp(-U0 / (2D)), U0' = u0; u = -2D phi_x / phi.
-
-    u0(x) = sum_j a_j sin(2 pi k_j (x - x_left)/L + p_j) (zero mean, so U0 is periodic). phi0's
-    Fourier coefficients come from an FFT of a grid fine enough that the tail is below round-off;
-    the heat equation then acts mode by mode exactly.
-    """
-
-    def __init__(self, nu: float, modes, domain_length: float, x_left: float):
-        if nu <= 0:
-            raise ValueError("cole_hopf needs nu > 0")
-        self.diff = nu / np.pi
-        self.L = float(domain_length)
-        self.x_left = float(x_left)
-        self.modes = [(int(k), float(a), float(p)) for k, a, p in modes]
-        m = 256
-        while True:
-            xi = np.arange(m) / m
-            log_phi = self._log_phi0(xi)
-            spread = log_phi.max() - log_phi.min()
-            if spread > 18.0:   # relative error of u ~ eps * exp(spread): refuse below ~1e-8
-                raise ValueError(
-                    f"cole_hopf: nu={nu} is too small for an accurate Cole-Hopf evaluation "
-                    f"(phi varies by e^{spread:.1f}); use a larger nu or smaller amplitudes")
-            phi = np.exp(log_phi - log_phi.max())
-            c = np.fft.rfft(phi) / m
-            # keep modes down to the FFT's round-off floor; the rest is noise that the
-            # derivative would amplify
-            small = np.flatnonzero(np.abs(c) < 1e-16 * np.abs(c).max())
-            if small.size and small[0] < m // 4:
-                nmax = int(small[0])
-                break
-            if m >= 1 << 16:
-                raise ValueError("cole_hopf: initial condition too steep to resolve")
-            m *= 2
-        self.c = c[:nmax]
-        self.n = np.arange(nmax)
-
-    def _log_phi0(self, xi):
-        # U0(x) = sum -a L/(2 pi k) cos(2 pi k xi + p); log phi0 = -U0 / (2D)
-        u_int = np.zeros_like(xi)
-        for k, a, p in self.modes:
-            u_int -= a * self.L / (2 * np.pi * k) * np.cos(2 * np.pi * k * xi + p)
-        return -u_int / (2 * self.diff)
-
-    def _phi(self, xi, t, derivative: bool):
-        wn = 2 * np.pi * self.n / self.L
-        decay = self.c * np.exp(-self.diff * wn**2 * t)
-        decay[1:] *= 2.0                                   # real signal: +/- n pairs
-        arg = 2 * np.pi * np.outer(xi.reshape(-1), self.n)
-        if derivative:   # d/dx Re(c e^{i wn x})
-            val = (-(decay.real) * np.sin(arg) - decay.imag * np.cos(arg)) @ wn
-        else:
-            val = decay.real @ np.cos(arg).T - decay.imag @ np.sin(arg).T
-        return val.reshape(xi.shape)
-
-    def u(self, x, t):
-        xi = (np.asarray(x, dtype=np.float64) - self.x_left) / self.L
-        return -2 * self.diff * self._phi(xi, t, True) / self._phi(xi, t, False)
-
-    def u0(self, x):
-        xi = (np.asarray(x, dtype=np.float64) - self.x_left) / self.L
-        return sum(a * np.sin(2 * np.pi * k * xi + p) for k, a, p in self.modes)
-
-    def cell_averages(self, nx, t):
-        # integral of u over a cell = -2D [log phi] between its faces: exact, no quadrature
-        faces = (np.arange(nx + 1)) / nx
-        log_phi = np.log(self._phi(faces, t, False))
-        return -2 * self.diff * np.diff(log_phi) / (self.L / nx)
-
-
-_DEFAULT_MODES = ((1, 1.0, 0.0),)
-
-
-def cole_hopf(
-    x: np.ndarray,
-    t: float,
-    nu: float,
-    modes: Sequence[tuple[int, float, float]] = _DEFAULT_MODES,
-    domain_length: float = 1.0,
-    x_left: float = 0.0,
-) -> np.ndarray:
-    """Exact solution of u_t + (u^2/2)_x = (nu/pi) u_xx at points ``x`` and time ``t``.
-
-    Initial condition u0(x) = sum over ``modes`` (k, a, p) of a sin(2 pi k (x - x_left)/L + p);
-    default sin(2 pi x) on (0, 1). phi = exp(-U0/(2D)) spans a factor e^s (s = 1/(2 nu) for
-    sin(2 pi x)), so the relative error is about 1e-16 e^s: ~5e-12 at nu = 0.05, ~4e-9 at
-    nu = 0.03; raises ValueError when s > 18 (error above ~1e-8).
-    """
-    return _ColeHopf(nu, modes, domain_length, x_left).u(x, t)
-
-
-def cole_hopf_cell_averages(
-    nx: int,
-    t: float,
-    nu: float,
-    modes: Sequence[tuple[int, float, float]] = _DEFAULT_MODES,
-    domain_length: float = 1.0,
-) -> np.ndarray:
-    """Exact cell averages of the Cole-Hopf solution on ``nx`` cells of (0, L) at time t."""
-    return _ColeHopf(nu, modes, domain_length, 0.0).cell_averages(nx, t)
-
-
-# --------------------------------------------------------------------------------------------
-# datasets of trajectories
-# --------------------------------------------------------------------------------------------
-def _solve_chunk(seeds: np.ndarray, nx: int, t_save: np.ndarray, nu: float) -> np.ndarray:
-    u0 = init_multi(len(seeds), nx, seeds)
-    return solve_burgers(u0, nu, t_save).astype(np.float32)
+def _solve_chunk(pde: str, params: dict, seeds: np.ndarray, nx: int, t_save: np.ndarray) -> np.ndarray:
+    spec = get_pde(pde)
+    u0 = spec.initial_conditions(seeds, nx)
+    return spec.solve(u0, params, t_save).astype(np.float32)
 
 
 _PARENT_POLL_S = 0.2
@@ -452,9 +50,9 @@ def _init_worker(parent_pid: int) -> None:
                      name="exit-with-parent").start()
 
 
-def _chunks(n: int, nx: int, seeds: np.ndarray, workers: int, chunk: int | None):
+def _chunks(pde: str, n: int, nx: int, seeds: np.ndarray, workers: int, chunk: int | None):
     """Index groups of similar initial max|u| (similar step counts), slowest first."""
-    umax = np.abs(init_multi(n, nx, seeds)).max(axis=1)
+    umax = np.abs(get_pde(pde).initial_conditions(seeds, nx)).reshape(n, -1).max(axis=1)
     order = np.argsort(-umax, kind="stable")
     if chunk is None:
         chunk = int(min(64, max(8, math.ceil(n / (4 * max(1, workers))))))
@@ -462,16 +60,17 @@ def _chunks(n: int, nx: int, seeds: np.ndarray, workers: int, chunk: int | None)
 
 
 def iter_trajectory_chunks(
+    pde: str,
+    params: Mapping[str, float],
     n: int,
     nx: int,
     nt: int,
     t_max: float,
-    nu: float,
     seeds: Sequence[int] | np.ndarray,
     workers: int = 2,
     chunk: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(row_indices, fields)`` with fields (len(rows), nt, nx) float32, as chunks finish.
+    """Yield ``(row_indices, fields)`` with fields (len(rows), nt, nx, C) float32, as chunks finish.
 
     Rows are grouped by the size of their initial condition so that a chunk's trajectories need
     similar numbers of steps; each row's values are independent of its chunk and of ``workers``.
@@ -480,10 +79,11 @@ def iter_trajectory_chunks(
     if seeds.shape[0] != n:
         raise ValueError(f"got {seeds.shape[0]} seeds for n={n}")
     t_save = np.linspace(0.0, float(t_max), int(nt))
-    groups = _chunks(n, nx, seeds, workers, chunk)
+    params = dict(params)
+    groups = _chunks(pde, n, nx, seeds, workers, chunk)
     if workers <= 1 or len(groups) <= 1:
         for rows in groups:
-            yield rows, _solve_chunk(seeds[rows], nx, t_save, nu)
+            yield rows, _solve_chunk(pde, params, seeds[rows], nx, t_save)
         return
     ctx = mp.get_context("spawn")   # no fork: safe beside torch/OpenMP threads
     ex = ProcessPoolExecutor(max_workers=min(workers, len(groups)), mp_context=ctx,
@@ -493,7 +93,7 @@ def iter_trajectory_chunks(
         # blocked while they start (they inherit the mask), so a Ctrl-C then cannot make them
         # print tracebacks; the parent receives it as soon as the mask is restored.
         with _sigint_blocked():
-            futures = {ex.submit(_solve_chunk, seeds[rows], nx, t_save, nu): rows
+            futures = {ex.submit(_solve_chunk, pde, params, seeds[rows], nx, t_save): rows
                        for rows in groups}
         for fut in as_completed(futures):
             yield futures[fut], fut.result()
@@ -521,26 +121,46 @@ def _sigint_blocked():
 
 
 def generate_trajectories(
+    pde: str,
+    params: Mapping[str, float],
     n: int,
     nx: int,
     nt: int,
     t_max: float,
-    nu: float,
     seeds: Sequence[int] | np.ndarray,
     workers: int = 2,
     progress: bool = True,
 ) -> np.ndarray:
-    """``n`` trajectories (n, nt, nx) float32 on (0, 1), frames at linspace(0, t_max, nt).
-
-    Trajectory i starts from ``init_multi`` with seed ``seeds[i]``. Solved in chunks over a process
+    """``n`` trajectories (n, nt, nx, C) float32 of equation ``pde`` on (0, 1), frames at
+    linspace(0, t_max, nt). Trajectory i starts from the spec's initial condition for ``seeds[i]``. Solved in chunks over a process
     pool of ``workers`` (1: in-process); results are bit-identical for any ``workers``.
     """
-    out = np.empty((n, nt, nx), dtype=np.float32)
+    out = np.empty((n, nt, nx, get_pde(pde).n_channels), dtype=np.float32)
     bar = _progress_bar(progress, "trajectories", n)
     with bar as (prog, task):
-        for rows, fields in iter_trajectory_chunks(n, nx, nt, t_max, nu, seeds, workers):
+        for rows, fields in iter_trajectory_chunks(pde, params, n, nx, nt, t_max, seeds, workers):
             out[rows] = fields
             if prog is not None:
                 prog.advance(task, len(rows))
     return out
 
+
+def _progress_bar(enabled: bool, label: str, total: int):
+    """Context manager yielding (progress, task) or (None, None) when disabled."""
+    if not enabled:
+        return nullcontext((None, None))
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    class _Bar:
+        def __enter__(self):
+            self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                              MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                              transient=False)
+            self.p.__enter__()
+            return self.p, self.p.add_task(label, total=total)
+
+        def __exit__(self, *exc):
+            return self.p.__exit__(*exc)
+
+    return _Bar()

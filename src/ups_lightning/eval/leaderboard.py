@@ -385,10 +385,13 @@ def _row_plots(art: Path, title: str, max_samples: int = 3) -> list[str]:
     if samples.is_file():
         with np.load(samples) as z:
             true, pred = np.asarray(z["true"], dtype=float), np.asarray(z["pred"], dtype=float)
-            x = np.asarray(z["x"], dtype=float) if "x" in z else np.arange(true.shape[-1], dtype=float)
+            x = np.asarray(z["x"], dtype=float) if "x" in z else np.arange(true.shape[2], dtype=float)
             t = np.asarray(z["t"], dtype=float) if "t" in z else np.arange(true.shape[1], dtype=float)
-        if true.shape != pred.shape or true.ndim != 3:
-            raise ValueError(f"samples.npz: true {true.shape} and pred {pred.shape} must both be (n, T, X)")
+        if true.shape != pred.shape or true.ndim not in (3, 4):
+            raise ValueError(f"samples.npz: true {true.shape} and pred {pred.shape} must both be (n, T, X) "
+                             "or (n, T, X, C)")
+        if true.ndim == 4:   # several channels: one space-time panel per channel would crowd; show the first
+            true, pred = true[..., 0], pred[..., 0]
         n = min(max_samples, true.shape[0])
         fig = Figure(figsize=(10, 2.4 * n + 0.4), layout="constrained")
         ext = [x[0], x[-1], t[0], t[-1]] if len(x) > 1 and len(t) > 1 else None

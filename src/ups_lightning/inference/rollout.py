@@ -6,11 +6,12 @@ teacher forcing), decoding every predicted state on the evaluation grid. Modes:
 - operator only (deterministic);
 - operator + stochastic corrector (diffusion teacher or distilled student) every `every` steps;
 - an ensemble of such stochastic rollouts (members batched together);
-- TTC: per-sample beam search over corrector candidates scored by Burgers physics rewards.
+- TTC: per-sample beam search over corrector candidates scored by the equation's physics rewards.
 
-Every mode can guard its states (`Guard`): decode each new state, optionally restore the mass of the
-given frame (periodic Burgers conserves the mean of u exactly), and re-encode it, so the next step
-starts from a state on the autoencoder's manifold. The guard uses nothing but the given frame.
+Every mode can guard its states (`Guard`): decode each new state, optionally project it onto the
+equation's invariants that the given frame fixes (its spec's ``project``: the mean for conservation
+laws, the invariant interval for a maximum principle), and re-encode it, so the next step starts
+from a state on the autoencoder's manifold. The guard uses nothing but the given frame.
 """
 from __future__ import annotations
 
@@ -23,38 +24,38 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ups_lightning.inference.rewards import burgers_score
 from ups_lightning.inference.ttc import TTCConfig, ttc_step
+from ups_lightning.pdes import PDE, get_pde
 
 log = logging.getLogger("ups_lightning.rollout")
 
 
 @dataclass(frozen=True)
 class Physics:
-    """What the rewards need from the evaluated file: nu, and dx, dt, domain length after reduction."""
+    """What the guard and the rewards need from the evaluated file: its equation and parameters, and
+    dx, dt, the domain length after reduction."""
 
-    nu: float
+    pde: str
+    params: Dict[str, float]
     dx: float
     dt: float
     domain_length: float
+
+    @property
+    def spec(self) -> PDE:
+        return get_pde(self.pde)
 
 
 @dataclass(frozen=True)
 class Guard:
     """Projections applied to every rolled-out state (module doc). Both off: the raw latent rollout."""
 
-    reencode: bool = False        # decode -> encode each step (back onto the autoencoder's manifold)
-    conserve_mass: bool = False   # shift each decoded frame to the given frame's mean, then re-encode
+    reencode: bool = False      # decode -> encode each step (back onto the autoencoder's manifold)
+    invariants: bool = False    # project each decoded frame onto the equation's invariants, re-encode
 
     @property
     def active(self) -> bool:
-        return self.reencode or self.conserve_mass
-
-
-def restore_mass(u: Tensor, mass: Tensor) -> Tensor:
-    """Frames (B, ..., X, C) shifted so their mean over x is `mass` (broadcastable, mean over x of
-    the given frame): the guard's mass-preserving projection."""
-    return u - u.mean(dim=-2, keepdim=True) + mass
+        return self.reencode or self.invariants
 
 
 class Surrogate:
@@ -62,12 +63,15 @@ class Surrogate:
     on the grid and with the conditioning of the data being evaluated."""
 
     def __init__(self, module: Any, x: Tensor, cond: Tensor, teacher_steps: int = 16,
-                 student_steps: int = 1, guard: Guard = Guard()) -> None:
+                 student_steps: int = 1, guard: Guard = Guard(), pde: Optional[PDE] = None) -> None:
         self.m = module.eval()
         self.x = x.to(torch.float32)
         self.cond = cond.to(torch.float32)
         self.teacher_steps, self.student_steps = teacher_steps, student_steps
         self.guard = guard
+        if guard.invariants and pde is None:
+            raise ValueError("Guard(invariants=True) needs the equation's spec (pde=)")
+        self.pde = pde
 
     @property
     def correctors(self) -> Tuple[str, ...]:
@@ -99,14 +103,14 @@ class Surrogate:
         return self.m.operator(z, self._cond(z.shape[0]))
 
     @torch.no_grad()
-    def settle(self, z: Tensor, mass: Tensor) -> Tuple[Tensor, Tensor]:
-        """A new state and its decoded frame, after the guard: `mass` (B, 1, C) is the mean over x
-        of the given frame. Returns (state to step from next, frame to report)."""
+    def settle(self, z: Tensor, given: Tensor) -> Tuple[Tensor, Tensor]:
+        """A new state and its decoded frame, after the guard: `given` (B, X, C) is the last given
+        frame. Returns (state to step from next, frame to report)."""
         u = self.decode(z)
         if not self.guard.active:
             return z, u
-        if self.guard.conserve_mass:
-            u = restore_mass(u, mass)
+        if self.guard.invariants:
+            u = self.pde.project(u, given)
         return self.encode(u), u
 
     @torch.no_grad()
@@ -127,13 +131,13 @@ def rollout(sur: Surrogate, u0: Tensor, steps: int, corrector: Optional[str] = N
             generator: Optional[torch.Generator] = None) -> Tensor:
     """Roll `steps` frames forward from the physical frame u0 (B, X, C); returns (B, steps, X, C).
     With a corrector, every `every`-th step is corrected by one stochastic residual sample."""
-    z, mass = sur.encode(u0), u0.mean(dim=1, keepdim=True)
+    z = sur.encode(u0)
     frames = []
     for k in range(1, steps + 1):
         z = sur.step(z)
         if corrector is not None and k % every == 0:
             z = sur.correct(z, corrector, generator)
-        z, u = sur.settle(z, mass)
+        z, u = sur.settle(z, u0)
         frames.append(u)
     return torch.stack(frames, dim=1)
 
@@ -153,7 +157,7 @@ def ttc_rollout(sur: Surrogate, u0: Tensor, steps: int, corrector: str, cfg: TTC
                 weights: Optional[Dict[str, float]] = None, include_operator: bool = True,
                 generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Any]]:
     """TTC rollout: at each step, beam search per sample over corrector candidates, scored by the
-    Burgers rewards of the decoded states. With `include_operator`, the uncorrected operator step
+    equation's rewards (its spec's ``score``) of the decoded states. With `include_operator`, the uncorrected operator step
     (a zero residual) is one of the candidates, so the search can also decline to correct.
     Returns the frames (B, steps, X, C) and the search's cost (model evaluations per sample per step)."""
 
@@ -166,16 +170,15 @@ def ttc_rollout(sur: Surrogate, u0: Tensor, steps: int, corrector: str, cfg: TTC
         return cand
 
     def score(prev: Tensor, nxt: Tensor) -> Tensor:
-        u_prev, u_next = sur.decode(prev)[..., 0], sur.decode(nxt)[..., 0]
-        return burgers_score(u_prev, u_next, physics.nu, physics.dx, physics.dt, physics.domain_length,
-                             weights=weights)
+        return physics.spec.score(sur.decode(prev), sur.decode(nxt), physics.params, physics.dx,
+                                  physics.dt, weights=weights)
 
-    z, mass = sur.encode(u0), u0.mean(dim=1, keepdim=True)
+    z = sur.encode(u0)
     frames, evals = [], []
     start = time.perf_counter()
     for step in range(1, steps + 1):
         z, info = ttc_step(z, propose, score, cfg)
-        z, u = sur.settle(z, mass)
+        z, u = sur.settle(z, u0)
         frames.append(u)
         evals.append(info["evals"].double().mean())
         if step % 10 == 0 or step == steps:   # the search is the slow mode: say where it is

@@ -6,7 +6,7 @@ Model-agnostic: the search sees states as tensors ``(B, ...)`` and two callables
   this project: operator step + k corrector samples, decoded or latent). One call costs k model
   evaluations per state; this is the unit of the budget.
 - ``score(prev (M, ...), next (M, ...)) -> (M,)``: reward of each step, higher is better (e.g. a
-  decode followed by :func:`ups_lightning.inference.rewards.burgers_score`). Scoring is not counted
+  decode followed by the equation spec's `score`, `ups_lightning.pdes`). Scoring is not counted
   as a model evaluation. NaN rewards count as -inf (never chosen).
 
 Search, for every sample independently (vectorised over the batch, never one choice for all):

@@ -11,16 +11,18 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from ups_lightning.data.contract import DataContract
 from ups_lightning.models.autoencoder import Autoencoder
 from ups_lightning.models.sizes import model_sizes
 
 
-def build_autoencoder(model_cfg: Dict[str, Any], in_channels: int = 1) -> Autoencoder:
+def build_autoencoder(model_cfg: Dict[str, Any], contract: DataContract) -> Autoencoder:
+    """The autoencoder for the data's channels and grid (the data contract)."""
     s = model_sizes(model_cfg["dim"], n_tokens=model_cfg["n_tokens"], depth=model_cfg["depth"])
     return Autoencoder(
-        in_channels=in_channels, dim=s.dim, n_tokens=s.n_tokens, depth=model_cfg["ae_depth"],
-        heads=s.heads, hidden=s.hidden, n_fourier=model_cfg["n_fourier"],
-        decoder_depth=model_cfg["decoder_depth"],
+        in_channels=contract.n_channels, spatial_shape=tuple(contract.spatial_shape), dim=s.dim,
+        n_tokens=s.n_tokens, depth=model_cfg["ae_depth"], heads=s.heads, hidden=s.hidden,
+        n_fourier=model_cfg["n_fourier"], decoder_depth=model_cfg["decoder_depth"],
     )
 
 
@@ -56,40 +58,48 @@ def lr_factor(step: int, total: int, time_progress: float, warmup_ratio: float, 
 class StageModule(L.LightningModule):
     """Base class: AdamW with warm-up + cosine/constant LR (per step), physical-space helpers.
 
-    Buffers `x` (unit coordinates), `field_mean/std` (physical normalisation), `latent_mean/std` and
-    `cond` travel in every checkpoint, so a stage can be evaluated from its checkpoint alone.
+    Every stage is built as ``Stage(model_cfg, optim_cfg, stages_cfg, data)``: the model, optimiser
+    and all stages' settings (it reads its own, ``stages_cfg[name]``, and any upstream setting it
+    needs) and the data contract (``DataContract.to_dict()``). Subclasses declare ``name`` and
+    ``upstream`` and register with ``@register_stage`` (``ups_lightning.lit.stages``).
+
+    Buffers `x` (unit coordinates), `field_mean/std` (physical normalisation) and `latent_mean/std`
+    travel in every checkpoint, and the contract in its hyperparameters, so a stage can be
+    evaluated from its checkpoint alone. Conditioning comes with each batch (`batch["cond"]`).
     """
 
-    def __init__(self, optim_cfg: Dict[str, Any], lr: float, n_x: int, n_channels: int = 1,
-                 latent_dim: Optional[int] = None) -> None:
+    name: str = ""
+    upstream: Optional[str] = None
+
+    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
+                 data: Dict[str, Any], latent_dim: Optional[int] = None) -> None:
         super().__init__()
-        self.optim_cfg, self.lr = optim_cfg, lr
-        self.register_buffer("x", torch.zeros(n_x))
-        self.register_buffer("field_mean", torch.zeros(n_channels))
-        self.register_buffer("field_std", torch.ones(n_channels))
-        self.register_buffer("cond", torch.zeros(2))
+        self.contract = DataContract.from_dict(data)
+        self.settings = stages_cfg[self.name]
+        self.optim_cfg, self.lr = optim_cfg, self.settings["lr"]
+        shape, dims = self.contract.spatial_shape, self.contract.spatial_dims
+        # unit coordinates of the grid: (X,) in 1D, (*shape, dims) beyond
+        self.register_buffer("x", torch.zeros(*shape, dims) if dims > 1 else torch.zeros(shape[0]))
+        self.register_buffer("field_mean", torch.zeros(self.contract.n_channels))
+        self.register_buffer("field_std", torch.ones(self.contract.n_channels))
         if latent_dim is not None:
             self.register_buffer("latent_mean", torch.zeros(latent_dim))
             self.register_buffer("latent_std", torch.ones(latent_dim))
         self.val_nrmse = MeanMetric()
 
     # --- data context, set once before training from the data and the cache -------------------
-    def set_data_context(self, x: torch.Tensor, field_mean: Any, field_std: Any, cond: torch.Tensor,
+    def set_data_context(self, x: torch.Tensor, field_mean: Any, field_std: Any,
                          latent_mean: Optional[torch.Tensor] = None,
                          latent_std: Optional[torch.Tensor] = None) -> None:
         self.x.copy_(x)
         self.field_mean.copy_(torch.as_tensor(field_mean, dtype=torch.float32))
         self.field_std.copy_(torch.as_tensor(field_std, dtype=torch.float32))
-        self.cond.copy_(cond)
         if latent_mean is not None:
             self.latent_mean.copy_(latent_mean)
             self.latent_std.copy_(latent_std)
 
     def physical(self, u_normalised: torch.Tensor) -> torch.Tensor:
         return u_normalised * self.field_std + self.field_mean
-
-    def batch_cond(self, batch_size: int) -> torch.Tensor:
-        return self.cond.expand(batch_size, -1)
 
     def decode_latent(self, autoencoder: Autoencoder, z_normalised: torch.Tensor) -> torch.Tensor:
         """Normalised latent -> normalised field on the data grid."""

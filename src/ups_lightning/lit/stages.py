@@ -9,34 +9,51 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from ups_lightning.data.contract import DataContract
 from ups_lightning.lit.common import StageModule, build_autoencoder, freeze, sample_nrmse
 from ups_lightning.models.diffusion import ConsistencyStudent, ResidualFlow, consistency_distillation_loss
 from ups_lightning.models.operator import PDETransformer
 from ups_lightning.models.sizes import model_sizes
 
+# stage name -> its LightningModule class, in pipeline order; artifacts.load_stage builds modules
+# only from these
+STAGE_MODULES: Dict[str, type] = {}
 
-def build_operator(model_cfg: Dict[str, Any]) -> PDETransformer:
+
+def register_stage(cls: type) -> type:
+    """Class decorator: a stage declares its `name` and `upstream` (a registered stage, or None)."""
+    if cls.upstream is not None and cls.upstream not in STAGE_MODULES:
+        raise TypeError(f"stage {cls.name}: upstream {cls.upstream!r} must be registered first")
+    STAGE_MODULES[cls.name] = cls
+    return cls
+
+
+def build_operator(model_cfg: Dict[str, Any], contract: DataContract) -> PDETransformer:
     s = model_sizes(model_cfg["dim"], n_tokens=model_cfg["n_tokens"], depth=model_cfg["depth"])
     return PDETransformer(dim=s.dim, n_tokens=s.n_tokens, depth=s.depth, heads=s.heads, hidden=s.hidden,
-                          cond_dim=2, levels=model_cfg["levels"], attn_backend=model_cfg["attn_backend"])
+                          cond_dim=contract.cond_dim, levels=model_cfg["levels"],
+                          attn_backend=model_cfg["attn_backend"])
 
 
-def build_flow(model_cfg: Dict[str, Any], cls: type = ResidualFlow) -> torch.nn.Module:
+def build_flow(model_cfg: Dict[str, Any], contract: DataContract, cls: type = ResidualFlow) -> torch.nn.Module:
     s = model_sizes(model_cfg["dim"], n_tokens=model_cfg["n_tokens"], depth=model_cfg["depth"])
     return cls(dim=s.dim, n_tokens=s.n_tokens, depth=model_cfg["diffusion_depth"], heads=s.heads,
-               hidden=s.hidden, cond_dim=2)
+               hidden=s.hidden, cond_dim=contract.cond_dim)
 
 
+@register_stage
 class AutoencoderModule(StageModule):
     """Stage 0: grid encoder + any-point decoder, trained on reconstruction of normalised fields;
     validated by reconstruction nRMSE in physical units."""
 
-    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], lr: float, n_x: int,
-                 n_query: int = 0) -> None:
-        super().__init__(optim_cfg, lr, n_x)
+    name, upstream = "autoencoder", None
+
+    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
+                 data: Dict[str, Any]) -> None:
+        super().__init__(model_cfg, optim_cfg, stages_cfg, data)
         self.save_hyperparameters()
-        self.autoencoder = build_autoencoder(model_cfg)
-        self.n_query = n_query
+        self.autoencoder = build_autoencoder(model_cfg, self.contract)
+        self.n_query = self.settings["n_query"]
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         u = batch["u"]
@@ -61,9 +78,10 @@ class AutoencoderModule(StageModule):
 class _LatentStage(StageModule):
     """A latent stage: holds the frozen autoencoder and reads windows from the LatentDataModule."""
 
-    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], lr: float, n_x: int) -> None:
-        super().__init__(optim_cfg, lr, n_x, latent_dim=model_cfg["dim"])
-        self.autoencoder = freeze(build_autoencoder(model_cfg))
+    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
+                 data: Dict[str, Any]) -> None:
+        super().__init__(model_cfg, optim_cfg, stages_cfg, data, latent_dim=model_cfg["dim"])
+        self.autoencoder = freeze(build_autoencoder(model_cfg, self.contract))
 
     def decode_phys(self, z: torch.Tensor) -> torch.Tensor:
         return self.physical(self.decode_latent(self.autoencoder, z))
@@ -79,33 +97,35 @@ class _LatentStage(StageModule):
     own_prefixes: tuple = ()
 
 
+@register_stage
 class OperatorModule(_LatentStage):
     """Stage 2: z_{t+1} = z_t + f(z_t, cond). Latent MSE, optionally a multi-step (pushforward) term,
     latent input noise and a decoded-space term; validated by one-step physical nRMSE."""
 
+    name, upstream = "operator", "autoencoder"
     own_prefixes = ("operator.",)
 
-    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stage_cfg: Dict[str, Any],
-                 lr: float, n_x: int) -> None:
-        super().__init__(model_cfg, optim_cfg, lr, n_x)
+    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
+                 data: Dict[str, Any]) -> None:
+        super().__init__(model_cfg, optim_cfg, stages_cfg, data)
         self.save_hyperparameters()
-        self.stage_cfg = stage_cfg
-        self.operator = build_operator(model_cfg)
+        self.stage_cfg = self.settings
+        self.operator = build_operator(model_cfg, self.contract)
         self.val_persistence = MeanMetric()
         self.val_recon = MeanMetric()
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.operator(z, self.batch_cond(z.shape[0]))
+    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.operator(z, cond)
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        z, u = batch["z"], batch["u"]
+        z, u, cond = batch["z"], batch["u"], batch["cond"]
         steps = z.shape[1] - 1
         state = z[:, 0]
         if self.stage_cfg["noise_std"] > 0:
             state = state + self.stage_cfg["noise_std"] * torch.randn_like(state)
         loss = z.new_zeros(())
         for k in range(1, steps + 1):
-            pred = self(state)
+            pred = self(state, cond)
             loss = loss + self.step_loss(pred, z[:, k], u[:, k])
             if self.stage_cfg["decoded_weight"] > 0:
                 decoded = self.decode_latent(self.autoencoder, pred)
@@ -127,7 +147,7 @@ class OperatorModule(_LatentStage):
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         z, u = batch["z"], batch["u"]
-        pred = self(z[:, 0])
+        pred = self(z[:, 0], batch["cond"])
         self.log("val/latent_mse", F.mse_loss(pred, z[:, 1]), on_epoch=True)
         true = self.physical(u[:, 1])
         self.log_val_nrmse(self.decode_phys(pred), true)
@@ -142,20 +162,21 @@ class _ResidualStage(_LatentStage):
     """Shared by the diffusion teacher and the distilled student: residuals of the frozen operator,
     scaled by their training-set std (buffer `r_std`)."""
 
-    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], lr: float, n_x: int) -> None:
-        super().__init__(model_cfg, optim_cfg, lr, n_x)
-        self.operator = freeze(build_operator(model_cfg))
+    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
+                 data: Dict[str, Any]) -> None:
+        super().__init__(model_cfg, optim_cfg, stages_cfg, data)
+        self.operator = freeze(build_operator(model_cfg, self.contract))
         self.register_buffer("r_std", torch.ones(()))
         self.val_operator = MeanMetric()
         self.val_spread = MeanMetric()
 
-    def operator_step(self, z: torch.Tensor) -> torch.Tensor:
+    def operator_step(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.operator(z, self.batch_cond(z.shape[0]))
+            return self.operator(z, cond)
 
     def scaled_residual(self, batch: Dict[str, torch.Tensor]) -> tuple:
         z = batch["z"]
-        z_pred = self.operator_step(z[:, 0])
+        z_pred = self.operator_step(z[:, 0], batch["cond"])
         return (z[:, 1] - z_pred) / self.r_std, z_pred
 
     @torch.no_grad()
@@ -165,21 +186,21 @@ class _ResidualStage(_LatentStage):
             if i >= max_batches:
                 break
             z = batch["z"].to(self.device)
-            r = z[:, 1] - self.operator_step(z[:, 0])
+            r = z[:, 1] - self.operator_step(z[:, 0], batch["cond"].to(self.device))
             sq += float(r.pow(2).sum())
             n += r.numel()
         self.r_std.fill_(max((sq / max(n, 1)) ** 0.5, 1e-8))
 
-    def corrected(self, z_pred: torch.Tensor, generator: Any = None) -> torch.Tensor:
+    def corrected(self, z_pred: torch.Tensor, cond: torch.Tensor, generator: Any = None) -> torch.Tensor:
         """A stochastic corrected state; `sample_residual` is the subclass's own sampler."""
-        return z_pred + self.r_std * self.sample_residual(z_pred, generator)
+        return z_pred + self.r_std * self.sample_residual(z_pred, cond, generator)
 
     def validate_samples(self, batch: Dict[str, torch.Tensor]) -> None:
-        z, u = batch["z"], batch["u"]
+        z, u, cond = batch["z"], batch["u"], batch["cond"]
         true = self.physical(u[:, 1])
-        z_pred = self.operator_step(z[:, 0])
-        a = self.decode_phys(self.corrected(z_pred))
-        b = self.decode_phys(self.corrected(z_pred))
+        z_pred = self.operator_step(z[:, 0], cond)
+        a = self.decode_phys(self.corrected(z_pred, cond))
+        b = self.decode_phys(self.corrected(z_pred, cond))
         self.log_val_nrmse(a, true)
         self.val_operator.update(sample_nrmse(self.decode_phys(z_pred), true))
         self.val_spread.update(sample_nrmse(a, b))  # distinct samples: > 0
@@ -187,48 +208,54 @@ class _ResidualStage(_LatentStage):
         self.log("val/sample_spread", self.val_spread, on_epoch=True)
 
 
+@register_stage
 class DiffusionModule(_ResidualStage):
     """Stage 3: flow matching on r = z_{t+1} - operator(z_t), conditioned on operator(z_t); sampled
     in K steps. Validated by the one-step physical nRMSE of corrected states and the samples' spread."""
 
+    name, upstream = "diffusion", "operator"
     own_prefixes = ("flow.", "r_std")
 
-    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stage_cfg: Dict[str, Any],
-                 lr: float, n_x: int) -> None:
-        super().__init__(model_cfg, optim_cfg, lr, n_x)
+    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
+                 data: Dict[str, Any]) -> None:
+        super().__init__(model_cfg, optim_cfg, stages_cfg, data)
         self.save_hyperparameters()
-        self.stage_cfg = stage_cfg
-        self.flow = build_flow(model_cfg)
+        self.stage_cfg = self.settings
+        self.flow = build_flow(model_cfg, self.contract)
 
-    def sample_residual(self, z_pred: torch.Tensor, generator: Any = None, steps: int | None = None) -> torch.Tensor:
+    def sample_residual(self, z_pred: torch.Tensor, cond: torch.Tensor, generator: Any = None,
+                        steps: int | None = None) -> torch.Tensor:
         steps = steps or self.stage_cfg["sample_steps"]
-        return self.flow.sample(z_pred, self.batch_cond(z_pred.shape[0]), steps=steps, generator=generator)
+        return self.flow.sample(z_pred, cond, steps=steps, generator=generator)
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         r, z_pred = self.scaled_residual(batch)
-        loss = self.flow.loss(r, z_pred, self.batch_cond(r.shape[0]))
+        loss = self.flow.loss(r, z_pred, batch["cond"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         r, z_pred = self.scaled_residual(batch)
-        self.log("val/loss", self.flow.loss(r, z_pred, self.batch_cond(r.shape[0])), on_epoch=True)
+        self.log("val/loss", self.flow.loss(r, z_pred, batch["cond"]), on_epoch=True)
         self.validate_samples(batch)
 
 
+@register_stage
 class DistillModule(_ResidualStage):
     """Stage 4: consistency distillation of the flow teacher into a 1-2 step student. Validated by
-    the student's one-step physical nRMSE and spread beside the teacher's K-step ones."""
+    the student's one-step physical nRMSE and spread beside the teacher's K-step ones (the teacher
+    samples with the diffusion stage's `sample_steps`)."""
 
+    name, upstream = "distill", "diffusion"
     own_prefixes = ("student.", "target.")
 
-    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stage_cfg: Dict[str, Any],
-                 teacher_steps: int, lr: float, n_x: int) -> None:
-        super().__init__(model_cfg, optim_cfg, lr, n_x)
+    def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
+                 data: Dict[str, Any]) -> None:
+        super().__init__(model_cfg, optim_cfg, stages_cfg, data)
         self.save_hyperparameters()
-        self.stage_cfg, self.teacher_steps = stage_cfg, teacher_steps
-        self.flow = freeze(build_flow(model_cfg))
-        self.student = build_flow(model_cfg, ConsistencyStudent)
+        self.stage_cfg, self.teacher_steps = self.settings, stages_cfg["diffusion"]["sample_steps"]
+        self.flow = freeze(build_flow(model_cfg, self.contract))
+        self.student = build_flow(model_cfg, self.contract, ConsistencyStudent)
         self.target = freeze(copy.deepcopy(self.student))
         self.val_teacher = MeanMetric()
         self.val_teacher_spread = MeanMetric()
@@ -240,14 +267,15 @@ class DistillModule(_ResidualStage):
         self.student.load_state_dict(warm, strict=False)
         self.target.load_state_dict(self.student.state_dict())
 
-    def sample_residual(self, z_pred: torch.Tensor, generator: Any = None, steps: int | None = None) -> torch.Tensor:
+    def sample_residual(self, z_pred: torch.Tensor, cond: torch.Tensor, generator: Any = None,
+                        steps: int | None = None) -> torch.Tensor:
         steps = steps or self.stage_cfg["student_steps"]
-        return self.student.sample(z_pred, self.batch_cond(z_pred.shape[0]), steps=steps, generator=generator)
+        return self.student.sample(z_pred, cond, steps=steps, generator=generator)
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         r, z_pred = self.scaled_residual(batch)
         loss = consistency_distillation_loss(self.student, self.target, self.flow, r, z_pred,
-                                             self.batch_cond(r.shape[0]), n_grid=self.stage_cfg["n_grid"])
+                                             batch["cond"], n_grid=self.stage_cfg["n_grid"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -259,10 +287,9 @@ class DistillModule(_ResidualStage):
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         self.validate_samples(batch)
-        z, u = batch["z"], batch["u"]
+        z, u, cond = batch["z"], batch["u"], batch["cond"]
         true = self.physical(u[:, 1])
-        z_pred = self.operator_step(z[:, 0])
-        cond = self.batch_cond(z_pred.shape[0])
+        z_pred = self.operator_step(z[:, 0], cond)
 
         def teacher() -> torch.Tensor:
             r = self.flow.sample(z_pred, cond, steps=self.teacher_steps)
@@ -274,7 +301,3 @@ class DistillModule(_ResidualStage):
         self.log("val/teacher_nrmse", self.val_teacher, on_epoch=True)
         self.log("val/teacher_spread", self.val_teacher_spread, on_epoch=True)
 
-
-# the stage name -> its LightningModule class (artifacts.load_stage builds modules only from these)
-STAGE_MODULES = {"autoencoder": AutoencoderModule, "operator": OperatorModule,
-                 "diffusion": DiffusionModule, "distill": DistillModule}

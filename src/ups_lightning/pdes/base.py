@@ -1,0 +1,250 @@
+"""The one interface every equation implements (a spec object per PDE), and the pieces they share.
+
+A spec says everything the rest of the project may know about an equation:
+
+- its fields (channels), spatial dimension and boundary conditions;
+- its parameters: their names in configs and on the command line, the HDF5 attributes PDEBench
+  stores them under, the pattern of PDEBench's file names (released files often carry the
+  parameters in the name only), their valid range, and how each becomes a conditioning feature;
+- its initial-condition recipe and its validated reference solver (numpy, float64);
+- its invariants, which the rollout guard may project onto (``project``);
+- its TTC rewards (``penalties``), computed from decoded candidate states only.
+
+Data, models, stages, rollout, evaluation and bench ask a spec (``ups_lightning.pdes.get_pde``)
+and never name an equation. Adding an equation = one module under ``pdes/`` that subclasses
+``PDE`` and registers an instance in ``pdes/__init__.py``, one data config, and its tests.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ups_lightning.errors import UserError
+
+__all__ = ["Parameter", "PDE", "PENALTY_DOCS", "trapezoid_residual", "rms"]
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One physical parameter of an equation.
+
+    ``attrs``: HDF5 attribute names, the first is what the generator writes (PDEBench's spelling);
+    ``filename_key``: how PDEBench's file names spell it (``Nu0.001``, ``beta0.1``, ``Rho1.0``);
+    ``feature``: "log10" (conditioning feature log10(value / ref)) or "linear" (value / ref);
+    ``positive``: values must be > 0 (else any finite value)."""
+
+    name: str
+    attrs: Tuple[str, ...]
+    filename_key: str
+    default: float
+    ref: float
+    feature: str = "log10"
+    positive: bool = True
+    doc: str = ""
+
+    def check(self, value: Any, where: str) -> float:
+        """``value`` as a float in range, or a UserError naming ``where`` (attribute or setting)."""
+        try:
+            if isinstance(value, (bool, np.bool_)):
+                raise TypeError
+            v = float(value)
+        except (TypeError, ValueError):
+            v = math.nan
+        if not math.isfinite(v) or (self.positive and v <= 0):
+            need = "a finite number > 0" if self.positive else "a finite number"
+            raise UserError(f"{where} = {value!r}: {self.name} ({self.doc}) must be {need} (e.g. "
+                            f"{self.default:g}).")
+        return v
+
+    def feature_value(self, value: float) -> float:
+        return math.log10(value / self.ref) if self.feature == "log10" else value / self.ref
+
+
+# What each reward penalty measures; a spec lists the ones that hold for its equation.
+PENALTY_DOCS = {
+    "mass": "|mean u_next - mean u_prev| / (mean |u_prev|): the PDE conserves the mean",
+    "energy": "relative growth of mean u^2/2: the PDE never creates energy",
+    "tv": "relative growth of the periodic total variation: the PDE is total-variation diminishing",
+    "bounds": "distance outside the invariant interval [lo, hi], relative to its width",
+    "pde": "trapezoidal-rule residual of u_t = R(u) across the frame step, in [0, 1]",
+}
+
+
+def rms(v: Tensor) -> Tensor:
+    return v.pow(2).mean(dim=-1).sqrt()
+
+
+def trapezoid_residual(operator: Callable[[Tensor], Tensor], up: Tensor, un: Tensor, dt: float) -> Tensor:
+    """RMS_x(r) / (RMS_x(u_t) + RMS_x(R_bar) + eps) with r = (un - up)/dt - (R(up) + R(un))/2: 0 when
+    the time derivative balances the spatial operator, 1 for a frozen field that should move."""
+    ut = (un - up) / dt
+    rbar = 0.5 * (operator(up) + operator(un))
+    return rms(ut - rbar) / (rms(ut) + rms(rbar) + _EPS)
+
+
+class PDE:
+    """Base class of an equation's spec. Subclasses set the class attributes and implement
+    ``initial_conditions``, ``solve`` and ``spatial_operator``; the rest has working defaults."""
+
+    name: str = ""                       # registry key and data.pde value, e.g. "burgers1d"
+    title: str = ""                      # for people, e.g. "1D viscous Burgers"
+    equation: str = ""                   # the PDE as text
+    fields: Tuple[str, ...] = ("u",)     # channel names, in the file's channel order
+    spatial_dims: int = 1
+    boundary: str = "periodic"
+    params: Tuple[Parameter, ...] = ()
+    dt_ref: float = 0.05                 # conditioning feature dt / dt_ref keeps it O(1)
+    filename: str = ""                   # PDEBench's file name, with {param} fields
+    penalties: Tuple[str, ...] = ("pde",)
+    invariants: Tuple[str, ...] = ()     # what the guard projects: "mass", "bounds"
+    bounds: Optional[Tuple[float, float]] = None   # the invariant interval, with "bounds"
+    solver_settings: Dict[str, Any] = {}   # the scheme, for manifests ("scheme" required)
+    recipe_id: str = ""                    # initial-condition recipe and version, for manifests
+
+    # -- channels and parameters --------------------------------------------------------------
+    @property
+    def n_channels(self) -> int:
+        return len(self.fields)
+
+    @property
+    def param_names(self) -> Tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def parameter(self, name: str) -> Parameter:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise UserError(f"{self.name} has no parameter {name!r}; its parameters are "
+                        f"{', '.join(self.param_names) or 'none'}.")
+
+    def check_params(self, values: Mapping[str, Any], where: str = "setting") -> Dict[str, float]:
+        """Every parameter present, in range; unknown names refused."""
+        unknown = sorted(set(values) - set(self.param_names))
+        if unknown:
+            raise UserError(f"{where}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} "
+                            f"not a parameter of {self.name} ({self.equation}); its parameters are "
+                            f"{', '.join(self.param_names) or 'none'}.")
+        missing = [p.name for p in self.params if values.get(p.name) is None]
+        if missing:
+            raise UserError(f"{where}: {self.name} needs {', '.join(m + '=' for m in missing)} "
+                            f"({'; '.join(self.parameter(m).doc for m in missing)}).")
+        return {p.name: p.check(values[p.name], f"{where} {p.name}") for p in self.params}
+
+    def default_params(self) -> Dict[str, float]:
+        return {p.name: p.default for p in self.params}
+
+    def features(self, params: Mapping[str, float]) -> list[float]:
+        """The parameters as conditioning features, in ``params`` order (each O(1))."""
+        return [p.feature_value(float(params[p.name])) for p in self.params]
+
+    def file_name(self, params: Mapping[str, float]) -> str:
+        return self.filename.format(**{k: _short_number(v) for k, v in params.items()})
+
+    def params_from_filename(self, path: str) -> Dict[str, float]:
+        """Parameters spelt in a PDEBench file name (``1D_Burgers_Sols_Nu0.001.hdf5``)."""
+        found = {}
+        for p in self.params:
+            m = re.search(rf"(?:^|[_/]){re.escape(p.filename_key)}([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)",
+                          str(path).rsplit("/", 1)[-1])
+            if m:
+                found[p.name] = float(m.group(1))
+        return found
+
+    # -- the physics: subclasses implement these ------------------------------------------------
+    def initial_conditions(self, seeds: Sequence[int] | np.ndarray, nx: int) -> np.ndarray:
+        """One initial condition per seed on ``nx`` cell centres of the unit domain: (n, nx, C)."""
+        raise NotImplementedError
+
+    def solve(self, u0: np.ndarray, params: Mapping[str, float], t_save: Sequence[float] | np.ndarray,
+              domain_length: float = 1.0) -> np.ndarray:
+        """Reference solution from ``u0`` (B, X, C) at relative times ``t_save`` (increasing, from
+        0): (B, len(t_save), X, C) float64, frame 0 = u0. Row-local: a row's result never depends
+        on the other rows of its batch."""
+        raise NotImplementedError
+
+    def spatial_operator(self, u: Tensor, params: Mapping[str, float], dx: float) -> Tensor:
+        """R(u) of u_t = R(u) on frames (B, X) of one channel (torch), periodic."""
+        raise NotImplementedError
+
+    # -- guard and rewards -----------------------------------------------------------------------
+    def project(self, u: Tensor, given: Tensor) -> Tensor:
+        """The guard's projection of decoded frames (B, X, C) onto the invariants that the last
+        given frame ``given`` (B, X, C) fixes: its mean (mass) and/or the invariant interval."""
+        if "mass" in self.invariants:
+            u = u - u.mean(dim=-2, keepdim=True) + given.mean(dim=-2, keepdim=True)
+        if "bounds" in self.invariants and self.bounds is not None:
+            u = u.clamp(*self.bounds)
+        return u
+
+    def rewards(self, u_prev: Tensor, u_next: Tensor, params: Mapping[str, float], dx: float,
+                dt: float) -> Dict[str, Tensor]:
+        """This equation's penalties (``penalties``) of the step u_prev -> u_next, frames (B, X, C)
+        in physical units (u_prev may have batch 1). Each (B,), >= 0, lower is better; non-finite
+        candidates get +inf. Multi-channel penalties are means over channels."""
+        if not (dx > 0 and dt > 0):
+            raise UserError(f"{self.name} rewards: need dx > 0 and dt > 0, got dx={dx}, dt={dt}.")
+        if u_prev.dim() == 2:
+            u_prev = u_prev.unsqueeze(-1)
+        if u_next.dim() == 2:
+            u_next = u_next.unsqueeze(-1)
+        if u_next.dim() != 3 or u_prev.shape[-2:] != u_next.shape[-2:]:
+            raise ValueError(f"{self.name} rewards: frames must be (B, X, C) alike, got "
+                             f"{tuple(u_prev.shape)} and {tuple(u_next.shape)}")
+        dtype = torch.promote_types(u_next.dtype, torch.float32)
+        up, un = u_prev.to(dtype).expand_as(u_next), u_next.to(dtype)
+        up, un = up.movedim(-1, 1), un.movedim(-1, 1)           # (B, C, X): x last
+        out: Dict[str, Tensor] = {}
+        for name in self.penalties:
+            if name == "mass":
+                v = (un.mean(-1) - up.mean(-1)).abs() / (up.abs().mean(-1) + _EPS)
+            elif name == "energy":
+                e_prev, e_next = 0.5 * up.pow(2).mean(-1), 0.5 * un.pow(2).mean(-1)
+                v = torch.clamp(e_next - e_prev, min=0.0) / (e_prev + _EPS)
+            elif name == "tv":
+                tv_prev = (torch.roll(up, -1, -1) - up).abs().sum(-1)
+                tv_next = (torch.roll(un, -1, -1) - un).abs().sum(-1)
+                v = torch.clamp(tv_next - tv_prev, min=0.0) / (tv_prev + _EPS)
+            elif name == "bounds":
+                lo, hi = self.bounds
+                v = ((lo - un).clamp_min(0) + (un - hi).clamp_min(0)).mean(-1) / (hi - lo)
+            elif name == "pde":
+                v = trapezoid_residual(lambda w: self.spatial_operator(w, params, dx), up, un, dt)
+            else:
+                raise ValueError(f"{self.name}: unknown penalty {name!r}")
+            out[name] = torch.nan_to_num(v.mean(-1), nan=math.inf)
+        return out
+
+    def score(self, u_prev: Tensor, u_next: Tensor, params: Mapping[str, float], dx: float, dt: float,
+              weights: Optional[Mapping[str, float]] = None) -> Tensor:
+        """TTC reward (B,), higher is better: -(sum_k w_k penalty_k) over this equation's penalties.
+        ``weights`` (default 1 each) may name any known penalty; ones this equation lacks are unused."""
+        w = {k: 1.0 for k in self.penalties}
+        if weights:
+            unknown = sorted(set(weights) - set(PENALTY_DOCS))
+            if unknown:
+                raise UserError(f"reward weight(s) {unknown} unknown: the rewards are "
+                                f"{', '.join(PENALTY_DOCS)}.")
+            w.update({k: float(v) for k, v in weights.items() if k in self.penalties})
+        pen = self.rewards(u_prev, u_next, params, dx, dt)
+        total = torch.zeros_like(next(iter(pen.values())))
+        for k, v in pen.items():
+            if w[k] != 0.0:
+                total = total + w[k] * v
+        return -total
+
+    def __repr__(self) -> str:
+        return f"<PDE {self.name}: {self.equation}>"
+
+
+def _short_number(v: float) -> str:
+    """0.001 -> '0.001', 1.0 -> '1.0' (PDEBench's spelling in file names)."""
+    text = repr(float(v))
+    return text
