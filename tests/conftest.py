@@ -12,10 +12,10 @@ import pytest
 def tiny_burgers_file(tmp_path_factory) -> Path:
     """A small generated 1D Burgers file with its manifest: 24 trajectories (16 train / 4 val /
     4 test), 64 cells x 21 frames, t in [0, 2], nu = 0.001, domain (0, 1). About a second."""
-    from ups_lightning.data.generate import write_dataset
+    from ups_lightning.data.generation import write_dataset
 
     path = tmp_path_factory.mktemp("tiny_burgers") / "1D_Burgers_Sols_Nu0.001.hdf5"
-    write_dataset(path, nu=0.001, nx=64, nt=21, t_max=2.0, seed=0, n_train=16, n_val=4,
+    write_dataset(path, pde="burgers1d", params={"nu": 0.001}, nx=64, nt=21, t_max=2.0, seed=0, n_train=16, n_val=4,
                   n_test=4, workers=1, progress=False, quiet=True)
     return path
 
@@ -50,7 +50,7 @@ def smoke_cfg(tmp: Path, *overrides: str):
 @pytest.fixture(scope="session")
 def smoke_run(smoke_data: Path):
     """(config, stage records) of the smoke pipeline trained through every stage."""
-    from ups_lightning.train import run
+    from ups_lightning.training import run
 
     cfg = smoke_cfg(smoke_data)
     return cfg, run(cfg)

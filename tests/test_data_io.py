@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ups_lightning.data import generate as G
+from ups_lightning.data import generation as G
 from ups_lightning.data import solver as S
 from ups_lightning.data.pdebench import (Normalizer, PDEBenchFile, compute_normalizer,
                                          load_manifest, manifest_path, open_dataset)
@@ -71,7 +71,8 @@ def test_reader_layout_unit_interval(layout_a):
         assert m.x_left == pytest.approx(0.0, abs=1e-6)
         assert m.domain_length == pytest.approx(1.0, rel=1e-6)
         assert m.dt == pytest.approx(0.2, rel=1e-6) and m.t.size == 11
-        assert m.nu == pytest.approx(0.001)
+        assert m.pde == "burgers1d" and f.spec.name == "burgers1d"      # inferred from attr `Nu`
+        assert m.params == {"nu": pytest.approx(0.001)}
         np.testing.assert_allclose(m.xi, (np.arange(32) + 0.5) / 32, atol=1e-6)
         out = f.read(slice(None))
         assert out.shape == (12, 11, 32, 1) and out.dtype == np.float32
@@ -88,15 +89,22 @@ def test_reader_layout_pdebench_release(layout_b):
         assert m.domain_length == pytest.approx(2.0, rel=1e-6)
         assert m.t.size == 11 and m.t[-1] == pytest.approx(2.0)     # the extra entry dropped
         assert m.dt == pytest.approx(0.2, rel=1e-6)
-        assert m.nu == pytest.approx(0.01)
+        assert m.pde == "burgers1d"                                    # inferred from attr `nu`
+        assert m.params == {"nu": pytest.approx(0.01)}
         np.testing.assert_allclose(m.xi, (np.arange(32) + 0.5) / 32, atol=1e-6)
         np.testing.assert_array_equal(f.read([3, 4]), d[[3, 4]])
 
 
 def test_reader_without_nu_attribute(tmp_path):
     path = _write(tmp_path / "c.hdf5", _data(n=2), nu_attr=None)
-    with PDEBenchFile(path) as f:
-        assert f.meta.nu is None
+    with PDEBenchFile(path, pde="burgers1d") as f:          # the equation named, nu not stated
+        assert f.meta.pde == "burgers1d" and f.meta.params == {}
+    with pytest.raises(UserError, match="cannot tell which equation"):   # nothing stated at all
+        PDEBenchFile(path)
+    # PDEBench's released files often carry nu in the file name only
+    named = _write(tmp_path / "1D_Burgers_Sols_Nu0.002.hdf5", _data(n=2), nu_attr=None)
+    with PDEBenchFile(named) as f:
+        assert f.meta.pde == "burgers1d" and f.meta.params == {"nu": pytest.approx(0.002)}
 
 
 def test_read_order_duplicates_and_index_kinds(layout_a):
@@ -134,7 +142,7 @@ def test_reduction_is_strided_slicing(layout_b):
     (dict(reduced_resolution=0), "reduced_resolution=0 must be a positive integer"),
     (dict(reduced_resolution_t=-2), "reduced_resolution_t=-2 must be a positive integer"),
     (dict(reduced_resolution=1.5), "reduced_resolution=1.5 must be a positive integer"),
-    (dict(pde="navier_stokes"), "unknown PDE 'navier_stokes'.*burgers1d"),
+    (dict(pde="navier_stokes"), "'navier_stokes' is not a known equation.*burgers1d"),
 ])
 def test_bad_settings(layout_a, kw, msg):
     with pytest.raises(UserError, match=msg):
@@ -155,6 +163,7 @@ def test_bad_files(tmp_path):
     rank = tmp_path / "rank.hdf5"
     with h5py.File(rank, "w") as h5:
         h5["tensor"] = np.zeros((2, 3), np.float32)
+        h5.attrs["Nu"] = 0.001                 # says its equation: the layout is what is wrong
     cases.append((rank, r"'tensor' has shape \(2, 3\) \(rank 2\)"))
     xbad = tmp_path / "xbad.hdf5"
     _write(xbad, _data(n=2), x=np.linspace(0, 1, 31))
@@ -167,7 +176,10 @@ def test_bad_files(tmp_path):
     cases.append((uneven, "'x-coordinate' must be increasing and evenly spaced"))
     chans = tmp_path / "chans.hdf5"
     _write(chans, np.zeros((2, 11, 32, 3), np.float32))
-    cases.append((chans, "3 channels.*'burgers1d' has 1"))
+    cases.append((chans, "3 channels.*burgers1d has 1"))
+    silent = tmp_path / "silent.hdf5"
+    _write(silent, _data(n=2), nu_attr=None)
+    cases.append((silent, "cannot tell which equation the file holds.*data.pde"))
     for path, msg in cases:
         with pytest.raises(UserError, match=msg) as info:
             PDEBenchFile(path)
@@ -324,31 +336,34 @@ def test_generated_file_layout_and_manifest(tiny_burgers_file):
     with h5py.File(tiny_burgers_file, "r") as h5:
         assert h5["tensor"].shape == (24, 21, 64) and h5["tensor"].dtype == np.float32
         assert h5["x-coordinate"].shape == (64,) and h5["t-coordinate"].shape == (21,)
-        assert float(h5.attrs["Nu"]) == 0.001
+        assert float(h5.attrs["Nu"]) == 0.001 and h5.attrs["pde"] == "burgers1d"
         np.testing.assert_allclose(h5["x-coordinate"][...], (np.arange(64) + 0.5) / 64, rtol=1e-6)
         np.testing.assert_allclose(h5["t-coordinate"][...], np.linspace(0, 2, 21), rtol=1e-6)
         data = h5["tensor"][...]
     man = load_manifest(tiny_burgers_file)
     assert man["seeds"]["val"] == {"start": 300_000, "stop": 300_004}
-    assert man["solver"]["cfl"] == 0.25 and man["nu"] == 0.001
+    assert man["solver"]["cfl"] == 0.25 and man["params"] == {"nu": 0.001}
+    assert man["pde"] == "burgers1d" and man["settings"]["nu"] == 0.001
     assert man["generation"]["seconds"] > 0 and man["generation"]["package_version"]
     # rows are the solver's trajectories for the recorded seeds (test row 1 -> seed 600_001)
-    ref = S.generate_trajectories(1, 64, 21, 2.0, 0.001, [600_001], workers=1, progress=False)
-    np.testing.assert_array_equal(data[21], ref[0])
+    ref = S.generate_trajectories("burgers1d", {"nu": 0.001}, 1, 64, 21, 2.0, [600_001], workers=1,
+                                  progress=False)
+    np.testing.assert_array_equal(data[21], ref[0, ..., 0])
 
 
 def test_generate_keeps_current_file_and_refuses_foreign_one(tmp_path, capsys):
     path = tmp_path / "d.hdf5"
-    kw = dict(nu=0.01, nx=16, nt=3, t_max=0.1, seed=1, n_train=3, workers=1, progress=False)
+    kw = dict(pde="burgers1d", params={"nu": 0.01}, nx=16, nt=3, t_max=0.1, seed=1, n_train=3,
+              workers=1, progress=False)
     G.write_dataset(path, **kw)
     stamp = path.stat().st_mtime_ns
     capsys.readouterr()
     G.write_dataset(path, **kw)
     assert "up to date" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match="already exists and was made with different settings"):
-        G.write_dataset(path, **{**kw, "nu": 0.02})
-    G.write_dataset(path, force=True, **{**kw, "nu": 0.02})
-    assert load_manifest(path)["nu"] == 0.02
+        G.write_dataset(path, **{**kw, "params": {"nu": 0.02}})
+    G.write_dataset(path, force=True, **{**kw, "params": {"nu": 0.02}})
+    assert load_manifest(path)["params"] == {"nu": 0.02}
     foreign = _write(tmp_path / "foreign.hdf5", _data(n=2))
     with pytest.raises(UserError, match="already exists and has no manifest"):
         G.write_dataset(foreign, **kw)
@@ -364,7 +379,8 @@ def test_generation_is_atomic(tmp_path, monkeypatch, exc):
         raise exc
 
     monkeypatch.setattr(G._solver, "iter_trajectory_chunks", failing)
-    kw = dict(nu=0.01, nx=16, nt=3, t_max=0.1, seed=0, n_train=40, workers=1, progress=False)
+    kw = dict(pde="burgers1d", params={"nu": 0.01}, nx=16, nt=3, t_max=0.1, seed=0, n_train=40,
+              workers=1, progress=False)
     target = tmp_path / "x.hdf5"
     with pytest.raises(type(exc)):
         G.write_dataset(target, **kw)
@@ -375,7 +391,7 @@ def test_generation_is_atomic(tmp_path, monkeypatch, exc):
     before = (target.read_bytes(), manifest_path(target).read_text())
     monkeypatch.setattr(G._solver, "iter_trajectory_chunks", failing)
     with pytest.raises(type(exc)):
-        G.write_dataset(target, force=True, **{**kw, "nu": 0.02})
+        G.write_dataset(target, force=True, **{**kw, "params": {"nu": 0.02}})
     assert (target.read_bytes(), manifest_path(target).read_text()) == before
     assert sorted(os.listdir(tmp_path)) == ["x.hdf5", "x.hdf5.manifest.json"]
 
@@ -418,14 +434,14 @@ def test_ad_hoc_generate_cli(tmp_path):
         assert h5["tensor"].shape == (3, 5, 32) and h5["tensor"].dtype == np.float32
         assert h5["t-coordinate"].shape == (5,)
         np.testing.assert_allclose(h5["t-coordinate"][...], [0, 0.125, 0.25, 0.375, 0.5], atol=1e-7)
-        assert float(h5.attrs["Nu"]) == 0.01
+        assert float(h5.attrs["Nu"]) == 0.01 and h5.attrs["pde"] == "burgers1d"
         data = h5["tensor"][...]
     man = load_manifest(out)
     assert man["splits"]["train"] == {"start": 0, "stop": 3}
     assert man["seeds"]["train"] == {"start": 7_000_000, "stop": 7_000_003}
-    ref = S.generate_trajectories(3, 32, 5, 0.5, 0.01, 7_000_000 + np.arange(3), workers=1,
-                                  progress=False)
-    np.testing.assert_array_equal(data, ref)
+    ref = S.generate_trajectories("burgers1d", {"nu": 0.01}, 3, 32, 5, 0.5, 7_000_000 + np.arange(3),
+                                  workers=1, progress=False)
+    np.testing.assert_array_equal(data, ref[..., 0])
     assert not (tmp_path / "sub" / f"adhoc.hdf5.tmp-{os.getpid()}").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]   # no Hydra run dir or log
     # and it opens with splits via n_val / n_test
@@ -440,9 +456,9 @@ def test_ad_hoc_generate_cli(tmp_path):
 
 @pytest.mark.parametrize("args,msg", [
     (["out=x.hdf5", "nu=0.01"], "also needs n_samples=..., nx=..., nt=..., t_max=..."),
-    (["out=x.hdf5", "nu=-1", "n_samples=2", "nx=16", "nt=3", "t_max=1"], "nu=-1"),
+    (["out=x.hdf5", "nu=-1", "n_samples=2", "nx=16", "nt=3", "t_max=1"], "nu = -1"),
     (["out=x.hdf5", "nu=0.01", "n_samples=2", "nx=16", "nt=3", "t_max=0"], "t_max=0"),
-    (["nu=0.1"], "ad-hoc settings and need out=PATH"),
+    (["nu=0.1"], "single-file settings and need out=PATH"),
 ])
 def test_generate_cli_user_errors(tmp_path, args, msg):
     r = _cli(["-m", "ups_lightning.data.generate", "progress=false", *args], tmp_path)
@@ -457,7 +473,8 @@ def test_inspect_cli(tmp_path, tiny_burgers_file, layout_b):
     assert r.returncode == 0, r.stderr
     assert "(N, T, X, C) = (24, 21, 64, 1)" in r.stdout
     assert "train 16 (rows 0..15), val 4 (rows 16..19), test 4 (rows 20..23)" in r.stdout
-    assert "dt = 0.1" in r.stdout and "nu          0.001" in r.stdout
+    assert "dt = 0.1" in r.stdout and "parameters  nu = 0.001" in r.stdout
+    assert "equation    burgers1d" in r.stdout
     r = _cli(["-m", "ups_lightning.data.inspect", str(layout_b[0]), "--reduced-resolution", "4",
               "--reduced-resolution-t", "5", "--rows", "3"], tmp_path)
     assert r.returncode == 0, r.stderr
@@ -479,7 +496,7 @@ def test_data_configs_have_the_agreed_keys():
     from omegaconf import OmegaConf
 
     root = CONF_DIR / "data"
-    keys = ["name", "pde", "root", "path", "nu", "nx", "nt", "t_max", "seed", "n_train", "n_val",
+    keys = ["name", "pde", "root", "path", "params", "nx", "nt", "t_max", "seed", "n_train", "n_val",
             "n_test", "reduced_resolution", "reduced_resolution_t", "initial_step", "batch_size",
             "num_workers"]
     expect = {"burgers1d_small": (256, 41, 512, 64, 128, 1, 1),
@@ -490,5 +507,6 @@ def test_data_configs_have_the_agreed_keys():
         assert list(cfg.keys()) == keys
         assert (cfg.nx, cfg.nt, cfg.n_train, cfg.n_val, cfg.n_test, cfg.reduced_resolution,
                 cfg.reduced_resolution_t) == (nx, nt, ntr, nva, nte, rr, rrt)
-        assert cfg.path == f"data/{name}/1D_Burgers_Sols_Nu0.001.hdf5" and cfg.nu == 0.001
+        assert cfg.path == f"data/{name}/1D_Burgers_Sols_Nu0.001.hdf5" and cfg.pde == "burgers1d"
+        assert OmegaConf.to_container(cfg.params) == {"nu": 0.001}
         assert nx % rr == 0 and (nt - 1) % rrt == 0

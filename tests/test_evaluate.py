@@ -15,7 +15,7 @@ import torch
 from conftest import eval_cfg
 
 from ups_lightning.errors import UserError
-from ups_lightning.evaluate import evaluate
+from ups_lightning.evaluation import evaluate
 from ups_lightning.inference.rollout import Guard, Surrogate, rollout
 
 

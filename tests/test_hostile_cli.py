@@ -12,8 +12,8 @@ import pytest
 from conftest import eval_cfg, smoke_cfg
 
 from ups_lightning.errors import UserError
-from ups_lightning.evaluate import evaluate
-from ups_lightning.train import run
+from ups_lightning.evaluation import evaluate
+from ups_lightning.training import run
 
 TRAIN_CASES = [
     ("stages.operator.max_epochs=-1", "stages.operator.max_epochs"),

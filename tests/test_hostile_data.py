@@ -18,7 +18,7 @@ import pytest
 
 from ups_lightning import CONF_DIR
 from ups_lightning import compare as C
-from ups_lightning.data import generate as G
+from ups_lightning.data import generation as G
 from ups_lightning.data import inspect as I
 from ups_lightning.data.datamodule import check_frames, conditioning, file_nu, open_view
 from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, manifest_path, open_dataset

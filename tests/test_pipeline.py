@@ -19,7 +19,7 @@ from ups_lightning.data.datamodule import LatentDataModule, open_view, unit_coor
 from ups_lightning.errors import UserError
 from ups_lightning.lit.common import sample_nrmse
 from ups_lightning.artifacts import checkpoint_file, load_stage
-from ups_lightning.train import run
+from ups_lightning.training import run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

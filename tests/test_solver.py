@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 from ups_lightning.data import solver as S
-from ups_lightning.data.solver import (cell_centres, cole_hopf, cole_hopf_cell_averages,
-                                       generate_trajectories, init_multi, solve_burgers)
+from ups_lightning.data.solver import generate_trajectories
+from ups_lightning.pdes import burgers as B
+from ups_lightning.pdes import get_pde
+from ups_lightning.pdes.burgers import cole_hopf, cole_hopf_cell_averages, solve_burgers
+from ups_lightning.pdes.initial import cell_centres, init_multi
 
 
 def _tv(u: np.ndarray) -> np.ndarray:
@@ -123,8 +126,8 @@ def test_allocation_free_rhs_matches_reference_bit_for_bit():
     u[2] = np.repeat([1.0, -0.5, 0.25, 0.0], 12)          # flat pieces and jumps: limiter cases
     for diff in (0.0, 0.001 / np.pi, 0.3):
         out = np.empty_like(u)
-        S._rhs_into(u, 1 / 48, diff, S._Workspace(u.shape), out)
-        assert np.array_equal(out, S.burgers_rhs(u, 1 / 48, diff))
+        B._rhs_into(u, 1 / 48, diff, B._Workspace(u.shape), out)
+        assert np.array_equal(out, B.burgers_rhs(u, 1 / 48, diff))
 
 
 def test_rows_independent_of_batch_bit_for_bit():
@@ -140,18 +143,22 @@ def test_rows_independent_of_batch_bit_for_bit():
 
 
 def test_generate_trajectories_reproducible_and_worker_independent():
-    kw = dict(n=10, nx=32, nt=6, t_max=0.5, nu=0.001, seeds=np.arange(10) + 77, progress=False)
+    kw = dict(pde="burgers1d", params={"nu": 0.001}, n=10, nx=32, nt=6, t_max=0.5,
+              seeds=np.arange(10) + 77, progress=False)
     one = generate_trajectories(workers=1, **kw)
     two = generate_trajectories(workers=2, **kw)
     again = generate_trajectories(workers=1, **kw)
-    assert one.shape == (10, 6, 32) and one.dtype == np.float32
+    assert one.shape == (10, 6, 32, 1) and one.dtype == np.float32
     assert np.array_equal(one, two) and np.array_equal(one, again)
-    # each row equals the row solved on its own
+    # each row equals the row solved on its own (by the scheme itself and through the spec)
     alone = solve_burgers(init_multi(1, 32, [80]), 0.001, np.linspace(0, 0.5, 6))
-    assert np.array_equal(one[3], alone[0].astype(np.float32))
+    assert np.array_equal(one[3, ..., 0], alone[0].astype(np.float32))
+    spec = get_pde("burgers1d")
+    via_spec = spec.solve(spec.initial_conditions([80], 32), {"nu": 0.001}, np.linspace(0, 0.5, 6))
+    assert np.array_equal(one[3], via_spec[0].astype(np.float32))
     # chunking never changes a row
-    rows = {int(r): f for rs, fs in S.iter_trajectory_chunks(10, 32, 6, 0.5, 0.001, kw["seeds"],
-                                                             workers=1, chunk=3)
+    rows = {int(r): f for rs, fs in S.iter_trajectory_chunks("burgers1d", {"nu": 0.001}, 10, 32, 6, 0.5,
+                                                             kw["seeds"], workers=1, chunk=3)
             for r, f in zip(rs, fs)}
     assert all(np.array_equal(rows[i], one[i]) for i in range(10))
 

@@ -19,8 +19,8 @@ from filelock import FileLock
 
 from ups_lightning.artifacts import checkpoint_file, load_stage, read_record, sha256_file
 from ups_lightning.errors import UserError
-from ups_lightning.evaluate import evaluate
-from ups_lightning.train import run
+from ups_lightning.evaluation import evaluate
+from ups_lightning.training import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def test_a_locked_run_directory_is_refused(run_copy):
 
 
 def test_evaluation_refuses_a_file_on_another_grid(run_copy, tmp_path):
-    from ups_lightning.data.generate import write_dataset
+    from ups_lightning.data.generation import write_dataset
 
     cfg, dst = run_copy
     coarse = tmp_path / "coarse.hdf5"
@@ -167,7 +167,7 @@ def test_evaluation_refuses_a_file_on_another_grid(run_copy, tmp_path):
 
 
 def test_evaluation_scores_every_row_of_a_small_file_without_a_manifest(run_copy, tmp_path):
-    from ups_lightning.data.generate import write_dataset
+    from ups_lightning.data.generation import write_dataset
 
     cfg, dst = run_copy
     small = tmp_path / "small.hdf5"
@@ -185,7 +185,7 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     from lightning.pytorch.callbacks import Callback
     from hydra import compose, initialize_config_dir
-    import ups_lightning.train as T
+    import ups_lightning.training as T
     from ups_lightning import CONF_DIR
 
     class KillAfterEpoch(Callback):   # SIGKILL: no clean-up runs, as when a job is pre-empted

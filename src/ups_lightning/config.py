@@ -1,8 +1,10 @@
-"""Structured config schema for `python -m ups_lightning.train`.
+"""Structured config schema for `python -m ups_lightning.train` (and evaluate).
 
-The YAML files under `conf/` stay plain; the composed config is merged onto this schema before
-anything runs, so an unknown key or a wrongly typed value is a clear error naming the key
-(`validate_train_config`) instead of a traceback deep inside a stage.
+The schema holds types and allowed keys, never defaults: every value comes from the YAML files under
+`conf/` (the one source of defaults; tests/test_configs.py composes and validates every option of
+every group). The composed config is merged onto this schema before anything runs, so an unknown
+key, a wrongly typed or a missing value is a clear error naming the key (`validate_train_config`)
+instead of a traceback deep inside a stage.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ups_lightning.errors import UserError
@@ -26,89 +28,89 @@ class DataConfig:
     """One file of one equation (``pde`` a registered equation, ``params`` its parameters), or a
     mixed set (``pde: mixed``) whose ``members`` are such configs, one per equation."""
 
-    name: str = "burgers1d_small"
-    pde: str = "burgers1d"
-    root: str = "data"
-    path: Optional[str] = "data/burgers1d_small/1D_Burgers_Sols_Nu0.001.hdf5"
-    params: Dict[str, float] = field(default_factory=dict)
+    name: str = MISSING
+    pde: str = MISSING
+    root: str = MISSING
+    path: Optional[str] = MISSING
+    params: Dict[str, float] = MISSING
     members: Optional[Dict[str, Any]] = None
-    nx: int = 256
-    nt: int = 41
-    t_max: float = 2.0
-    seed: int = 0
-    n_train: int = 512
-    n_val: int = 64
-    n_test: int = 128
-    reduced_resolution: int = 1
-    reduced_resolution_t: int = 1
-    initial_step: int = 10
-    batch_size: int = 32
-    num_workers: int = 0
+    nx: int = MISSING
+    nt: int = MISSING
+    t_max: float = MISSING
+    seed: int = MISSING
+    n_train: int = MISSING
+    n_val: int = MISSING
+    n_test: int = MISSING
+    reduced_resolution: int = MISSING
+    reduced_resolution_t: int = MISSING
+    initial_step: int = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
 
 
 @dataclass
 class ModelConfig:
-    name: str = "dim32"
-    dim: int = 32
-    n_tokens: int = 32
-    depth: int = 4           # operator blocks
-    levels: int = 1          # U-shaped token down/up-sampling levels in the operator
-    ae_depth: int = 2        # encoder blocks
-    decoder_depth: int = 1   # decoder cross-attention blocks
-    n_fourier: int = 64      # Fourier features of query coordinates
-    diffusion_depth: int = 3
-    attn_backend: str = "sdpa"  # sdpa | flash
+    name: str = MISSING
+    dim: int = MISSING
+    n_tokens: int = MISSING
+    depth: int = MISSING  # operator blocks
+    levels: int = MISSING  # U-shaped token down/up-sampling levels in the operator
+    ae_depth: int = MISSING  # encoder blocks
+    decoder_depth: int = MISSING  # decoder cross-attention blocks
+    n_fourier: int = MISSING  # Fourier features of query coordinates
+    diffusion_depth: int = MISSING
+    attn_backend: str = MISSING  # sdpa | flash
 
 
 @dataclass
 class StageSelect:
-    name: str = "all"
-    run: List[str] = field(default_factory=lambda: list(STAGE_ORDER))
+    name: str = MISSING
+    run: List[str] = MISSING
 
 
 @dataclass
 class AutoencoderStage:
-    max_epochs: int = 20
-    max_minutes: Optional[float] = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    val_frames: int = 8          # frames per validation trajectory (evenly spaced)
-    n_query: int = 96            # random query points per field in training (0: the whole grid)
+    max_epochs: int = MISSING
+    max_minutes: Optional[float] = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    val_frames: int = MISSING  # frames per validation trajectory (evenly spaced)
+    n_query: int = MISSING  # random query points per field in training (0: the whole grid)
 
 
 @dataclass
 class OperatorStage:
-    max_epochs: int = 30
-    max_minutes: Optional[float] = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    rollout_steps: int = 8       # >1: multi-step (pushforward) loss over this many steps
-    pushforward_detach: bool = False  # True: stop gradients between the unrolled steps
-    decoded_weight: float = 0.0  # weight of the decoded-space loss through the frozen decoder
-    noise_std: float = 0.0       # latent noise injection on the input state
-    relative_loss: bool = False  # weigh each sample's error by 1 / its field's mean square (as nRMSE does)
+    max_epochs: int = MISSING
+    max_minutes: Optional[float] = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    rollout_steps: int = MISSING  # >1: multi-step (pushforward) loss over this many steps
+    pushforward_detach: bool = MISSING  # True: stop gradients between the unrolled steps
+    decoded_weight: float = MISSING  # weight of the decoded-space loss through the frozen decoder
+    noise_std: float = MISSING  # latent noise injection on the input state
+    relative_loss: bool = MISSING  # weigh each sample's error by 1 / its field's mean square (as nRMSE does)
 
 
 @dataclass
 class DiffusionStage:
-    max_epochs: int = 20
-    max_minutes: Optional[float] = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    sample_steps: int = 16       # K teacher steps at sampling time
-    val_batches: Optional[int] = None  # validation batches per epoch (None: trainer.limit_val_batches)
+    max_epochs: int = MISSING
+    max_minutes: Optional[float] = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    sample_steps: int = MISSING  # K teacher steps at sampling time
+    val_batches: Optional[int] = MISSING  # validation batches per epoch (None: trainer.limit_val_batches)
 
 
 @dataclass
 class DistillStage:
-    max_epochs: int = 10
-    max_minutes: Optional[float] = None
-    batch_size: int = 64
-    lr: float = 5e-4
-    n_grid: int = 16             # teacher ODE grid the student is made consistent along
-    student_steps: int = 1       # 1 or 2 sampling steps
-    target_decay: float = 0.95   # EMA of the consistency target
-    val_batches: Optional[int] = None  # validation batches per epoch (None: trainer.limit_val_batches)
+    max_epochs: int = MISSING
+    max_minutes: Optional[float] = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    n_grid: int = MISSING  # teacher ODE grid the student is made consistent along
+    student_steps: int = MISSING  # 1 or 2 sampling steps
+    target_decay: float = MISSING  # EMA of the consistency target
+    val_batches: Optional[int] = MISSING  # validation batches per epoch (None: trainer.limit_val_batches)
 
 
 @dataclass
@@ -121,65 +123,65 @@ class StagesConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "cpu"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    compile: bool = False
-    deterministic: bool = False
-    log_every_n_steps: int = 10
-    limit_train_batches: Any = 1.0
-    limit_val_batches: Any = 1.0
-    check_val_every_n_epoch: int = 1
-    num_threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch's default)
+    accelerator: str = MISSING
+    devices: Any = MISSING
+    num_nodes: int = MISSING
+    strategy: str = MISSING
+    precision: str = MISSING
+    compile: bool = MISSING
+    deterministic: bool = MISSING
+    log_every_n_steps: int = MISSING
+    limit_train_batches: Any = MISSING
+    limit_val_batches: Any = MISSING
+    check_val_every_n_epoch: int = MISSING
+    num_threads: Optional[int] = MISSING  # torch intra-op threads on CPU (None: torch's default)
 
 
 @dataclass
 class EMAConfig:
-    enabled: bool = True
-    decay: float = 0.99
+    enabled: bool = MISSING
+    decay: float = MISSING
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.01
-    schedule: str = "cosine"     # cosine | constant
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.05
-    grad_clip: Optional[float] = 1.0
-    accumulate: int = 1
+    name: str = MISSING
+    betas: List[float] = MISSING
+    weight_decay: float = MISSING
+    schedule: str = MISSING  # cosine | constant
+    warmup_ratio: float = MISSING
+    min_lr_ratio: float = MISSING
+    grad_clip: Optional[float] = MISSING
+    accumulate: int = MISSING
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "csv"            # csv | tensorboard | wandb
-    project: str = "ups_lightning"
-    offline: bool = True
+    name: str = MISSING  # csv | tensorboard | wandb
+    project: str = MISSING
+    offline: bool = MISSING
 
 
 @dataclass
 class CheckpointConfig:
-    save_top_k: int = 1
-    save_last: bool = True
+    save_top_k: int = MISSING
+    save_last: bool = MISSING
 
 
 @dataclass
 class EarlyStoppingConfig:
-    enabled: bool = True
-    patience: int = 10
-    min_delta: float = 0.0
+    enabled: bool = MISSING
+    patience: int = MISSING
+    min_delta: float = MISSING
 
 
 @dataclass
 class CallbacksConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    lr_monitor: bool = True
-    progress_bar: str = "rich"   # rich | tqdm | none
+    lr_monitor: bool = MISSING
+    progress_bar: str = MISSING  # rich | tqdm | none
 
 
 @dataclass
@@ -192,11 +194,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
-    seed: int = 0
-    run_name: str = "burgers1d_small/dim32"
-    run_dir: str = "outputs/runs/burgers1d_small/dim32"
-    ckpt_path: Optional[str] = None
-    experiment: Optional[str] = None
+    seed: int = MISSING
+    run_name: str = MISSING
+    run_dir: str = MISSING
+    ckpt_path: Optional[str] = MISSING
+    experiment: Optional[str] = MISSING
 
 
 def schema_error(exc: OmegaConfBaseException, what: str, where: str) -> UserError:
@@ -232,9 +234,22 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         raise UserError(f"callbacks.progress_bar={merged.callbacks.progress_bar!r}: expected rich, tqdm or none.")
     if merged.stages.distill.student_steps not in (1, 2):
         raise UserError(f"stages.distill.student_steps={merged.stages.distill.student_steps}: expected 1 or 2.")
+    _check_complete(merged, "training")
     check_ranges(merged, TRAIN_RANGES)
     _check_data(merged.data)
     return merged
+
+
+def _check_complete(cfg: DictConfig, what: str) -> None:
+    """Every value set: the schema has no defaults, so a key no YAML file sets is named here. A mixed
+    data config's own file keys are unused (its members carry them)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if OmegaConf.select(cfg, "data.pde") == "mixed":
+        missing = [k for k in missing if not k.startswith("data.") or k.startswith("data.members")]
+    if missing:
+        raise UserError(f"the {what} config leaves {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''} unset; set {'it' if len(missing) == 1 else 'them'} "
+                        "on the command line (key=value) or in the YAML files under conf/.")
 
 
 def _check_data(data: DictConfig) -> None:
@@ -315,44 +330,44 @@ def to_container(cfg: Any) -> Dict[str, Any]:
 # --- `python -m ups_lightning.evaluate` ------------------------------------------------------------
 @dataclass
 class EvalDataConfig:
-    path: Optional[str] = None   # another PDEBench-layout file (default: the run's own file)
+    path: Optional[str] = MISSING  # another PDEBench-layout file (default: the run's own file)
 
 
 @dataclass
 class GuardConfig:
-    reencode: bool = True      # decode and re-encode every rolled-out state
-    invariants: bool = True    # project decoded states onto the equation's invariants (its spec)
+    reencode: bool = MISSING  # decode and re-encode every rolled-out state
+    invariants: bool = MISSING  # project decoded states onto the equation's invariants (its spec)
 
 
 @dataclass
 class TTCSettings:
-    enabled: bool = False
-    n_candidates: int = 1
-    beam_width: int = 1
-    horizon: int = 1
-    budget: Optional[int] = None
-    include_operator: bool = True
-    weights: Dict[str, float] = field(default_factory=dict)   # conf/ttc/*.yaml; unnamed rewards weigh 1
+    enabled: bool = MISSING
+    n_candidates: int = MISSING
+    beam_width: int = MISSING
+    horizon: int = MISSING
+    budget: Optional[int] = MISSING
+    include_operator: bool = MISSING
+    weights: Dict[str, float] = MISSING  # conf/ttc/*.yaml; unnamed rewards weigh 1
 
 
 @dataclass
 class EvaluateConfig:
-    run_dir: str = "???"
-    upto: Optional[str] = None       # evaluate the chain up to this stage (None: the last finished)
+    run_dir: str = MISSING
+    upto: Optional[str] = MISSING  # evaluate the chain up to this stage (None: the last finished)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
-    split: Optional[str] = None      # train | val | test | all (None: test, or all for a foreign file)
-    corrector: str = "student"
-    correct_every: int = 1
-    ensemble_members: int = 8
+    split: Optional[str] = MISSING  # train | val | test | all (None: test, or all for a foreign file)
+    corrector: str = MISSING
+    correct_every: int = MISSING
+    ensemble_members: int = MISSING
     guard: GuardConfig = field(default_factory=GuardConfig)
     ttc: TTCSettings = field(default_factory=TTCSettings)
-    batch_size: int = 128
-    n_show: int = 3
-    seed: int = 0
-    num_threads: Optional[int] = None
-    note: str = ""
-    leaderboard: str = "outputs/leaderboard.csv"
-    html: str = "outputs/leaderboard.html"
+    batch_size: int = MISSING
+    n_show: int = MISSING
+    seed: int = MISSING
+    num_threads: Optional[int] = MISSING
+    note: str = MISSING
+    leaderboard: str = MISSING
+    html: str = MISSING
     gates: GateConfig = field(default_factory=GateConfig)   # the leaderboard's own gates
 
 
@@ -379,6 +394,7 @@ def validate_eval_config(cfg: DictConfig) -> DictConfig:
     if OmegaConf.is_missing(merged, "run_dir") or not str(merged.run_dir).strip():
         raise UserError("evaluate needs run_dir=DIR: the output directory of a training run "
                         "(by default outputs/runs/<data>/<model>).")
+    _check_complete(merged, "evaluation")
     if merged.upto is not None and merged.upto not in STAGE_ORDER[1:]:
         raise UserError(f"upto={merged.upto!r}: expected one of {list(STAGE_ORDER[1:])} (the chain up to "
                         "that stage is evaluated) or null for the last finished stage.")

@@ -237,8 +237,8 @@ def run_fno(cfg: Any, checked: Dict[str, Any], view: Any, data_cfg: Any, test: A
 
 def run_ours(cfg: Any, checked: Dict[str, Any], train_cfg: Any, say=print) -> List[Dict[str, Any]]:
     """Train our pipeline through every stage within the budget, evaluate plainly and with TTC."""
-    from ups_lightning.evaluate import evaluate
-    from ups_lightning.train import run as train_run
+    from ups_lightning.evaluation import evaluate
+    from ups_lightning.training import run as train_run
 
     say(f"ours: training every stage in {train_cfg.run_dir} ("
         + ", ".join(f"{k} {train_cfg.stages[k].max_minutes:g} min" for k in STAGE_SHARES) + ")")
@@ -277,7 +277,7 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
     from ups_lightning.data.datamodule import open_run_data
     from ups_lightning.errors import UserError
     from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench
-    from ups_lightning.evaluate import git_commit
+    from ups_lightning.evaluation import git_commit
 
     checked = check_config(cfg)
     checked["reuse"] = bool(cfg.reuse)

@@ -94,7 +94,7 @@ def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candid
 
 
 def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
-    from ups_lightning.evaluate import (build_surrogate, check_fits_model, eval_data, eval_member, file_physics,
+    from ups_lightning.evaluation import (build_surrogate, check_fits_model, eval_data, eval_member, file_physics,
                                        load_run, rollout_frames)
 
     if cfg.num_threads:

@@ -374,7 +374,8 @@ class PointDecoder(nn.Module):
             return x, (x.shape[1],)
         if x.dim() == 4:  # (B|1, H', W', 2) per-sample grids
             if batched is False or x.shape[0] not in (1, B):
-                raise ValueError(f"decode: per-sample grids must be (B, H, W, 2) with B={B}, got {tuple(x.shape)}.")
+                raise ValueError(f"decode: per-sample grids must be (B, H, W, 2) with B={B}, "
+                                 f"got {tuple(x.shape)}.")
             return x.reshape(x.shape[0], -1, d), tuple(x.shape[1:3])
         raise ValueError(f"decode: query coordinates of a 2D model must be (Q, 2), (H, W, 2), (B, Q, 2) or "
                          f"(B, H, W, 2), got {tuple(x.shape)}.")

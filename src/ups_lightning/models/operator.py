@@ -5,7 +5,8 @@
 - input projection + learned positional embedding per resolution level;
 - pre-norm blocks (RMSNorm on queries and keys, attention through
   ``scaled_dot_product_attention`` or the optional flash-attn package) with AdaLN-Zero conditioning
-  on an MLP embedding of ``cond = [dt / 0.05, log10(nu) + 3]``;
+  on an MLP embedding of the conditioning vector (``DataContract.conditioning``: the frame step,
+  the equation and its parameters; width ``cond_dim`` from the data contract);
 - ``levels`` times: a block at the current resolution, then token down-sampling by 2 (adjacent pairs
   merged by a Linear); a bottleneck of ``depth - 2 * levels`` blocks; then up-sampling by 2 (Linear to
   two tokens), fusion with the skip connection of that level (concat + Linear) and a block;

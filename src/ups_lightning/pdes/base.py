@@ -171,7 +171,8 @@ class PDE:
         raise NotImplementedError
 
     def spatial_operator(self, u: Tensor, params: Mapping[str, float], dx: float) -> Tensor:
-        """R(u) of u_t = R(u) on frames (B, X) of one channel (torch), periodic."""
+        """R(u) of u_t = R(u) on frames (B, C, X) (torch, x last; a scalar equation may treat the
+        channel axis as a batch axis), periodic."""
         raise NotImplementedError
 
     # -- guard and rewards -----------------------------------------------------------------------

@@ -1,0 +1,390 @@
+"""Evaluation, as a library: ``evaluate(cfg)`` scores a finished run (``python -m
+ups_lightning.evaluate run_dir=DIR [data.path=FILE] [ttc=off|default|lookahead]`` is its command line).
+
+The evaluation contract of benchmark.md: given the first `initial_step` frames of each test
+trajectory, roll the surrogate out autoregressively from the last given frame (no teacher forcing),
+decode, de-normalise and score every predicted frame in physical space, beside persistence and the
+reference solver on the same frames. Appends one row to the leaderboard and redraws its HTML page.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import resource
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from ups_lightning.artifacts import DONE, load_stage, record_config, stage_dir, train_command, verified_chain
+from ups_lightning.config import STAGE_ORDER, validate_eval_config
+from ups_lightning.data.contract import DataContract
+from ups_lightning.data.datamodule import check_frames, member_configs, resolve_params, unit_coords
+from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset
+from ups_lightning.errors import UserError
+from ups_lightning.eval import leaderboard as lb
+from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench, nrmse_per_frame
+from ups_lightning.inference.rollout import Guard, Physics, Surrogate, ensemble_rollout, rollout, ttc_rollout
+from ups_lightning.inference.ttc import TTCConfig
+
+log = logging.getLogger("ups_lightning.evaluation")
+
+# metrics copied to the leaderboard for every method, prefixed by the method's name
+PER_METHOD = ("nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "crmse", "brmse", "correlation_horizon",
+              "ms_per_traj")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_run(run_dir: Path, stage: Optional[str] = None) -> tuple:
+    """(training config, verified records, module) of the chain up to `stage` (default: the last
+    finished stage). The config is the one the evaluated stage was trained under, from its record,
+    so a row's settings always describe the model it scores (artifacts.verified_chain)."""
+    if not run_dir.is_dir():
+        raise UserError(f"run_dir={run_dir}: no such directory. Pass the directory a `python -m "
+                        "ups_lightning.train ... stage=all` run wrote (by default outputs/runs/<data>/<model>).")
+    cfg_path = run_dir / "config.yaml"
+    try:
+        saved_cfg = OmegaConf.load(cfg_path) if cfg_path.is_file() else None
+    except Exception:  # an unreadable config.yaml only costs the suggested command its names
+        saved_cfg = None
+    fix = train_command(run_dir, saved_cfg)
+    finished = [name for name in STAGE_ORDER if (stage_dir(run_dir, name) / DONE).exists()]
+    if "operator" not in finished or (stage is not None and stage not in finished):
+        want = stage or "operator"
+        raise UserError(
+            f"run_dir={run_dir} has no finished {want} stage (finished: {finished or 'none'}); an "
+            f"evaluation needs at least the autoencoder and the operator. Train them with: {fix}")
+    last = stage or finished[-1]
+    records = verified_chain(run_dir, last, fix)
+    train_cfg = record_config(records[last], stage_dir(run_dir, last) / DONE)
+    train_cfg.run_dir = str(run_dir)
+    return train_cfg, records, load_stage(run_dir, last, records[last], fix)
+
+
+@dataclass
+class EvalData:
+    """The trajectories an evaluation scores: a file's rows (a split, or all) and its grid."""
+
+    path: str
+    meta: Any
+    fields: torch.Tensor   # (n, T, X, C) physical units
+    split: str
+
+
+def eval_data(d: DictConfig, path: Optional[str], split: Optional[str]) -> EvalData:
+    """The evaluated rows: the data config ``d``'s own file by default (one file of one equation: a
+    single-equation run's data config or a member of a mixed one), or `path` read with its reduction
+    and equation. A split uses the config's split sizes (or the manifest's, for another file with
+    one); `all` takes every row. The default is `test`, or `all` for another file without a manifest
+    that is smaller than the config's splits. The caller checks that the file fits the model."""
+    own = path is None or Path(path).resolve() == Path(d.path).resolve()
+    path = str(d.path if path is None else path)
+    if not Path(path).is_file():
+        raise UserError(f"data.path={path}: no such file.")
+    manifest = None if own else load_manifest(path)
+    if split is None:   # another file smaller than the run's splits, without a manifest: every row
+        split = "test"
+        if not own and manifest is None:
+            with PDEBenchFile(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
+                if f.meta.n_samples < d.n_train + d.n_val + d.n_test:
+                    split = "all"
+                    log.info("%s has %d rows, fewer than the run's splits: scoring all of them",
+                             path, f.meta.n_samples)
+    if split == "all":
+        with PDEBenchFile(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
+            return EvalData(path, f.meta, torch.from_numpy(f.read(slice(None))).float(), split)
+    sizes = {"n_train": d.n_train, "n_val": d.n_val, "n_test": d.n_test}
+    if manifest is not None:   # another file with its own splits
+        sizes = {f"n_{s}": r["stop"] - r["start"] for s, r in manifest["splits"].items()
+                 if s in ("train", "val", "test")}
+        sizes["n_train"] = max(1, sizes.get("n_train", 1))
+    try:
+        view = open_dataset(path, reduced_resolution=d.reduced_resolution,
+                            reduced_resolution_t=d.reduced_resolution_t, pde=d.pde, **sizes)
+    except UserError as exc:
+        raise UserError(f"{exc} To score every row of {path} instead, pass split=all.") from None
+    return EvalData(path, view.meta, torch.from_numpy(view.read(split)).float(), split)
+
+
+def eval_member(train_cfg: DictConfig, path: Optional[str]) -> DictConfig:
+    """The run's data config of the file to score: the one file of a single-equation run; for a
+    mixed run, the member of the named file's equation (every member when ``path`` is None is the
+    caller's loop)."""
+    members = member_configs(train_cfg.data)
+    if path is None or len(members) == 1:
+        return next(iter(members.values()))
+    with PDEBenchFile(path) as f:     # the file says which equation it holds
+        pde = f.pde
+    if pde not in members:
+        raise UserError(f"{path} holds {pde} data; the run in {train_cfg.run_dir} was trained on "
+                        f"{', '.join(members)}.")
+    return members[pde]
+
+
+def check_fits_model(data: EvalData, train_cfg: DictConfig, module: Any) -> None:
+    """The model can only score data on its own grid, of its equations, with frames to predict."""
+    contract = module.contract
+    if data.meta.pde not in contract.pdes:
+        raise UserError(f"{data.path}: {data.meta.pde} data, but the model in {train_cfg.run_dir} was "
+                        f"trained on {', '.join(contract.pdes)}.")
+    if (data.meta.n_x,) != tuple(contract.spatial_shape):
+        raise UserError(f"{data.path}: {data.meta.n_x} cells after reduced_resolution="
+                        f"{data.meta.reduced_resolution}, but the model in {train_cfg.run_dir} was "
+                        f"trained on {tuple(contract.spatial_shape)}; evaluate it on a file with the "
+                        f"same grid.")
+    if data.meta.n_channels != contract.n_channels:
+        raise UserError(f"{data.path}: {data.meta.n_channels} channel(s), the model has "
+                        f"{contract.n_channels}.")
+    check_frames(data, int(train_cfg.data.initial_step))
+    if len(data.fields) == 0:
+        raise UserError(f"{data.path}: split {data.split!r} has no rows to score.")
+
+
+def rollout_frames(fields: torch.Tensor, n_given: int) -> tuple:
+    """(the last given frame u0, the frames to predict) of trajectories (n, T, X, C)."""
+    return fields[:, n_given - 1], fields[:, n_given:]   # u0: all the rollout ever sees
+
+
+def file_physics(data: EvalData, member: DictConfig) -> Physics:
+    """The equation, parameters and spacings of the scored file (parameters as the file states
+    them, the member config's only for ones it does not)."""
+    meta = data.meta
+    return Physics(pde=meta.pde, params=resolve_params(meta, member.get("params"), "data"), dx=meta.dx,
+                   dt=meta.dt, domain_length=meta.domain_length)
+
+
+def build_surrogate(train_cfg: DictConfig, module: Any, data: Any, physics: Physics, guard: Guard) -> Surrogate:
+    """The run's module as a Surrogate on the grid and conditioning of `data`."""
+    cond = module.contract.conditioning(physics.pde, physics.params, physics.dt)
+    return Surrogate(module, unit_coords(data), cond, teacher_steps=train_cfg.stages.diffusion.sample_steps,
+                     student_steps=train_cfg.stages.distill.student_steps, guard=guard, pde=physics.spec)
+
+
+def _timed(what: str, fn: Callable[[], Any]) -> tuple:
+    """fn's result and its wall time, with the mode's start and duration in the log."""
+    log.info("%s: started", what)
+    start = time.perf_counter()
+    out = fn()
+    took = time.perf_counter() - start
+    log.info("%s: done in %.1f s", what, took)
+    return out, took
+
+
+def _batched(what: str, fn: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, batch: int,
+             dim: int = 0) -> torch.Tensor:
+    """fn over batches of u0, concatenated; progress per batch in the log when there are several."""
+    n_batches = -(-len(u0) // batch)
+    out, start = [], time.perf_counter()
+    for k, i in enumerate(range(0, len(u0), batch), 1):
+        out.append(fn(u0[i : i + batch]))
+        if n_batches > 1:
+            log.info("%s: batch %d/%d (%d trajectories) after %.1f s", what, k, n_batches,
+                     min(i + batch, len(u0)), time.perf_counter() - start)
+    return torch.cat(out, dim=dim)
+
+
+def evaluate(cfg: DictConfig) -> Any:
+    """Score a finished run (one leaderboard row per scored file). A single-equation run, or any run
+    with data.path=FILE, gives its row; a mixed run without data.path scores each equation's file and
+    gives {equation: row}."""
+    cfg = validate_eval_config(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    run_dir = Path(cfg.run_dir)
+    train_cfg, records, module = load_run(run_dir, cfg.upto)
+    members = member_configs(train_cfg.data)
+    if cfg.data.path is not None or len(members) == 1:
+        return evaluate_file(cfg, train_cfg, records, module, eval_member(train_cfg, cfg.data.path))
+    return {pde: evaluate_file(cfg, train_cfg, records, module, member) for pde, member in members.items()}
+
+
+def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module: Any,
+                  member: DictConfig) -> Dict[str, Any]:
+    """Roll out, score and record one file of one equation (module doc)."""
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    data = eval_data(member, cfg.data.path, cfg.split)
+    check_fits_model(data, train_cfg, module)
+    n_given = int(train_cfg.data.initial_step)
+    fields = data.fields
+    u0, truth = rollout_frames(fields, n_given)
+    steps = truth.shape[1]
+    meta = data.meta
+    physics = file_physics(data, member)
+    sur = build_surrogate(train_cfg, module, data, physics,
+                          Guard(reencode=bool(cfg.guard.reencode), invariants=bool(cfg.guard.invariants)))
+    corrector = cfg.corrector if cfg.corrector in sur.correctors else (sur.correctors[-1] if sur.correctors else None)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n, B = len(u0), cfg.batch_size
+    log.info("evaluating %s (stage %s) on %d trajectories of %s [%s], %d steps, %d threads",
+             run_dir, list(records)[-1], n, data.path, data.split, steps, torch.get_num_threads())
+
+    preds: Dict[str, torch.Tensor] = {}
+    walls: Dict[str, float] = {}
+    extra: Dict[str, Any] = {}
+    preds["persistence"] = u0.unsqueeze(1).expand_as(truth).clone()
+    walls["persistence"] = 0.0
+    t_rel = np.asarray(meta.t[n_given - 1:], dtype=np.float64) - float(meta.t[n_given - 1])
+    sol, walls["solver"] = _timed("solver", lambda: physics.spec.solve(
+        u0.double().numpy(), physics.params, t_rel, domain_length=physics.domain_length))
+    preds["solver"] = torch.from_numpy(sol[:, 1:]).float()
+    preds["operator"], walls["operator"] = _timed("operator rollout", lambda: _batched(
+        "operator rollout", lambda u: rollout(sur, u, steps), u0, B))
+    ens = None
+    if corrector is not None:
+        preds["corrected"], walls["corrected"] = _timed("corrected rollout", lambda: _batched(
+            "corrected rollout", lambda u: rollout(sur, u, steps, corrector, cfg.correct_every, gen), u0, B))
+        ens, walls["ensemble"] = _timed("ensemble", lambda: _batched(
+            "ensemble",
+            lambda u: ensemble_rollout(sur, u, steps, cfg.ensemble_members, corrector, cfg.correct_every, gen),
+            u0, max(1, B // cfg.ensemble_members), dim=1))
+        preds["ensemble"] = ens.mean(0)
+    if cfg.ttc.enabled:
+        if corrector is None:
+            raise UserError(f"ttc is enabled: TTC draws candidates from the stochastic corrector, but {run_dir} "
+                            "has no finished diffusion or distill stage. Train them with stage=all.")
+        tcfg = TTCConfig(n_candidates=cfg.ttc.n_candidates, beam_width=cfg.ttc.beam_width,
+                         horizon=cfg.ttc.horizon, budget=cfg.ttc.budget)
+        weights = OmegaConf.to_container(cfg.ttc.weights)
+        infos = []
+
+        def run_ttc(u: torch.Tensor) -> torch.Tensor:
+            out, info = ttc_rollout(sur, u, steps, corrector, tcfg, physics, weights,
+                                   include_operator=cfg.ttc.include_operator, generator=gen)
+            infos.append(info["evals_per_step"])
+            return out
+
+        preds["ttc"], walls["ttc"] = _timed("TTC", lambda: _batched("TTC", run_ttc, u0, B))
+        extra["ttc_evals_per_step"] = float(np.mean(infos))
+
+    metrics: Dict[str, Dict[str, float]] = {}
+    for name, pred in preds.items():
+        m = all_metrics(pred, truth, dx=physics.dx, domain_length=physics.domain_length, u0=u0,
+                        ens=ens if name == "ensemble" else None)
+        m["ms_per_traj"] = 1000.0 * walls[name] / n
+        metrics[name] = m
+    headline = "ttc" if cfg.ttc.enabled else "operator"
+    broken = [name for name, m in metrics.items() if name != "solver" and not math.isfinite(m["nrmse"])]
+    if broken:   # never a row, a plot or a champion from a model that diverged
+        raise UserError(f"the rollout of {run_dir} produced non-finite fields ({', '.join(broken)}: nRMSE "
+                        f"{metrics[broken[0]]['nrmse']}); nothing was recorded. Retrain the run's stages or "
+                        "evaluate an earlier stage with upto=operator.")
+    row = _row(cfg, train_cfg, records, module, data, metrics, headline, steps, n, fields, preds, extra, corrector)
+    row.update(pde=physics.pde, pde_params=json.dumps(physics.params))
+    artifacts = _write_artifacts(run_dir, row["run_id"], preds, truth, meta, cfg.n_show)
+    row["artifacts"] = str(artifacts)
+    _print_table(metrics, headline, row)
+    _record(cfg, row)
+    return row
+
+
+def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module: Any, data: EvalData,
+         metrics: Dict[str, Dict[str, float]], headline: str, steps: int, n: int, fields: torch.Tensor,
+         preds: Dict[str, torch.Tensor], extra: Dict[str, Any], corrector: Optional[str]) -> Dict[str, Any]:
+    train_yaml = OmegaConf.to_yaml(train_cfg)
+    params = {part: sum(p.numel() for p in getattr(module, part).parameters())
+              for part in ("autoencoder", "operator", "flow", "student") if hasattr(module, part)}
+    used = params.get("autoencoder", 0) + params.get("operator", 0)
+    if headline == "ttc" and corrector:
+        used += params.get("flow" if corrector == "teacher" else "student", 0)
+    row: Dict[str, Any] = {
+        "run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "run_dir": str(cfg.run_dir),
+        "data_path": str(data.path),
+        "split": data.split,
+        "n_test": n,
+        "steps": steps,
+        "git_commit": git_commit(),
+        "config_hash": hashlib.sha256(train_yaml.encode()).hexdigest()[:12],
+        "model": train_cfg.model.name,
+        "dim": int(train_cfg.model.dim),
+        "n_tokens": int(train_cfg.model.n_tokens),
+        "params": used,
+        **{f"params_{k}": v for k, v in params.items()},
+        "stages": json.dumps({k: OmegaConf.to_container(train_cfg.stages[k]) for k in records if records[k]}),
+        "method": headline,
+        "corrector": corrector or "none",
+        "ttc": json.dumps(OmegaConf.to_container(cfg.ttc)) if cfg.ttc.enabled else "off",
+        "guard": json.dumps(OmegaConf.to_container(cfg.guard)),
+        "note": cfg.note,
+    }
+    row.update(metrics[headline])
+    row["rollout_ms_per_traj"] = metrics[headline]["ms_per_traj"]
+    row["rollout_ms_per_step"] = metrics[headline]["ms_per_traj"] / steps
+    full_pred = torch.cat([fields[:, : fields.shape[1] - steps], preds[headline]], dim=1)
+    row["nrmse_pdebench"] = nrmse_pdebench(full_pred, fields, fields.shape[1] - steps)
+    for name, m in metrics.items():
+        for k in PER_METHOD:
+            if k in m:
+                row[f"{name}_{k}"] = m[k]
+    for k in ("crps", "spread_skill", "coverage_50", "coverage_90", "ece"):
+        if "ensemble" in metrics and k in metrics["ensemble"]:
+            row[k] = metrics["ensemble"][k]
+    row["solver_ms_per_traj"] = metrics["solver"]["ms_per_traj"]
+    if "ttc" in metrics:
+        row["ttc_gain_nrmse"] = metrics["operator"]["nrmse"] - metrics["ttc"]["nrmse"]
+        row["ttc_cost_ratio"] = metrics["ttc"]["ms_per_traj"] / max(metrics["operator"]["ms_per_traj"], 1e-9)
+    row.update(extra)
+    for name, rec in records.items():
+        if rec:
+            row[f"train_s_{name}"] = round(rec["wall_clock_s"], 1)
+            row[f"val_nrmse_{name}"] = rec.get("best_val_nrmse")
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return row
+
+
+def _write_artifacts(run_dir: Path, run_id: str, preds: Dict[str, torch.Tensor], truth: torch.Tensor,
+                     meta: Any, n_show: int) -> Path:
+    out = run_dir / "eval" / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {name: nrmse_per_frame(p, truth).tolist() for name, p in preds.items()}
+    (out / "curves.json").write_text(json.dumps(curves))
+    model_key = "ttc" if "ttc" in preds else "operator"
+    show = np.linspace(0, len(truth) - 1, max(1, n_show)).round().astype(int)
+    np.savez_compressed(out / "samples.npz", true=truth[show].numpy(),
+                        pred=preds[model_key][show].numpy(), x=np.asarray(meta.x),
+                        t=np.asarray(meta.t[len(meta.t) - truth.shape[1]:]))
+    return out
+
+
+def _print_table(metrics: Dict[str, Dict[str, float]], headline: str, row: Dict[str, Any]) -> None:
+    table = Table(title=f"{row['model']} on {Path(row['data_path']).name} [{row['split']}, {row['n_test']} "
+                        f"trajectories, {row['steps']} steps]  headline: {headline}")
+    for col in ("method", "nRMSE", "@1", "@10", "@31", "cRMSE", "corr. horizon", "ms/traj"):
+        table.add_column(col, justify="right")
+    for name, m in metrics.items():
+        table.add_row(name, f"{m['nrmse']:.4f}", f"{m['nrmse_1']:.4f}", f"{m['nrmse_10']:.4f}",
+                      f"{m['nrmse_31']:.4f}", f"{m['crmse']:.2e}", f"{m['correlation_horizon']:.1f}",
+                      f"{m['ms_per_traj']:.2f}")
+    Console().print(table)
+
+
+def _record(cfg: DictConfig, row: Dict[str, Any]) -> None:
+    """Label against the group's champion and append, under one lock; then redraw the report."""
+    gates = lb.GateConfig(**OmegaConf.to_container(cfg.gates))
+    written = lb.append_row(cfg.leaderboard, row, gates=gates)
+    row.update(label=written["label"], gate_reasons=written.get("gate_reasons", ""))
+    lb.write_html(cfg.leaderboard, cfg.html)
+    print(f"label: {row['label']} ({row['gate_reasons'] or 'passed the gates or no champion yet'}); "
+          f"leaderboard: {cfg.leaderboard}; report: {cfg.html}")

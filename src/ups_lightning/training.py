@@ -1,0 +1,354 @@
+"""Training, as a library: ``run(cfg)`` runs the selected stages of a composed training config
+(``python -m ups_lightning.train`` is its command line).
+
+Runs the selected stages in order in one run directory (`run_dir`, one per data x model), handing
+checkpoints along. A stage whose verified finished checkpoint for the same config already exists is
+skipped; a stage killed mid-way resumes from its `last.ckpt` (RNG state included), so a killed pipeline
+resumes where it stopped. Records and the trust chain between stages: `ups_lightning.artifacts`.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch import callbacks as cb
+from lightning.pytorch import loggers as pl_loggers
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+from ups_lightning.artifacts import (
+    DONE, UPSTREAM, load_stage, nonfinite_tensors, read_record, save_overrides, sha256_file, stage_config_hash,
+    stage_dir, train_command, verify_checkpoint,
+)
+from ups_lightning.atomic import atomic_write_json
+from ups_lightning.config import STAGE_ORDER, validate_train_config
+from ups_lightning.data.cache import build_or_load_latent_cache
+from ups_lightning.data.datamodule import FrameDataModule, LatentDataModule, open_run_data, unit_coords
+from ups_lightning.errors import UserError
+from ups_lightning.lit.callbacks import EMA, NonFiniteLossStop, RNGState
+from ups_lightning.lit.common import StageModule
+from ups_lightning.lit.stages import STAGE_MODULES
+
+log = logging.getLogger("ups_lightning.training")
+
+ATTEMPTS = ".attempts"   # stages in training, one directory per stage and config hash
+LOCK = ".lock"           # held while a process trains in the run directory
+
+
+def finished_upstream(cfg: DictConfig, name: str, fix: str) -> Optional[Dict[str, Any]]:
+    """The verified record of `name`'s upstream stage for this config (its own upstream verified in
+    turn), or a UserError naming what is missing or changed and the command that makes it."""
+    up = UPSTREAM[name]
+    if up is None:
+        return None
+    upstream_of_up = finished_upstream(cfg, up, fix)
+    record = read_record(cfg.run_dir, up)
+    expected = stage_config_hash(cfg, up, upstream_of_up)
+    if record is None or record["config_hash"] != expected:
+        why = "was not found" if record is None else "was trained with a different config or upstream"
+        raise UserError(
+            f"stage '{name}' needs the finished '{up}' stage for data={cfg.data.name} and "
+            f"model={cfg.model.name}, but {stage_dir(cfg.run_dir, up) / DONE} {why}. Run every stage "
+            f"in order (finished ones are skipped) with: {fix}"
+        )
+    verify_checkpoint(cfg.run_dir, up, record, fix)
+    return record
+
+
+# --- the trainer from config ----------------------------------------------------------------------
+def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
+    """The stage's Trainer writing into `out`. Besides checkpointing, early stopping and EMA, a
+    non-finite training loss stops the stage (NonFiniteLossStop) and checkpoints carry the RNG
+    state (RNGState), so a killed and resumed stage reproduces the uninterrupted one."""
+    settings = cfg.stages[name]
+    callbacks: List[cb.Callback] = [NonFiniteLossStop(), RNGState(),
+        cb.ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/nrmse", mode="min",
+                           save_top_k=cfg.callbacks.checkpoint.save_top_k,
+                           save_last=cfg.callbacks.checkpoint.save_last, auto_insert_metric_name=False),
+    ]
+    if cfg.callbacks.early_stopping.enabled:
+        callbacks.append(cb.EarlyStopping(monitor="val/nrmse", mode="min",
+                                          patience=cfg.callbacks.early_stopping.patience,
+                                          min_delta=cfg.callbacks.early_stopping.min_delta))
+    if cfg.optim.ema.enabled:
+        callbacks.append(EMA(decay=cfg.optim.ema.decay))
+    if cfg.callbacks.progress_bar == "rich":
+        callbacks.append(cb.RichProgressBar())
+    elif cfg.callbacks.progress_bar == "tqdm":
+        callbacks.append(cb.TQDMProgressBar())
+    loggers = _build_loggers(cfg, out)
+    if cfg.callbacks.lr_monitor and loggers:
+        callbacks.append(cb.LearningRateMonitor(logging_interval="step"))
+    max_time = dt.timedelta(minutes=settings.max_minutes) if settings.max_minutes else None
+    # the sampling stages validate by drawing samples (the teacher: K steps, twice); the wall-clock
+    # limit does not bound validation, so they cap its batches
+    val_batches = settings.get("val_batches") or cfg.trainer.limit_val_batches
+    return L.Trainer(
+        default_root_dir=out, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy, precision=cfg.trainer.precision,
+        max_epochs=settings.max_epochs, max_time=max_time, gradient_clip_val=cfg.optim.grad_clip,
+        accumulate_grad_batches=cfg.optim.accumulate, log_every_n_steps=cfg.trainer.log_every_n_steps,
+        deterministic=cfg.trainer.deterministic, limit_train_batches=cfg.trainer.limit_train_batches,
+        limit_val_batches=val_batches,
+        check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch, callbacks=callbacks,
+        logger=loggers or False, enable_progress_bar=cfg.callbacks.progress_bar != "none",
+        enable_model_summary=False,
+    )
+
+
+def _build_loggers(cfg: DictConfig, out: Path) -> list:
+    name = cfg.logger.name
+    if name == "csv":
+        return [pl_loggers.CSVLogger(save_dir=out, name="logs")]
+    if name == "tensorboard":
+        return [pl_loggers.TensorBoardLogger(save_dir=out, name="tb")]
+    return [pl_loggers.WandbLogger(project=cfg.logger.project, save_dir=str(out),
+                                   offline=cfg.logger.offline, name=f"{cfg.run_name}/{out.name}")]
+
+
+# --- one stage ------------------------------------------------------------------------------------
+def _stage_module(cfg: DictConfig, name: str, contract: Any) -> StageModule:
+    """The registered stage, built with the one constructor signature every stage has."""
+    return STAGE_MODULES[name](*(OmegaConf.to_container(part, resolve=True) for part in
+                                 (cfg.model, cfg.optim, cfg.stages)), contract.to_dict())
+
+
+def compile_networks(module: StageModule) -> None:
+    """torch.compile the networks' sub-modules in place (nn.Module.compile): checkpoints keep the
+    plain parameter names, so compiled and eager runs read each other's checkpoints."""
+    for part in ("autoencoder", "operator", "flow", "student"):
+        net = getattr(module, part, None)
+        if net is not None:
+            for child in net.children():
+                child.compile()
+
+
+def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
+    """Train one stage, or skip it when its verified finished checkpoint for this config exists.
+
+    It trains in `<run_dir>/.attempts/<stage>-<config hash>/` (a killed attempt resumes there from
+    its last.ckpt) and only a finished, finite result replaces `<run_dir>/<stage>/`; a stage that
+    failed (non-finite validation figure or weights) leaves the previous good stage in place."""
+    run_dir = Path(cfg.run_dir)
+    upstream = finished_upstream(cfg, name, fix)
+    config_hash = stage_config_hash(cfg, name, upstream)
+    final = stage_dir(run_dir, name)
+    try:
+        record = read_record(run_dir, name)
+    except UserError as exc:
+        log.warning("stage %s: %s Retraining it.", name, exc)
+        record = None
+    if record and record["config_hash"] == config_hash and cfg.ckpt_path is None:
+        try:
+            verify_checkpoint(run_dir, name, record, fix)
+            log.info("stage %s: finished checkpoint for this config exists (%s), skipping", name, final)
+            return record
+        except UserError as exc:
+            log.warning("%s Retraining it.", exc)
+
+    attempt = run_dir / ATTEMPTS / f"{name}-{config_hash}"
+    attempt.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed + STAGE_ORDER.index(name), workers=True, verbose=False)
+    data = open_run_data(cfg.data)
+    x = unit_coords(data)
+    try:
+        module = _stage_module(cfg, name, data.contract)
+    except ValueError as exc:  # the networks' own checks of the model settings
+        raise UserError(f"model={cfg.model.name}: {exc} Adjust the model.* settings.") from None
+    if name == "autoencoder":
+        module.set_data_context(x, data.normalizer.mean, data.normalizer.std)
+        datamodule: L.LightningDataModule = FrameDataModule(
+            cfg.data, cfg.stages.autoencoder.batch_size, cfg.stages.autoencoder.val_frames)
+    else:
+        up_module = load_stage(run_dir, UPSTREAM[name], upstream, fix)
+        cache = build_or_load_latent_cache(up_module.autoencoder, data, x, run_dir / "latents")
+        module.load_upstream(up_module)
+        module.set_data_context(x, data.normalizer.mean, data.normalizer.std, cache.latent_mean,
+                                cache.latent_std)
+        steps = cfg.stages.operator.rollout_steps if name == "operator" else 1
+        cond = {split: data.cond(split) for split in ("train", "val")}
+        datamodule = LatentDataModule(cache, cond, cfg.stages[name].batch_size, steps=steps,
+                                      num_workers=cfg.data.num_workers)
+        if name == "diffusion":
+            module.fit_residual_scale(datamodule.train_dataloader(shuffle=False))  # same on every rank
+        elif name == "distill":
+            module.start_from_teacher()
+
+    resume = cfg.ckpt_path
+    last = attempt / "checkpoints" / "last.ckpt"
+    if resume is None and last.exists():
+        log.info("stage %s: resuming from %s", name, last)
+        resume = str(last)
+    trainer = build_trainer(cfg, name, attempt)
+    if cfg.trainer.compile:
+        compile_networks(module)
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    wall = time.time() - start
+
+    ckpt_cb = trainer.checkpoint_callback
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else last
+    score = ckpt_cb.best_model_score if ckpt_cb else None
+    best_val = float(score) if score is not None else None
+    stopped = next((c.reason for c in trainer.callbacks if isinstance(c, NonFiniteLossStop) and c.reason), None)
+    problem = _failed_stage(best, best_val, stopped)
+    digest = None if problem else sha256_file(best)
+    trainer.strategy.barrier()   # every rank has read the attempt before the first moves or removes it
+    if problem:
+        if trainer.is_global_zero:
+            shutil.rmtree(attempt, ignore_errors=True)
+        kept = f"The previous '{name}' stage in {final} is left as it was" if final.exists() else \
+            f"Nothing was kept of it"
+        raise UserError(f"stage '{name}' failed: {problem}. {kept}. Lower stages.{name}.lr (now "
+                        f"{cfg.stages[name].lr}) or check the data, then rerun.")
+    if stopped:
+        log.warning("stage %s: %s; its best checkpoint (val/nrmse %.4g) is kept", name, stopped, best_val)
+    record = {
+        "stage": name,
+        "config_hash": config_hash,
+        "upstream_sha256": upstream["ckpt_sha256"] if upstream else None,
+        "best_ckpt": str(best.resolve().relative_to(attempt.resolve())),   # Lightning reports it absolute
+        "ckpt_sha256": digest,
+        "best_val_nrmse": best_val,
+        "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        "wall_clock_s": wall,
+        "epochs": trainer.current_epoch,
+        "params_trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if trainer.is_global_zero:
+        atomic_write_json(attempt / DONE, record)
+        if final.exists():   # a stage of another config is moved aside, never mixed with this one
+            stale = final.with_name(f"{name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            log.info("stage %s: moving the previous %s to %s", name, final, stale)
+            shutil.move(str(final), str(stale))
+        os.replace(attempt, final)
+        with contextlib.suppress(OSError):   # no empty .attempts/ left behind
+            attempt.parent.rmdir()
+    trainer.strategy.barrier()
+    log.info("stage %s done in %.1f s: best val/nrmse %s", name, wall, record["best_val_nrmse"])
+    return record
+
+
+def _failed_stage(best: Path, best_val: Optional[float], stopped: Optional[str]) -> Optional[str]:
+    """Why a finished fit must not count as a trained stage, or None."""
+    if not best.is_file():
+        return f"it wrote no checkpoint ({best})" + (f"; {stopped}" if stopped else "")
+    if best_val is None or not math.isfinite(best_val):
+        return f"its best validation nRMSE is {best_val}" + (f" ({stopped})" if stopped else "")
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    bad = nonfinite_tensors(state)
+    if bad:
+        return f"{len(bad)} tensors of its best checkpoint hold NaN/Inf (e.g. {bad[0]})"
+    return None
+
+
+def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> str:
+    """Every check that can fail before anything is written; returns the command that runs the
+    whole pipeline with the user's overrides (quoted in errors)."""
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator}: no CUDA GPU is visible to torch "
+                        f"{torch.__version__} here. Use trainer=cpu (the default).")
+    if cfg.ckpt_path is not None and len(cfg.stage.run) != 1:
+        raise UserError(f"ckpt_path={cfg.ckpt_path} resumes one stage: pick it with stage=NAME "
+                        f"(stage.run is {list(cfg.stage.run)}).")
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file.")
+    fix = train_command(cfg.run_dir, cfg, overrides)
+    _ensure_data(cfg, overrides)
+    open_run_data(cfg.data)   # checks the files, split sizes, parameters, frames against initial_step
+    first = next(name for name in STAGE_ORDER if name in cfg.stage.run)
+    finished_upstream(cfg, first, fix)
+    return fix
+
+
+def _ensure_data(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> None:
+    """The data config's own files are generated when missing (seconds for the small sets); a file
+    the user named with data.path= (or data.members.<m>.path=) is never made up."""
+    from ups_lightning.data.datamodule import member_configs
+    from ups_lightning.data.generation import run as generate
+
+    for member in member_configs(cfg.data).values():
+        if Path(member.path).exists():
+            continue
+        named = [o for o in overrides or () if o.lstrip("+~").split("=", 1)[0].endswith(".path")]
+        if named:
+            raise UserError(f"{named[0]}: no such file {member.path}. Pass an existing PDEBench-layout "
+                            "HDF5 file, or drop the override to use the data config's generated file.")
+        log.info("data file %s is missing: generating it (data=%s)", member.path, member.name)
+        generate({"data": member, "workers": 2, "progress": False})
+
+
+def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
+    """Run the selected stages in order. Nothing is written before every check passes; the run
+    directory is locked while this process trains in it; a run that fails before any stage
+    finished leaves no directory behind. `overrides` (the command line's) make the suggested
+    commands keep the user's settings."""
+    cfg = validate_train_config(cfg)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    fix = preflight(cfg, overrides)
+    run_dir = Path(cfg.run_dir)
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # DDP's launcher re-runs this command in each further rank: the first process holds the lock
+    lock = FileLock(str(run_dir / LOCK)) if _launching_process() else contextlib.nullcontext()
+    if isinstance(lock, FileLock):
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(f"run_dir={run_dir} is locked by another training process ({run_dir / LOCK}); "
+                            "wait for it to finish, or train into another run_dir=.") from None
+    handler = _log_to(run_dir / "train.log")
+    finished = False
+    try:
+        records = {}
+        for name in STAGE_ORDER:
+            if name in cfg.stage.run:
+                records[name] = run_stage(cfg, name, fix)
+                if not finished:   # the run's config is the one that last finished a stage
+                    OmegaConf.save(cfg, run_dir / "config.yaml")
+                    if overrides is not None:
+                        save_overrides(run_dir, overrides)
+                    finished = True
+        return records
+    except Exception:
+        with contextlib.suppress(OSError):
+            (run_dir / ATTEMPTS).rmdir()   # only if no killed attempt waits there to resume
+        if fresh and not finished and _launching_process() and not (run_dir / ATTEMPTS).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        if isinstance(lock, FileLock):
+            lock.release()
+
+
+def _launching_process() -> bool:
+    """False in the processes a DDP launcher started for ranks other than the first."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def command_overrides() -> Optional[List[str]]:
+    """The overrides of the running Hydra command, or None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None

@@ -1,0 +1,57 @@
+"""One source of defaults: the YAML under conf/. Every option of every config group composes and
+passes the schema (which holds types only), and every top-level config composes."""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ups_lightning import CONF_DIR
+from ups_lightning.config import STAGE_ORDER, validate_eval_config, validate_train_config
+from ups_lightning.errors import UserError
+
+TRAIN_GROUPS = ("data", "model", "stage", "stages", "optim", "trainer", "logger", "callbacks", "experiment")
+
+
+def _options(group: str) -> list:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _compose(name: str, overrides: list):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in TRAIN_GROUPS for o in _options(g)])
+def test_every_training_option_composes_and_validates(group, option):
+    cfg = validate_train_config(_compose("train", [f"{group}={option}"]))
+    assert not OmegaConf.missing_keys(cfg) or cfg.data.pde == "mixed"
+    assert cfg.run_dir and set(cfg.stage.run) <= set(STAGE_ORDER)
+
+
+@pytest.mark.parametrize("option", _options("ttc"))
+def test_every_evaluation_option_composes_and_validates(option):
+    cfg = validate_eval_config(_compose("evaluate", ["run_dir=some/run", f"ttc={option}"]))
+    assert not OmegaConf.missing_keys(cfg)
+
+
+@pytest.mark.parametrize("name", ["generate", "bench", "ttc_headroom"])
+def test_other_top_level_configs_compose(name):
+    overrides = ["run_dir=some/run"] if name == "ttc_headroom" else []
+    assert _compose(name, overrides) is not None
+
+
+def test_schema_has_no_defaults_of_its_own():
+    """A key that no YAML sets is an error naming it, not a silent schema default."""
+    cfg = _compose("train", [])
+    OmegaConf.set_struct(cfg, False)
+    del cfg.stages.operator["lr"]
+    with pytest.raises(UserError, match="stages.operator.lr"):
+        validate_train_config(cfg)
+
+
+def test_stage_defaults_come_from_the_yaml():
+    cfg = validate_train_config(_compose("train", []))
+    stages = OmegaConf.load(CONF_DIR / "stages" / "default.yaml")
+    for name in STAGE_ORDER:
+        assert OmegaConf.to_container(cfg.stages[name]) == OmegaConf.to_container(stages[name])
