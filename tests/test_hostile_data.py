@@ -20,7 +20,8 @@ from ups_lightning import CONF_DIR
 from ups_lightning import compare as C
 from ups_lightning.data import generation as G
 from ups_lightning.data import inspect as I
-from ups_lightning.data.datamodule import check_frames, conditioning, file_nu, open_view
+from ups_lightning.data.contract import DataContract
+from ups_lightning.data.datamodule import check_frames, open_run_data, resolve_params
 from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, manifest_path, open_dataset
 from ups_lightning.errors import UserError
 from ups_lightning.eval.leaderboard import append_row, read_rows, write_html
@@ -87,6 +88,7 @@ def _damaged_chunk(p: Path) -> Path:
 def _group_tensor(p: Path) -> Path:
     with h5py.File(p, "w") as h5:
         h5.create_group("tensor")
+        h5.attrs["Nu"] = 0.001           # it says its equation: the layout is what is wrong
     return p
 
 
@@ -97,17 +99,23 @@ def _nan_row(p: Path) -> Path:
 
 
 BAD_FILES = {
-    # the viscosity attribute: log10(nu) conditions the models
-    "nu-zero": (lambda p: _h5(p, nu=0.0), r"attribute 'Nu' = 0.0: the viscosity nu must be a finite"),
-    "nu-negative": (lambda p: _h5(p, nu=-0.01), r"'Nu' = -0.01: the viscosity nu must be"),
-    "nu-nan": (lambda p: _h5(p, nu=np.nan), r"'Nu' = nan: the viscosity"),
-    "nu-inf": (lambda p: _h5(p, nu=np.inf), r"'Nu' = inf: the viscosity"),
+    # the viscosity attribute: log10(nu / 0.001) conditions the models
+    "nu-zero": (lambda p: _h5(p, nu=0.0),
+                r"attribute 'Nu' = 0.0: nu \(the viscosity.*\) must be a finite number > 0"),
+    "nu-negative": (lambda p: _h5(p, nu=-0.01), r"'Nu' = -0.01: nu \(the viscosity.* must be"),
+    "nu-nan": (lambda p: _h5(p, nu=np.nan), r"'Nu' = nan: nu \(the viscosity"),
+    "nu-inf": (lambda p: _h5(p, nu=np.inf), r"'Nu' = inf: nu \(the viscosity"),
     "nu-neg-inf-lowercase": (lambda p: _h5(p, nu=-np.inf, nu_attr="nu"), r"'nu' = -inf"),
     "nu-text": (lambda p: _h5(p, nu="abc"), r"'Nu' = 'abc' .*is not one number"),
     "nu-numeric-text": (lambda p: _h5(p, nu="0.001"), r"'Nu' = '0.001' .*is not one number"),
     "nu-bool": (lambda p: _h5(p, nu=True), r"'Nu' = True \(dtype bool.*not one number"),
     "nu-array": (lambda p: _h5(p, nu=np.array([0.1, 0.2])), r"'Nu' = \[0.1, 0.2\].*2 value"),
     "nu-empty-array": (lambda p: _h5(p, nu=np.zeros(0)), r"'Nu' = .*0 value\(s\)"),
+    # PDEBench's released files state nu in the file name only: it is checked just the same
+    "nu-in-name-negative": (lambda p: _h5(p.with_name("1D_Burgers_Sols_Nu-0.5.hdf5"), nu_attr=None),
+                            r"Nu in the file name = -0.5: nu \(the viscosity.* must be"),
+    # a file that states no equation at all (no 'pde' or parameter attribute, no PDEBench name)
+    "no-equation": (lambda p: _h5(p, nu_attr=None), r"cannot tell which equation the file holds"),
     # the file itself
     "missing": (lambda p: p, "does not exist"),
     "directory": (lambda p: (p.mkdir(), p)[1], "is not a file"),
@@ -179,7 +187,7 @@ def test_odd_informational_manifest_fields_are_tolerated(tmp_path, capsys, extra
 
 
 # --------------------------------------------------------------------------------------------
-# data.* overrides at the trainer's entry (open_view, file_nu, conditioning)
+# data.* overrides at the trainer's entry (open_run_data, resolve_params, DataContract.conditioning)
 # --------------------------------------------------------------------------------------------
 def _data_cfg(path: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
@@ -207,63 +215,83 @@ def _data_cfg(path: Path, *overrides: str):
     ("data.initial_step=-2", r"data.initial_step=-2 must be"),
     ("data.reduced_resolution=0", r"reduced_resolution=0 must be a positive integer"),
     ("data.reduced_resolution_t=3", r"reduced_resolution_t=3 does not divide"),
-    ("data.pde=heat", r"unknown PDE 'heat'"),
+    ("data.pde=heat", r"data.pde='heat' is not a known equation.*burgers1d"),
+    ("data.pde=advection1d", r"carries attribute\(s\) Nu of burgers1d.*data.pde='advection1d'"),
 ])
 def test_bad_data_overrides(tmp_path, override, msg):
     path = _h5(tmp_path / "d.hdf5")
     with pytest.raises(UserError, match=msg) as info:
-        open_view(_data_cfg(path, override))
+        open_run_data(_data_cfg(path, override))
     _paragraph(str(info.value))
 
 
 def test_frame_check_after_time_reduction(tmp_path):
     path = _h5(tmp_path / "d.hdf5")                      # 11 frames; rr_t=2 keeps 6
     cfg = _data_cfg(path, "data.reduced_resolution_t=2", "data.initial_step=5")
-    view = open_view(cfg)                                # 5 given + 1 to predict: fits exactly
-    assert check_frames(view, 5) == 5
+    view = open_run_data(cfg)                            # 5 given + 1 to predict: fits exactly
+    assert check_frames(view, 5) == 5 and check_frames(view.views[0], 5) == 5
     with pytest.raises(UserError, match=r"6 frame\(s\) after reduced_resolution_t=2 \(11 in the "
                                         r"file\), but data.initial_step=6 needs at least 7"):
         check_frames(view, 6)
 
 
 @pytest.mark.parametrize("nu_override,file_nu_attr,msg", [
-    ("data.nu=0", None, r"setting data.nu = 0: the viscosity nu must be a finite number > 0"),
-    ("data.nu=-0.001", None, r"data.nu = -0.001"),
-    ("data.nu=nan", None, r"data.nu = nan"),
-    ("data.nu=inf", None, r"data.nu = inf"),
-    ("data.nu=abc", None, r"data.nu = 'abc'"),
-    ("data.nu=null", None, r"has no 'Nu' attribute and data.nu is not set"),
-    ("data.nu=0", 0.001, r"data.nu = 0"),     # unused beside the file's Nu, but still a typo
+    ("data.params.nu=0", None,
+     r"setting data.params.nu = 0: nu \(the viscosity.*\) must be a finite number > 0"),
+    ("data.params.nu=-0.001", None, r"data.params.nu = -0.001"),
+    ("data.params.nu=nan", None, r"data.params.nu = nan"),
+    ("data.params.nu=inf", None, r"data.params.nu = inf"),
+    ("data.params.nu=abc", None, r"data.params.nu = 'abc'"),
+    ("data.params.nu=null", None, r"states no nu .*Set data.params.nu to the value"),
+    ("~data.params.nu", None, r"states no nu .*Set data.params.nu to the value"),
+    ("data.params.nu=0", 0.001, r"data.params.nu = 0"),   # unused beside the file's Nu, but still a typo
+    ("+data.params.rho=1.0", 0.001, r"data.params has rho, which is not a parameter of burgers1d"),
 ])
 def test_bad_nu_override(tmp_path, nu_override, file_nu_attr, msg):
     path = _h5(tmp_path / "d.hdf5", nu=file_nu_attr, nu_attr="Nu" if file_nu_attr else None)
     cfg = _data_cfg(path, nu_override)
-    view = open_view(cfg)
-    with pytest.raises(UserError, match=msg):
-        conditioning(view, file_nu(view, cfg.nu))
+    view = open_dataset(path, n_train=2, n_val=1, n_test=1, pde=cfg.pde)   # the file itself is fine
+    with pytest.raises(UserError, match=msg) as info:
+        resolve_params(view.meta, cfg.params, "data")
+    _paragraph(str(info.value))
+    with pytest.raises(UserError, match=msg):                 # the trainer's route says the same
+        open_run_data(cfg)
 
 
 def test_good_nu_conditioning(tmp_path):
-    view = open_view(_data_cfg(_h5(tmp_path / "d.hdf5", nu_attr=None), "data.nu=0.01"))
-    cond = conditioning(view, file_nu(view, 0.01))
-    assert math.isclose(float(cond[1]), 1.0, abs_tol=1e-6)      # log10(0.01) + 3
-    with pytest.raises(UserError, match="viscosity for .* = 0.0"):
-        conditioning(view, 0.0)
+    data = open_run_data(_data_cfg(_h5(tmp_path / "d.hdf5", nu_attr=None), "data.params.nu=0.01"))
+    assert data.params == {"burgers1d": {"nu": 0.01}}
+    cond = data.cond("train")
+    assert cond.shape == (2, 2)
+    assert math.isclose(float(cond[0, 1]), 1.0, abs_tol=1e-6)      # log10(0.01 / 0.001)
+    assert math.isclose(float(cond[0, 0]), 0.2 / 0.05, rel_tol=1e-6)   # dt / dt_ref
+    # the file's own Nu wins over the configured value
+    data = open_run_data(_data_cfg(_h5(tmp_path / "e.hdf5", nu=0.1), "data.params.nu=0.01"))
+    assert data.params == {"burgers1d": {"nu": pytest.approx(0.1)}}
+    assert math.isclose(float(data.cond("val")[0, 1]), 2.0, abs_tol=1e-6)
+    # the contract refuses a viscosity it cannot take the logarithm of
+    contract = DataContract(("burgers1d",), (16,), 1)
+    for bad in (0.0, -0.01, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="nu"):
+            contract.conditioning("burgers1d", {"nu": bad}, 0.2)
 
 
 # --------------------------------------------------------------------------------------------
 # generate: refuse up front, write nothing
 # --------------------------------------------------------------------------------------------
-_AD_HOC = dict(out=None, nu=0.01, n_samples=3, nx=16, nt=3, t_max=0.1, seed=0, progress=False,
-               workers=1)
+_AD_HOC = dict(data={"pde": "burgers1d", "params": {"nu": 0.001}}, out=None, nu=0.01, n_samples=3,
+               nx=16, nt=3, t_max=0.1, seed=0, progress=False, workers=1)
 
 
 @pytest.mark.parametrize("change,msg", [
-    ({"nu": 0}, r"nu=0 must be a finite number > 0 \(the viscosity"),
-    ({"nu": -1e-3}, r"nu=-0.001 must be"),
-    ({"nu": float("nan")}, r"nu=nan must be"),
-    ({"nu": float("inf")}, r"nu=inf must be"),
-    ({"nu": "abc"}, r"nu='abc' must be a number"),
+    ({"nu": 0}, r"setting nu = 0: nu \(the viscosity.*\) must be a finite number > 0"),
+    ({"nu": -1e-3}, r"nu = -0.001: nu \(the viscosity.* must be"),
+    ({"nu": float("nan")}, r"nu = nan: nu \(the viscosity.* must be"),
+    ({"nu": float("inf")}, r"nu = inf: nu \(the viscosity.* must be"),
+    ({"nu": "abc"}, r"nu = 'abc': nu \(the viscosity.* must be a finite number"),
+    ({"beta": 0.1}, r"beta is not a parameter of burgers1d"),
+    ({"data": {"pde": "heat"}}, r"data.pde.*'heat' is not a known equation"),
+    ({"data": {"pde": "mixed"}}, r"out=FILE makes one file of one equation"),
     ({"t_max": 0}, r"t_max=0 must be a finite number > 0"),
     ({"t_max": -2}, r"t_max=-2 must be"),
     ({"nx": 4}, r"nx=4 must be a finite number >= 8"),
@@ -278,7 +306,7 @@ _AD_HOC = dict(out=None, nu=0.01, n_samples=3, nx=16, nt=3, t_max=0.1, seed=0, p
     ({"seed": -1}, r"seed=-1 must be"),
     ({"seed": 10**15}, r"seed=1000000000000000 must be <= "),
     ({"workers": 0}, r"workers=0 must be"),
-    ({"nu": None}, r"also needs nu=..."),
+    ({"nu": None, "data": {"pde": "burgers1d", "params": {"nu": None}}}, r"burgers1d needs nu="),
     ({"force": "maybe"}, r"force='maybe' must be true or false"),
     ({"progress": 3}, r"progress=3 must be true or false"),
 ])
@@ -288,6 +316,19 @@ def test_generate_refuses_bad_settings(tmp_path, change, msg):
         G.run({**_AD_HOC, "out": str(out), **change})
     _paragraph(str(info.value))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_parameters_default_to_the_data_config(tmp_path):
+    """Without nu= the single-file mode takes the data config's data.params (as the CLI's default
+    data config gives it); nu= on the command line wins."""
+    out = tmp_path / "x.hdf5"
+    G.run({**_AD_HOC, "out": str(out), "nu": None, "data": {"pde": "burgers1d", "params": {"nu": 0.002}}})
+    assert load_manifest(out)["params"] == {"nu": 0.002}
+    with PDEBenchFile(out) as f:
+        assert f.meta.pde == "burgers1d" and f.meta.params == {"nu": pytest.approx(0.002)}
+    out2 = tmp_path / "y.hdf5"
+    G.run({**_AD_HOC, "out": str(out2)})
+    assert load_manifest(out2)["params"] == {"nu": 0.01}
 
 
 def _generate_cfg(tmp_path: Path, *overrides: str):
@@ -303,8 +344,9 @@ def _generate_cfg(tmp_path: Path, *overrides: str):
     ("data.n_test=0", r"data.n_test=0 must be .*evaluation scores"),
     ("data.n_train=0", r"data.n_train=0 must be"),
     ("data.n_val=-4", r"data.n_val=-4 must be"),
-    ("data.nu=0", r"nu=0 must be a finite number > 0"),
-    ("data.nu=-1", r"nu=-1 must be"),
+    ("data.params.nu=0", r"nu = 0: nu \(the viscosity.*\) must be a finite number > 0"),
+    ("data.params.nu=-1", r"nu = -1: nu \(the viscosity.* must be"),
+    ("+data.params.rho=1.0", r"rho is not a parameter of burgers1d"),
     ("data.nt=5", r"data.nt=5 .* give 5 frame\(s\), but data.initial_step=5 needs at least 6"),
     ("data.reduced_resolution=3", r"data.reduced_resolution=3 does not divide data.nx=64"),
     ("data.reduced_resolution_t=3", r"data.reduced_resolution_t=3 does not divide the 20"),
@@ -355,7 +397,9 @@ def _cli(args, cwd: Path, timeout: float = 120):
 
 @pytest.mark.parametrize("args,msg", [
     (["ups_lightning.data.generate", "out=x.hdf5", "nu=0", "n_samples=2", "nx=16", "nt=3",
-      "t_max=1"], "nu=0 must be a finite number > 0"),
+      "t_max=1"], "nu = 0: nu (the viscosity"),
+    (["ups_lightning.data.generate", "out=x.hdf5", "nu=0", "n_samples=2", "nx=16", "nt=3",
+      "t_max=1"], "must be a finite number > 0"),
     (["ups_lightning.data.generate", "out=x.hdf5", "nu=0.01", "n_samples=2", "nx=16", "nt=1",
       "t_max=1"], "nt=1 must be"),
     (["ups_lightning.data.generate", "data=smoke", "data.root=data", "data.n_val=0"],

@@ -101,8 +101,9 @@ class Wave1D(PDE):
         for seed in np.asarray(seeds).reshape(-1):
             rng = np.random.default_rng(int(seed))
             k, a, p = rng.integers(1, 3, 2), rng.uniform(0.3, 1.0, 2), rng.uniform(0, 2 * np.pi, 2)
-            out.append(np.stack([a[0] * np.sin(2 * np.pi * k[0] * x + p[0]),
-                                 a[1] * np.cos(2 * np.pi * k[1] * x + p[1])], -1))
+            # constant offsets: a field that vanishes at some frame would make its nRMSE undefined
+            out.append(np.stack([1.0 + a[0] * np.sin(2 * np.pi * k[0] * x + p[0]),
+                                 0.5 + a[1] * np.cos(2 * np.pi * k[1] * x + p[1])], -1))
         return np.asarray(out)
 
     def solve(self, u0, params, t_save, domain_length=1.0):

@@ -1,6 +1,6 @@
 """`python -m ups_lightning.pipeline small|full [data=NAME] [train overrides ...]`: the main job.
 
-Behind `make eval-small` and `make eval-full` (`DATA=advection1d_small` etc. picks another data
+Behind `make eval-small` and `make eval-full` (`DATA=<data config>` picks another data
 config): make the dataset if it is absent, train the default
 model through every stage (finished stages are skipped, a killed run resumes), evaluate it plainly
 and with TTC on the test split, append both rows to the leaderboard and print the tables.

@@ -1,4 +1,4 @@
-"""`python -m ups_lightning.bench [budget_min=10] [data=burgers1d|advection1d|reacdiff1d] [model=dim32] ...`
+"""`python -m ups_lightning.bench [budget_min=10] [data=NAME] [model=dim32] ...`
 (`make bench`).
 
 The benchmark suite of benchmark.md section 4, on one split of one data file, every method scored on

@@ -1,4 +1,4 @@
-"""`python -m ups_lightning.bench [budget_min=10] [data=burgers1d] [model=dim32] [n_test=N] ...`
+"""`python -m ups_lightning.bench [budget_min=10] [data=NAME] [model=dim32] [n_test=N] ...`
 
 See ``ups_lightning.bench`` (the package docstring) for what runs and ``conf/bench.yaml`` for the
 settings. Bad settings are reported as one ``error: ...`` paragraph with exit code 2.

@@ -11,7 +11,7 @@ lift), ``use_channel_mlp=False``, ``fno_skip="linear"``, ``projection_channel_ra
 ``n // 2 + 1`` real-FFT modes, so ``n_modes=(12,)`` would keep only 7; ``(22,)`` keeps PDEBench's 12.
 The parameter count then equals PDEBench's FNO1d exactly (23,937 with complex weights counted once,
 as ``numel`` does). Two departures, both deliberate: no zero-padding of the periodic domain (PDEBench
-pads 2 cells "if input is non-periodic"; Burgers here is periodic), and the grid channel is the unit
+pads 2 cells "if input is non-periodic"; the data here are periodic), and the grid channel is the unit
 coordinate, as every model of this project sees it.
 
 Training (PDEBench ``training_type="autoregressive"``): from the first ``initial_step`` frames of a

@@ -9,7 +9,8 @@ Conditioning vector, one per trajectory (all entries O(1)):
     [dt / dt_ref]  +  [one-hot of the equation, only when the run has several]
                    +  for each equation of the run, its parameters' features (zeros for the others)
 
-For a single-equation Burgers run this is ``[dt / 0.05, log10(nu / 0.001)]``.
+For a single-equation run whose one parameter p has reference value r this is
+``[dt / dt_ref, log10(p / r)]`` (each spec's ``Parameter`` says how its parameter becomes a feature).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`python -m ups_lightning.data.generate data=NAME [workers=2] [force=true]`, or one file:
-`python -m ups_lightning.data.generate data=NAME out=FILE n_samples=N nx=X nt=T t_max=S seed=K [beta=|nu=|rho=]`
+`python -m ups_lightning.data.generate data=NAME out=FILE n_samples=N nx=X nt=T t_max=S seed=K [<param>=<value> ...]`
 
 The command line of ``ups_lightning.data.generation.run`` (settings: ``conf/generate.yaml``). Ctrl-C
 and a scheduler's SIGTERM unwind: the temporary file is removed and the target left untouched.

@@ -1,13 +1,12 @@
 """Data generation, as a library (``python -m ups_lightning.data.generate`` is its command line):
 PDEBench-layout data sets of any registered equation, made with its reference solver.
 
-    python -m ups_lightning.data.generate data=burgers1d_small      # the data config's file
-    python -m ups_lightning.data.generate data=advection1d workers=2  # a full set
-    python -m ups_lightning.data.generate data=reacdiff1d out=PATH n_samples=64 nx=256 nt=41 t_max=1 \
-        seed=0 nu=0.5 rho=1.0                                        # one file, parameters by name
+    python -m ups_lightning.data.generate data=NAME                 # a data config's file (conf/data/)
+    python -m ups_lightning.data.generate data=NAME out=PATH n_samples=64 nx=256 nt=41 t_max=1 \
+        seed=0 <param>=<value> ...                                  # one file, parameters by name
 
 One HDF5 file (``tensor`` (N, nt, nx) float32, ``x-coordinate``, ``t-coordinate`` (nt,), the
-equation's parameters as attributes named as PDEBench names them (``Nu``, ``beta``, ``Rho``) and
+equation's parameters as attributes named as PDEBench names them (each spec's ``Parameter.attrs``) and
 ``pde``; domain (0, 1)) plus ``<file>.manifest.json`` with the splits, seeds, solver settings, grid,
 training-split normalisation and generation time. Rows are [train | val | test]; split s row i is
 made from seed ``seed * 1_000_000 + offset[s] + i`` (offsets 0, 300_000, 600_000), so the splits
@@ -367,7 +366,7 @@ def run(cfg: Any) -> dict | list:
             if d("pde") != "mixed" else None
         if pde is None:
             raise UserError("out=FILE makes one file of one equation: choose it with data=<name> (e.g. "
-                            "data=advection1d), not a mixed data config.")
+                            "data=<a single-equation config under conf/data/>), not a mixed data config.")
         missing = [k for k in ("n_samples", "nx", "nt", "t_max") if get(k) is None]
         if missing:
             raise UserError(f"single-file generation (out={out}) also needs "
@@ -391,10 +390,10 @@ def run(cfg: Any) -> dict | list:
     if stray:
         raise UserError(f"{', '.join(k + '=' + str(get(k)) for k in stray)}: these are single-file "
                         f"settings and need out=PATH; to change the data config's file use "
-                        f"data.<key>=... (e.g. data.params.nu=0.01 data.path=...).")
+                        f"data.<key>=... (e.g. data.params.<name>=... data.path=...).")
     if data is None:
-        raise UserError("no data config selected: pass data=burgers1d_small (or another file under "
-                        "conf/data/), or out=PATH with n_samples=, nx=, nt=, t_max= and the "
+        raise UserError("no data config selected: pass data=NAME (a file under conf/data/)"
+                        ", or out=PATH with n_samples=, nx=, nt=, t_max= and the "
                         "equation's parameters.")
     if d("members") is not None:
         return [run({"data": member, "workers": workers, "progress": progress, "force": force})

@@ -2,8 +2,8 @@
 
 Layout (benchmark.md section 1): dataset ``tensor`` (N, T, X) or (N, T, X, C), ``x-coordinate``
 (X,) cell centres, ``t-coordinate`` (T,) or (T+1,) (released PDEBench files carry one extra entry at
-the end: it is dropped). The equation's parameters come from the attributes its spec names (``Nu``,
-``beta``, ``Rho``...), else from PDEBench's file name (``1D_Burgers_Sols_Nu0.001.hdf5``); a file whose
+the end: it is dropped). The equation's parameters come from the attributes its spec names, else from
+PDEBench's file name (the spec's ``filename`` pattern); a file whose
 attributes or name belong to another equation is refused. The domain, dx and dt always come from the
 file: domain length = X dx, x_left = x[0] - dx/2, for (0, 1) and (-1, 1) alike.
 

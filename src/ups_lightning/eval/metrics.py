@@ -350,7 +350,7 @@ def _relative_increase(q: Tensor) -> Tensor:
 def energy_increase(pred: Tensor, u0: Tensor | None = None) -> float:
     """Energy creation: per sample, the sum over consecutive frames of max(E(t+1) - E(t), 0) with
     E = sum_x u^2 / 2 (all cells and channels), relative to the initial energy E(t0); mean over
-    samples. Burgers only dissipates energy, so the exact solution scores 0. ``u0`` (B, *S[, C]) is
+    samples. A dissipative equation never gains energy, so its exact solution scores 0. ``u0`` (B, *S[, C]) is
     prepended as t0."""
     u = _with_initial(pred, u0)
     return float(_relative_increase(0.5 * u.pow(2).sum(dim=tuple(range(2, u.dim())))).mean())
@@ -401,7 +401,7 @@ def spectral_energy_error(pred: Tensor, true: Tensor) -> float:
 
 def _pearson_over_x(p: Tensor, t: Tensor) -> Tensor:
     """Pearson correlation over (cells, channels) per sample and frame: (B, T, *S, C) -> (B, T).
-    Where either field is constant over x, rho := 1 if the two fields agree to 1e-12 (relative), else 0."""
+    Where either field is constant over x, r := 1 if the two fields agree to 1e-12 (relative), else 0."""
     red = tuple(range(2, p.dim()))
     pc = p - p.mean(dim=red, keepdim=True)
     tc = t - t.mean(dim=red, keepdim=True)
@@ -409,9 +409,9 @@ def _pearson_over_x(p: Tensor, t: Tensor) -> Tensor:
     sp = pc.pow(2).sum(dim=red).sqrt()
     st = tc.pow(2).sum(dim=red).sqrt()
     denom = sp * st
-    rho = cov / torch.where(denom > 0, denom, torch.ones_like(denom))
-    same = ((p - t).abs().amax(dim=red) <= 1e-12 * (1.0 + t.abs().amax(dim=red))).to(rho.dtype)
-    return torch.where(denom > 0, rho, same)
+    r = cov / torch.where(denom > 0, denom, torch.ones_like(denom))
+    same = ((p - t).abs().amax(dim=red) <= 1e-12 * (1.0 + t.abs().amax(dim=red))).to(r.dtype)
+    return torch.where(denom > 0, r, same)
 
 
 def correlation_horizon(pred: Tensor, true: Tensor, threshold: float = 0.8) -> float:

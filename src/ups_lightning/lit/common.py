@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from ups_lightning.data.contract import DataContract
+from ups_lightning.eval.metrics import sample_nrmse  # the one nRMSE: training, evaluation, bench
 from ups_lightning.models.autoencoder import Autoencoder
 from ups_lightning.models.sizes import model_sizes
 
@@ -24,13 +25,6 @@ def build_autoencoder(model_cfg: Dict[str, Any], contract: DataContract) -> Auto
         n_tokens=s.n_tokens, depth=model_cfg["ae_depth"], heads=s.heads, hidden=s.hidden,
         n_fourier=model_cfg["n_fourier"], decoder_depth=model_cfg["decoder_depth"],
     )
-
-
-def sample_nrmse(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """Per-sample relative L2 error over all but the batch axis: sqrt(mean e^2) / sqrt(mean true^2)."""
-    dims = tuple(range(1, pred.ndim))
-    err = (pred - true).pow(2).mean(dims).sqrt()
-    return err / true.pow(2).mean(dims).sqrt().clamp_min(1e-12)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -56,7 +56,7 @@ Query layouts of ``decode(z, x)`` (the output keeps the layout of x, channels la
   x is read as a shared grid when ``x.shape[:2]`` is the model's ``spatial_shape`` or when its
   leading size is neither 1 nor B, and as per-sample points otherwise.
 
-Design measured on PDEBench-like Burgers frames (nu = 0.001, 256 cells, 41 frames, shocks one or two
+Design measured on PDEBench-like shock-forming frames (viscosity 0.001, 256 cells, 41 frames, shocks one or two
 cells wide), dim 64, 300 steps of batch 96 with 96 random query points per field, relative L2 on
 held-out trajectories: cross-attention + MLP head 6.2%; + bilinear local-basis head 4.0%; + linear
 token -> coefficient path 2.4%. Three-minute runs on one CPU thread
@@ -85,7 +85,7 @@ from ups_lightning.models.layers import (
 
 Patch = Union[int, Tuple[int, ...]]
 
-#: The 1D grid assumed when no ``spatial_shape`` is given (PDEBench Burgers at reduced resolution 4):
+#: The 1D grid assumed when no ``spatial_shape`` is given (the 256-cell grid of the default data sets):
 #: only for callers that predate ``spatial_shape``; new callers pass the data's shape.
 _LEGACY_CELLS = 256
 

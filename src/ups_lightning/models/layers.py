@@ -11,7 +11,7 @@
   queries attending to a context. :class:`FinalLayer` is the AdaLN output head (zero-initialised).
 - :class:`FourierFeatures` (periodic features of coordinates in [0, 1)), :class:`TimestepEmbedding`
   (sinusoidal embedding of a scalar such as the flow time) and :class:`ConditionEmbedding` (MLP on
-  the raw conditioning vector ``[dt / 0.05, log10(nu) + 3]``).
+  the raw conditioning vector of the data contract, ``DataContract.conditioning``).
 """
 from __future__ import annotations
 

@@ -238,6 +238,7 @@ class Advection1D(PDE):
     # last two); the trapezoidal residual uses the solver's own MUSCL/upwind operator
     penalties = ("mass", "energy", "tv", "pde")
     invariants = ("mass",)
+    recipe_id = "init_multi/1"
     solver_settings = SOLVER_SETTINGS
 
     def initial_conditions(self, seeds, nx):

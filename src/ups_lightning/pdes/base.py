@@ -175,6 +175,11 @@ class PDE:
         channel axis as a batch axis), periodic."""
         raise NotImplementedError
 
+    def order_cases(self) -> list:
+        """Convergence problems for ``python -m ups_lightning.bench.solver_order`` (see there): each a
+        dict with ``title`` and ``run(n) -> (numerical, reference, wall seconds)``. None by default."""
+        return []
+
     # -- guard and rewards -----------------------------------------------------------------------
     def project(self, u: Tensor, given: Tensor) -> Tensor:
         """The guard's projection of decoded frames (B, X, C) onto the invariants that the last

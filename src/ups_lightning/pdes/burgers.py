@@ -15,6 +15,7 @@ solution is smooth (tests/test_solver.py; README "Reference solvers").
 from __future__ import annotations
 
 import math
+import time
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -356,3 +357,16 @@ class Burgers1D(PDE):
     def spatial_operator(self, u, params, dx):
         lap = (torch.roll(u, -1, dims=-1) - 2.0 * u + torch.roll(u, 1, dims=-1)) / (dx * dx)
         return -llf_flux_divergence(u, dx) + (float(params["nu"]) / math.pi) * lap
+
+    def order_cases(self):
+        """Convergence problems for ``python -m ups_lightning.bench.solver_order``."""
+        nu, t_end = 0.1, 0.1
+
+        def run(nx):
+            u0 = cole_hopf_cell_averages(nx, 0.0, nu)[None, :, None]
+            start = time.perf_counter()
+            u = self.solve(u0, {"nu": nu}, [0.0, t_end])[0, -1, :, 0]
+            return u, cole_hopf_cell_averages(nx, t_end, nu), time.perf_counter() - start
+
+        return [{"title": f"{self.name}: u0 = sin(2 pi x), nu = {nu:g}, t = {t_end:g}, vs the exact "
+                          f"Cole-Hopf cell averages", "run": run}]

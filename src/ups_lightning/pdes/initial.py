@@ -26,12 +26,6 @@ _P_WINDOW = 0.1
 _WINDOW_WIDTH = 0.01
 
 
-def cell_centres(nx: int, x_left: float = 0.0, domain_length: float = 1.0) -> np.ndarray:
-    """Cell centres ``x_left + (i + 0.5) dx`` (float64)."""
-    dx = domain_length / nx
-    return x_left + (np.arange(nx, dtype=np.float64) + 0.5) * dx
-
-
 def _one_initial_condition(seed: int, xi: np.ndarray) -> np.ndarray:
     """One PDEBench-style initial condition on fractional coordinates xi in [0, 1)."""
     rng = np.random.default_rng(int(seed))

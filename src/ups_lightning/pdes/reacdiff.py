@@ -266,6 +266,7 @@ class ReactionDiffusion1D(PDE):
     penalties = ("bounds", "pde")
     invariants = ("bounds",)
     bounds = (0.0, 1.0)
+    recipe_id = "init_multi-minmax/1"
     solver_settings = SOLVER_SETTINGS
 
     def initial_conditions(self, seeds, nx):
