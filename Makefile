@@ -18,11 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[bench,test,loggers]"
 	touch $(STAMP)
 
+# DATA=<data config> picks another equation (advection1d_small, reacdiff1d_small, mixed_small, ...)
 data: setup
-	$(BIN)/python -m ups_lightning.data.generate data=burgers1d_small
+	$(BIN)/python -m ups_lightning.data.generate data=$(or $(DATA),burgers1d_small)
 
 data-full: setup
-	$(BIN)/python -m ups_lightning.data.generate data=burgers1d
+	$(BIN)/python -m ups_lightning.data.generate data=$(or $(DATA),burgers1d)
 
 # PYTHONDONTWRITEBYTECODE: no __pycache__ in the checkout (pytest's cache is off in pyproject.toml)
 test: setup

@@ -28,11 +28,12 @@ def _bench_cfg(*overrides: str):
 def _tiny_view(path: Path, initial_step: int = 5):
     from omegaconf import OmegaConf
 
-    from ups_lightning.data.datamodule import open_view
+    from ups_lightning.data.datamodule import open_run_data
 
-    data = OmegaConf.create({"path": str(path), "n_train": 16, "n_val": 4, "n_test": 4,
-                             "reduced_resolution": 1, "reduced_resolution_t": 1, "pde": "burgers1d"})
-    return open_view(data)
+    data = OmegaConf.create({"name": "tiny", "path": str(path), "n_train": 16, "n_val": 4, "n_test": 4,
+                             "reduced_resolution": 1, "reduced_resolution_t": 1, "pde": "burgers1d",
+                             "params": {"nu": 0.001}, "initial_step": initial_step})
+    return open_run_data(data)
 
 
 # --- FNO peer ------------------------------------------------------------------------------------
@@ -109,14 +110,31 @@ def test_solver_sweep_errors_fall_with_resolution(tiny_burgers_file):
     k = 5
     m = view.meta
     t_rel = m.t[k - 1:] - m.t[k - 1]
-    rows = sweep(test[:, k - 1], test[:, k:], float(m.nu), t_rel, m.dx, m.domain_length,
-                 grids=(8, 16, 32, 64), log=None)
+    assert view.params == {"burgers1d": {"nu": pytest.approx(0.001)}}     # the file's own Nu
+    rows = sweep(test[:, k - 1], test[:, k:], "burgers1d", view.params["burgers1d"], t_rel, m.dx,
+                 m.domain_length, grids=(8, 16, 32, 64), log=None)
     errs = [r["nrmse"] for r in rows]
     assert [r["grid"] for r in rows] == [8, 16, 32, 64]
     assert errs[0] > errs[-1] and errs[1] > errs[-1] and errs[2] > errs[-1]
     assert sum(a >= b for a, b in zip(errs, errs[1:])) >= 2          # monotone-ish
     assert errs[-1] < 1e-5          # the file was made on 64 cells by this solver: exact
     assert all(r["ms_per_traj"] > 0 for r in rows)
+
+
+def test_solve_on_grid_at_the_full_grid_is_the_spec_solver(tiny_burgers_file):
+    """n = N: no averaging, no interpolation, just the equation's own solver (frames (B, N, C))."""
+    from ups_lightning.bench.solver_sweep import solve_on_grid
+    from ups_lightning.pdes import get_pde
+
+    view = _tiny_view(tiny_burgers_file)
+    u0 = view.read("test")[:2, 4].astype(np.float64)                   # (2, 64, 1)
+    t_rel = np.array([0.0, 0.1, 0.2])
+    pred, wall = solve_on_grid(u0, 64, "burgers1d", {"nu": 0.001}, t_rel, 1.0)
+    assert pred.shape == (2, 2, 64, 1) and wall >= 0
+    ref = get_pde("burgers1d").solve(u0, {"nu": 0.001}, t_rel)[:, 1:]
+    np.testing.assert_array_equal(pred, ref)
+    coarse, _ = solve_on_grid(u0, 16, "burgers1d", {"nu": 0.001}, t_rel, 1.0)
+    assert coarse.shape == (2, 2, 64, 1) and not np.array_equal(coarse, ref)
 
 
 def test_cheapest_grid_meeting_a_threshold():

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ups_lightning import CONF_DIR
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -17,13 +18,25 @@ from conftest import eval_cfg
 from ups_lightning.errors import UserError
 from ups_lightning.evaluation import evaluate
 from ups_lightning.inference.rollout import Guard, Surrogate, rollout
+from ups_lightning.pdes import get_pde
 
+
+def _surrogate_inputs(cfg, module):
+    """(run data, unit coordinates, conditioning vector of the smoke file) as the model sees them."""
+    from ups_lightning.data.datamodule import open_run_data, unit_coords
+
+    data = open_run_data(cfg.data)
+    (pde,) = data.contract.pdes
+    assert pde == "burgers1d" and tuple(module.contract.pdes) == (pde,)
+    cond = module.contract.conditioning(pde, data.params[pde], data.meta.dt)
+    return data, unit_coords(data), cond
 
 
 def test_evaluation_row_has_the_contracted_columns(smoke_run, tmp_path):
     cfg, _ = smoke_run
     row = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=default", "ttc.n_candidates=2"))
-    required = ("run_id run_dir data_path git_commit config_hash label model params ttc nrmse nrmse_1 "
+    required = ("run_id run_dir data_path pde pde_params git_commit config_hash label model params ttc "
+                "nrmse nrmse_1 "
                 "nrmse_10 nrmse_pdebench persistence_nrmse solver_nrmse solver_ms_per_traj "
                 "rollout_ms_per_traj crmse brmse max_err frmse_low frmse_mid frmse_high mass_drift "
                 "energy_increase tv_increase correlation_horizon crps spread_skill coverage_50 coverage_90 ece "
@@ -34,6 +47,9 @@ def test_evaluation_row_has_the_contracted_columns(smoke_run, tmp_path):
     missing = [k for k in required if k not in rows[0]]
     assert not missing, missing
     assert row["method"] == "ttc" and row["label"] == "champion"
+    # the row names the scored file's equation and the parameters it was scored with
+    assert row["pde"] == rows[0]["pde"] == "burgers1d"
+    assert json.loads(row["pde_params"]) == json.loads(rows[0]["pde_params"]) == {"nu": 0.001}
     # TTC draws 2 candidates per step: its evaluations per step are counted, not assumed
     assert row["ttc_evals_per_step"] == pytest.approx(2.0)
     # the PDEBench figure counts the given frames as zero error, so it is smaller than ours
@@ -68,13 +84,12 @@ def test_rollout_is_autoregressive(smoke_run):
     """k steps at once equal k single steps each restarted from the decoded previous prediction's
     latent state (the model runs on its own outputs)."""
     cfg, records = smoke_run
-    from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
     from ups_lightning.artifacts import load_stage
 
-    view = open_view(cfg.data)
-    cond = conditioning(view, file_nu(view, cfg.data.nu))
-    sur = Surrogate(load_stage(cfg.run_dir, "operator", records["operator"]), unit_coords(view), cond)
-    u0 = torch.from_numpy(view.read("test")[:4, cfg.data.initial_step - 1])
+    module = load_stage(cfg.run_dir, "operator", records["operator"])
+    data, x, cond = _surrogate_inputs(cfg, module)
+    sur = Surrogate(module, x, cond)
+    u0 = torch.from_numpy(data.read("test")[:4, cfg.data.initial_step - 1])
     three = rollout(sur, u0, 3)
     z = sur.encode(u0)
     for k in range(3):
@@ -84,15 +99,17 @@ def test_rollout_is_autoregressive(smoke_run):
 
 def test_guarded_rollout_conserves_mass_and_restarts_from_each_reencoded_frame(smoke_run):
     cfg, records = smoke_run
-    from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
     from ups_lightning.artifacts import load_stage
 
-    view = open_view(cfg.data)
     module = load_stage(cfg.run_dir, "operator", records["operator"])
-    cond, x = conditioning(view, file_nu(view, cfg.data.nu)), unit_coords(view)
-    u0 = torch.from_numpy(view.read("test")[:4, cfg.data.initial_step - 1])
+    data, x, cond = _surrogate_inputs(cfg, module)
+    u0 = torch.from_numpy(data.read("test")[:4, cfg.data.initial_step - 1])
     raw = rollout(Surrogate(module, x, cond), u0, 3)
-    mass = Surrogate(module, x, cond, guard=Guard(conserve_mass=True))
+    spec = get_pde("burgers1d")
+    assert spec.invariants == ("mass",)          # Burgers' guard projects onto the given mean
+    with pytest.raises(ValueError, match="needs the equation's spec"):
+        Surrogate(module, x, cond, guard=Guard(invariants=True))
+    mass = Surrogate(module, x, cond, guard=Guard(invariants=True), pde=spec)
     guarded = rollout(mass, u0, 3)
     # every frame keeps the given frame's mean; the raw rollout does not (a trained-for-seconds model)
     torch.testing.assert_close(guarded.mean(dim=2), u0.mean(dim=1, keepdim=True).expand(-1, 3, -1),
@@ -129,18 +146,17 @@ def test_compare_prints_metric_and_config_differences(smoke_run, tmp_path, capsy
 
 
 def test_ttc_with_the_operator_as_its_only_candidate_is_the_plain_rollout(smoke_run):
-    from ups_lightning.data.datamodule import conditioning, file_nu, open_view, unit_coords
     from ups_lightning.inference.rollout import Physics, ttc_rollout
     from ups_lightning.inference.ttc import TTCConfig
     from ups_lightning.artifacts import load_stage
 
     cfg, records = smoke_run
-    view = open_view(cfg.data)
-    nu = file_nu(view, cfg.data.nu)
-    sur = Surrogate(load_stage(cfg.run_dir, "distill", records["distill"]), unit_coords(view), conditioning(view, nu),
-                    guard=Guard(reencode=True, conserve_mass=True))
-    u0 = torch.from_numpy(view.read("test")[:4, cfg.data.initial_step - 1])
-    physics = Physics(nu, view.meta.dx, view.meta.dt, view.meta.domain_length)
+    module = load_stage(cfg.run_dir, "distill", records["distill"])
+    data, x, cond = _surrogate_inputs(cfg, module)
+    physics = Physics("burgers1d", data.params["burgers1d"], data.meta.dx, data.meta.dt, data.meta.domain_length)
+    assert physics.params == {"nu": pytest.approx(0.001)} and physics.spec is get_pde("burgers1d")
+    sur = Surrogate(module, x, cond, guard=Guard(reencode=True, invariants=True), pde=physics.spec)
+    u0 = torch.from_numpy(data.read("test")[:4, cfg.data.initial_step - 1])
     only_operator, info = ttc_rollout(sur, u0, 3, "student", TTCConfig(n_candidates=1, beam_width=1), physics)
     torch.testing.assert_close(only_operator, rollout(sur, u0, 3))
     assert info["evals_per_step"] == 1.0

@@ -133,11 +133,13 @@ def test_append_preserves_values_and_union_header(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # HTML
 # ---------------------------------------------------------------------------------------------
-def _artifacts(d, T=6, X=16):
+def _artifacts(d, T=6, X=16, channels=None):
     d.mkdir()
     t = np.linspace(0.5, 2.0, T)
     x = (np.arange(X) + 0.5) / X
     true = np.sin(2 * np.pi * x)[None, None] * np.ones((2, T, 1))
+    if channels is not None:     # evaluation writes (n, T, X, C)
+        true = np.repeat(true[..., None], channels, axis=-1)
     np.savez(d / "samples.npz", true=true, pred=true + 0.01, x=x, t=t)
     (d / "curves.json").write_text(json.dumps({"model": list(np.linspace(0.01, 0.1, T)),
                                                "persistence": list(np.linspace(0.2, 0.9, T))}))
@@ -165,6 +167,19 @@ def test_html_with_and_without_artifacts(tmp_path):
     assert "Capacity" in text and "artifacts not found" in text and "artifacts unreadable" in text
     for rid in ("r1", "r2", "r3", "r4"):
         assert f">{rid}<" in text
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_html_plots_samples_with_a_channel_axis(tmp_path, channels):
+    csv_path = tmp_path / "board.csv"
+    art = _artifacts(tmp_path / "run1", channels=channels)
+    append_row(csv_path, {"run_id": "r1", "label": "champion", "model": "ups", "dim": 16, "params": 1e4,
+                          "nrmse": 0.1, "pde": "burgers1d", "pde_params": json.dumps({"nu": 0.001}),
+                          "artifacts": str(art)})
+    text = write_html(csv_path, tmp_path / "board.html").read_text()
+    assert text.count("<img") == 2 and "artifacts unreadable" not in text   # space-time fields + curves
+    (row,) = read_rows(csv_path)
+    assert row["pde"] == "burgers1d" and json.loads(row["pde_params"]) == {"nu": 0.001}
 
 
 def test_html_without_any_artifacts(tmp_path):

@@ -96,6 +96,7 @@ def test_installed_package_composes_its_config_outside_a_checkout(installed: Pat
                          cwd=tmp_path, env=_env(installed), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "name: smoke" in res.stdout  # data=smoke, from the experiment, read from the installed conf/
+    assert "pde: burgers1d" in res.stdout and "nu: 0.001" in res.stdout   # the equation and its params
     assert list(tmp_path.iterdir()) == []  # --cfg job runs nothing and writes nothing
 
 
@@ -116,4 +117,6 @@ def test_console_script_installs_hydra_tab_completion(installed: Path, tmp_path:
     assert "hydra_bash_completion()" in out
     assert out.strip().splitlines()[-1].endswith("-F hydra_bash_completion ups-train")  # bound to the script
     assert query.returncode == 0, q_err
-    assert set(q_out.split()) >= {"data=smoke", "data=burgers1d_small", "data=burgers1d"}
+    assert set(q_out.split()) >= {"data=smoke", "data=burgers1d_small", "data=burgers1d", "data=advection1d",
+                                  "data=advection1d_small", "data=reacdiff1d", "data=reacdiff1d_small",
+                                  "data=mixed_small"}

@@ -15,9 +15,11 @@ import torch
 from conftest import smoke_cfg
 
 from ups_lightning.data.cache import build_or_load_latent_cache
-from ups_lightning.data.datamodule import LatentDataModule, open_view, unit_coords
+from ups_lightning.data.contract import DataContract
+from ups_lightning.data.datamodule import LatentDataModule, open_run_data, unit_coords
 from ups_lightning.errors import UserError
 from ups_lightning.lit.common import sample_nrmse
+from ups_lightning.lit.stages import STAGE_MODULES
 from ups_lightning.artifacts import checkpoint_file, load_stage
 from ups_lightning.training import run
 
@@ -33,6 +35,15 @@ def cli(module: str, *args: str, cwd: Path = REPO, timeout: int = 300) -> subpro
 def test_all_stages_finish_and_log_physical_figures(smoke_run):
     cfg, records = smoke_run
     assert list(records) == ["autoencoder", "operator", "diffusion", "distill"]
+    # the stage registry: each stage after its upstream, one chain
+    assert list(STAGE_MODULES) == list(records)
+    assert [(c.name, c.upstream) for c in STAGE_MODULES.values()] == [
+        ("autoencoder", None), ("operator", "autoencoder"), ("diffusion", "operator"), ("distill", "diffusion")]
+    # every checkpoint carries the data contract it was trained for (from the data, not a name)
+    for name, rec in records.items():
+        module = load_stage(cfg.run_dir, name, rec)
+        assert module.contract == DataContract(("burgers1d",), (64,), 1), name
+        assert DataContract.from_dict(module.hparams.data) == module.contract
     for name, rec in records.items():
         assert checkpoint_file(cfg.run_dir, name, rec).is_file()
         assert not Path(rec["best_ckpt"]).is_absolute()   # a run directory can move
@@ -46,9 +57,10 @@ def test_all_stages_finish_and_log_physical_figures(smoke_run):
 def test_reconstruction_improves_with_training(smoke_run):
     cfg, records = smoke_run
     trained = load_stage(cfg.run_dir, "autoencoder", records["autoencoder"])
-    view = open_view(cfg.data)
-    u = torch.from_numpy(view.normalizer.normalize(view.read("val")[:, ::4])).float().flatten(0, 1)
-    untrained_ae = type(trained)(trained.hparams.model_cfg, trained.hparams.optim_cfg, 1e-3, len(trained.x))
+    data = open_run_data(cfg.data)
+    u = torch.from_numpy(data.normalizer.normalize(data.read("val")[:, ::4])).float().flatten(0, 1)
+    hp = trained.hparams   # the one constructor every stage has
+    untrained_ae = type(trained)(hp.model_cfg, hp.optim_cfg, hp.stages_cfg, hp.data)
     with torch.no_grad():
         err_trained = sample_nrmse(trained.autoencoder(u, trained.x), u).mean()
         err_untrained = sample_nrmse(untrained_ae.autoencoder(u, trained.x), u).mean()
@@ -73,9 +85,11 @@ def test_operator_is_a_residual_update(smoke_run):
     op = load_stage(cfg.run_dir, "operator", records["operator"])
     model = op.hparams.model_cfg
     z = torch.randn(3, model["n_tokens"], model["dim"])
-    cond = op.batch_cond(3)
+    cond = open_run_data(cfg.data).cond("val")[:3]          # conditioning comes with the data
+    assert cond.shape == (3, op.contract.cond_dim)
     with torch.no_grad():
         assert torch.allclose(op.operator(z, cond), z + op.operator.delta(z, cond), atol=1e-6)
+        assert torch.equal(op(z, cond), op.operator(z, cond))
 
 
 def test_relative_loss_weighs_each_sample_by_its_field_norm(smoke_run):
@@ -100,10 +114,12 @@ def test_relative_loss_weighs_each_sample_by_its_field_norm(smoke_run):
 
 
 def _latent_batch(cfg, module, split="val"):
-    view = open_view(cfg.data)
-    cache = build_or_load_latent_cache(module.autoencoder, view, unit_coords(view), Path(cfg.run_dir) / "latents")
-    dm = LatentDataModule(cache, batch_size=64)
-    return next(iter(dm.val_dataloader()))
+    data = open_run_data(cfg.data)
+    cache = build_or_load_latent_cache(module.autoencoder, data, unit_coords(data), Path(cfg.run_dir) / "latents")
+    dm = LatentDataModule(cache, {s: data.cond(s) for s in ("train", "val")}, batch_size=64)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["cond"].shape == (batch["z"].shape[0], module.contract.cond_dim)   # each window's own
+    return batch
 
 
 def test_diffusion_learns_and_samples_are_distinct(smoke_run):
@@ -111,7 +127,7 @@ def test_diffusion_learns_and_samples_are_distinct(smoke_run):
     diff = load_stage(cfg.run_dir, "diffusion", records["diffusion"])
     batch = _latent_batch(cfg, diff)
     r, z_pred = diff.scaled_residual(batch)
-    cond = diff.batch_cond(r.shape[0])
+    cond = batch["cond"]
     untrained = load_stage(cfg.run_dir, "diffusion", records["diffusion"])
     for p in untrained.flow.parameters():  # the same architecture, re-initialised
         torch.nn.init.normal_(p, std=0.02)
@@ -119,8 +135,8 @@ def test_diffusion_learns_and_samples_are_distinct(smoke_run):
     with torch.no_grad():
         trained_loss = torch.stack([diff.flow.loss(r, z_pred, cond, generator=g()) for _ in range(4)]).mean()
         untrained_loss = torch.stack([untrained.flow.loss(r, z_pred, cond, generator=g()) for _ in range(4)]).mean()
-        a = diff.sample_residual(z_pred, torch.Generator().manual_seed(1))
-        b = diff.sample_residual(z_pred, torch.Generator().manual_seed(2))
+        a = diff.sample_residual(z_pred, cond, torch.Generator().manual_seed(1))
+        b = diff.sample_residual(z_pred, cond, torch.Generator().manual_seed(2))
     assert trained_loss < untrained_loss, (trained_loss, untrained_loss)
     assert (a - b).abs().mean() > 0.05 * a.abs().mean()  # distinct plausible corrections, not one answer
 
@@ -132,8 +148,8 @@ def test_student_matches_teacher_within_tolerance(smoke_run):
     dist = load_stage(cfg.run_dir, "distill", records["distill"])
     batch = _latent_batch(cfg, dist)
     true = dist.physical(batch["u"][:, 1])
-    z_pred = dist.operator_step(batch["z"][:, 0])
-    cond = dist.batch_cond(z_pred.shape[0])
+    cond = batch["cond"]
+    z_pred = dist.operator_step(batch["z"][:, 0], cond)
 
     def decoded(sampler, seed):
         with torch.no_grad():
@@ -152,7 +168,7 @@ def test_student_matches_teacher_within_tolerance(smoke_run):
 def test_changed_encoder_rebuilds_the_cache(smoke_run, tmp_path):
     cfg, records = smoke_run
     ae = load_stage(cfg.run_dir, "autoencoder", records["autoencoder"]).autoencoder
-    view = open_view(cfg.data)
+    view = open_run_data(cfg.data)
     x = unit_coords(view)
     a = build_or_load_latent_cache(ae, view, x, tmp_path)
     again = build_or_load_latent_cache(ae, view, x, tmp_path)
@@ -222,8 +238,8 @@ def test_multirun_runs_each_job_in_its_own_directory(smoke_data, tmp_path):
               f"data.root={smoke_data / 'data'}", f"hydra.sweep.dir={tmp_path}",
               f"run_dir={tmp_path}/${{run_name}}", timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    for dim in ("dim8", "dim16"):
-        assert (tmp_path / "smoke" / dim / "distill" / "done.json").exists()
+    for dim in ("dim8", "dim16"):   # run_name: smoke/${data.name}/${model.name}
+        assert (tmp_path / "smoke" / "smoke" / dim / "distill" / "done.json").exists()
 
 
 def test_ddp_on_two_cpu_processes_with_gloo(smoke_data, tmp_path):

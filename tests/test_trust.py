@@ -159,10 +159,23 @@ def test_evaluation_refuses_a_file_on_another_grid(run_copy, tmp_path):
 
     cfg, dst = run_copy
     coarse = tmp_path / "coarse.hdf5"
-    write_dataset(coarse, nu=0.001, nx=32, nt=21, t_max=2.0, seed=5, n_train=4, n_val=0, n_test=0,
-                  workers=1, progress=False, quiet=True)
-    with pytest.raises(UserError, match=r"32 cells .* trained on 64 cells"):
+    write_dataset(coarse, pde="burgers1d", params={"nu": 0.001}, nx=32, nt=21, t_max=2.0, seed=5, n_train=4,
+                  n_val=0, n_test=0, workers=1, progress=False, quiet=True)
+    with pytest.raises(UserError, match=r"32 cells .* trained on \(64,\)"):
         evaluate(eval_cfg(dst, tmp_path / "lb", f"data.path={coarse}", "split=all"))
+    assert not (tmp_path / "lb").exists()
+
+
+def test_evaluation_refuses_a_file_of_another_equation(run_copy, tmp_path):
+    """Same grid and frames, another equation: the Burgers model never scores it."""
+    from ups_lightning.data.generation import write_dataset
+
+    cfg, dst = run_copy
+    other = tmp_path / "other.hdf5"
+    write_dataset(other, pde="advection1d", params={"beta": 0.1}, nx=64, nt=21, t_max=2.0, seed=5, n_train=4,
+                  n_val=0, n_test=0, workers=1, progress=False, quiet=True)
+    with pytest.raises(UserError, match=r"advection1d.*burgers1d|burgers1d.*advection1d"):
+        evaluate(eval_cfg(dst, tmp_path / "lb", f"data.path={other}", "split=all"))
     assert not (tmp_path / "lb").exists()
 
 
@@ -171,11 +184,12 @@ def test_evaluation_scores_every_row_of_a_small_file_without_a_manifest(run_copy
 
     cfg, dst = run_copy
     small = tmp_path / "small.hdf5"
-    write_dataset(small, nu=0.001, nx=64, nt=21, t_max=2.0, seed=7, n_train=6, n_val=0, n_test=0,
-                  workers=1, progress=False, quiet=True)
+    write_dataset(small, pde="burgers1d", params={"nu": 0.001}, nx=64, nt=21, t_max=2.0, seed=7, n_train=6,
+                  n_val=0, n_test=0, workers=1, progress=False, quiet=True)
     small.with_name(small.name + ".manifest.json").unlink()
     row = evaluate(eval_cfg(dst, tmp_path / "lb", f"data.path={small}"))
     assert row["split"] == "all" and row["n_test"] == 6
+    assert row["pde"] == "burgers1d" and json.loads(row["pde_params"]) == {"nu": 0.001}
     with pytest.raises(UserError, match="split=all"):
         evaluate(eval_cfg(dst, tmp_path / "lb", f"data.path={small}", "split=test"))
 

@@ -1,4 +1,5 @@
-"""TTC: per-sample beam search under a budget, and the Burgers physics rewards it scores with."""
+"""TTC: per-sample beam search under a budget, and the Burgers physics rewards it scores with (the
+burgers1d spec's ``rewards`` / ``score``)."""
 from __future__ import annotations
 
 import math
@@ -8,8 +9,19 @@ import pytest
 import torch
 
 from ups_lightning.errors import UserError
-from ups_lightning.inference.rewards import burgers_rewards, burgers_score
 from ups_lightning.inference.ttc import TTCConfig, plan, ttc_step
+from ups_lightning.pdes import get_pde
+from ups_lightning.pdes.base import PENALTY_DOCS
+
+BURGERS = get_pde("burgers1d")
+
+
+def burgers_rewards(u_prev, u_next, nu, dx, dt):
+    return BURGERS.rewards(u_prev, u_next, {"nu": nu}, dx, dt)
+
+
+def burgers_score(u_prev, u_next, nu, dx, dt, weights=None):
+    return BURGERS.score(u_prev, u_next, {"nu": nu}, dx, dt, weights=weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,10 +201,10 @@ def test_true_step_scores_better_than_perturbed(trajectories, nu):
             "energy": mean + 1.1 * (b - mean),
             "persistence": a,
         }
-        true_score = burgers_score(a, b, nu, 1.0 / nx, 0.05, 1.0)
+        true_score = burgers_score(a, b, nu, 1.0 / nx, 0.05)
         assert true_score.shape == (4,)
         for name, c in cands.items():
-            s = burgers_score(a, c, nu, 1.0 / nx, 0.05, 1.0)
+            s = burgers_score(a, c, nu, 1.0 / nx, 0.05)
             assert bool((true_score > s).all()), (nu, k, name, true_score, s)
 
 
@@ -201,7 +213,11 @@ def test_penalties_individually(trajectories):
     nx = traj.shape[-1]
     a, b = traj[:, 2], traj[:, 3]
     pen = burgers_rewards(a, b, 0.01, 1 / nx, 0.05)
-    assert set(pen) == {"mass", "energy", "tv", "pde"}
+    assert set(pen) == {"mass", "energy", "tv", "pde"} == set(BURGERS.penalties)
+    assert set(BURGERS.penalties) <= set(PENALTY_DOCS) and "bounds" in PENALTY_DOCS
+    # frames (B, X) and (B, X, 1) are the same frames
+    pen3 = BURGERS.rewards(a[..., None], b[..., None], {"nu": 0.01}, 1 / nx, 0.05)
+    assert all(torch.equal(pen[k], pen3[k]) for k in pen)
     assert float(pen["mass"].max()) < 1e-12 and float(pen["energy"].max()) == 0.0 and float(pen["tv"].max()) == 0.0
     assert float(pen["pde"].max()) < 0.25
     shifted = burgers_rewards(a, b + 0.05, 0.01, 1 / nx, 0.05)
@@ -215,8 +231,13 @@ def test_penalties_individually(trajectories):
     assert torch.allclose(only_mass, -shifted["mass"])
     with pytest.raises(UserError):
         burgers_score(a, b, 0.01, 1 / nx, 0.05, weights={"momentum": 1.0})
-    with pytest.raises(UserError):
-        burgers_rewards(a, b, 0.01, 1 / nx, 0.05, domain_length=2.0)
+    # a known penalty this equation lacks (bounds: Burgers has no invariant interval) is unused
+    assert torch.equal(burgers_score(a, b + 0.05, 0.01, 1 / nx, 0.05, weights={"bounds": 5.0}),
+                       burgers_score(a, b + 0.05, 0.01, 1 / nx, 0.05))
+    # spacings that cannot come from a file are refused (the domain is no longer an argument)
+    for dx, dt in ((0.0, 0.05), (1 / nx, 0.0), (-1 / nx, 0.05), (1 / nx, -0.05)):
+        with pytest.raises(UserError):
+            burgers_rewards(a, b, 0.01, dx, dt)
     many = burgers_score(a[:1], torch.stack([b[0], b[0] + 0.05]), 0.01, 1 / nx, 0.05)
     assert many.shape == (2,) and many[0] > many[1]
     assert float(burgers_score(a, b.float().clone().fill_(math.nan), 0.01, 1 / nx, 0.05).max()) == -math.inf

@@ -56,6 +56,7 @@ class DataContract:
             raise UserError(f"frame step dt={dt}: need at least 2 evenly spaced frames to condition "
                             f"on the time step.")
         spec = get_pde(pde)
+        params = spec.check_params(params, f"{pde} parameters")
         values = [dt / spec.dt_ref]
         if len(self.pdes) > 1:
             values += [1.0 if p == pde else 0.0 for p in self.pdes]

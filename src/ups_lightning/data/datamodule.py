@@ -52,7 +52,8 @@ def resolve_params(meta: Any, configured: Any, where: str) -> Dict[str, float]:
                         f"{'is' if len(unknown) == 1 else 'are'} not a parameter of {spec.name} "
                         f"({spec.equation}); its parameters are {', '.join(spec.param_names)}.")
     for k, v in configured.items():
-        spec.parameter(k).check(v, f"setting {where}.params.{k}")
+        if v is not None:    # null: not set (the file must state it)
+            spec.parameter(k).check(v, f"setting {where}.params.{k}")
     params = {}
     for p in spec.params:
         if p.name in meta.params:

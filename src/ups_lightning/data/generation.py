@@ -80,12 +80,14 @@ def _num(name: str, value: Any, kind: type, *, minimum: float | None = None,
     return v
 
 
-def dataset_settings(*, pde, params, nx, nt, t_max, seed, n_train, n_val=0, n_test=0) -> dict:
-    """Validated generation settings (the manifest's ``settings``, used to tell a file is current)."""
+def dataset_settings(*, pde, params, nx, nt, t_max, seed, n_train, n_val=0, n_test=0,
+                     where: str = "setting") -> dict:
+    """Validated generation settings (the manifest's ``settings``, used to tell a file is current).
+    ``where`` names the parameters' origin in errors (``setting``, ``setting data.params``)."""
     spec = get_pde(pde, "setting data.pde")
     s = {
         "pde": spec.name,
-        **spec.check_params(dict(params), "setting"),
+        **spec.check_params(dict(params), where),
         "nx": _num("nx", nx, int, minimum=8, why="cells of the periodic grid"),
         "nt": _num("nt", nt, int, minimum=2, why="saved frames, including t = 0"),
         "t_max": _num("t_max", t_max, float, positive=True, why="the last frame's time"),
@@ -176,6 +178,7 @@ def write_dataset(
     force: bool = False,
     norm_reductions: tuple[tuple[int, int], ...] = (),
     quiet: bool = False,
+    where: str = "setting",
 ) -> dict:
     """Make (or keep, when current) the data file at ``path`` and its manifest; return the manifest.
 
@@ -183,7 +186,7 @@ def write_dataset(
     the training split's normalisation too (the (1, 1) entry is always recorded).
     """
     settings = dataset_settings(pde=pde, params=params, nx=nx, nt=nt, t_max=t_max, seed=seed,
-                                n_train=n_train, n_val=n_val, n_test=n_test)
+                                n_train=n_train, n_val=n_val, n_test=n_test, where=where)
     spec = get_pde(settings["pde"])
     params = {k: settings[k] for k in spec.param_names}
     workers = _num("workers", workers, int, minimum=1)
@@ -362,8 +365,10 @@ def run(cfg: Any) -> dict | list:
     out = get("out")
     given = {k: get(k) for k in _param_keys() if get(k) is not None}
     if out is not None:
-        pde = get_pde(d("pde") or "", "setting data.pde (choose the equation with data=<name>)") \
-            if d("pde") != "mixed" else None
+        if d("pde") is None:
+            raise UserError(f"single-file generation (out={out}) needs the equation: choose it with "
+                            "data=NAME (a single-equation config under conf/data/).")
+        pde = get_pde(d("pde"), "setting data.pde") if d("pde") != "mixed" else None
         if pde is None:
             raise UserError("out=FILE makes one file of one equation: choose it with data=<name> (e.g. "
                             "data=<a single-equation config under conf/data/>), not a mixed data config.")
@@ -405,7 +410,8 @@ def run(cfg: Any) -> dict | list:
     return write_dataset(d("path"), pde=d("pde"), params=_container(d("params")) or {}, nx=d("nx"),
                          nt=d("nt"), t_max=d("t_max"), seed=d("seed"), n_train=d("n_train"),
                          n_val=d("n_val"), n_test=d("n_test"), workers=workers, progress=progress,
-                         force=force, norm_reductions=(tuple(int(v) for v in rr),))
+                         force=force, norm_reductions=(tuple(int(v) for v in rr),),
+                         where="setting data.params")
 
 
 def _container(value: Any) -> Any:
