@@ -28,7 +28,6 @@ from rich.table import Table
 
 from ups_lightning.artifacts import DONE, load_stage, record_config, stage_dir, train_command, verified_chain
 from ups_lightning.config import STAGE_ORDER, validate_eval_config
-from ups_lightning.data.contract import DataContract
 from ups_lightning.data.datamodule import check_frames, member_configs, resolve_params, unit_coords
 from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset
 from ups_lightning.errors import UserError

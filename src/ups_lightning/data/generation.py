@@ -28,7 +28,6 @@ import os
 import platform
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any

@@ -21,7 +21,6 @@ opens instantly and a split costs only its own rows.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

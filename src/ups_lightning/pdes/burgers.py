@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
