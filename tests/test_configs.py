@@ -55,3 +55,19 @@ def test_stage_defaults_come_from_the_yaml():
     stages = OmegaConf.load(CONF_DIR / "stages" / "default.yaml")
     for name in STAGE_ORDER:
         assert OmegaConf.to_container(cfg.stages[name]) == OmegaConf.to_container(stages[name])
+
+
+def test_callbacks_and_loggers_are_built_from_config(tmp_path):
+    """No if-chain: every callback with a _target_ is instantiated, null switches one off, and the
+    logger is the option's `target`."""
+    from ups_lightning.training import build_trainer
+
+    names = lambda t: [type(c).__name__ for c in t.callbacks]   # noqa: E731
+    cfg = validate_train_config(_compose("train", ["logger=tensorboard"]))
+    trainer = build_trainer(cfg, "operator", tmp_path)
+    assert {"EarlyStopping", "LearningRateMonitor", "ModelCheckpoint"} <= set(names(trainer))
+    assert [type(lg).__name__ for lg in trainer.loggers] == ["TensorBoardLogger"]
+    off = validate_train_config(_compose("train", ["callbacks.early_stopping=null", "callbacks.progress_bar=none"]))
+    assert "EarlyStopping" not in names(build_trainer(off, "operator", tmp_path))
+    with pytest.raises(UserError, match="callbacks.lr_monitor has no _target_"):
+        validate_train_config(_compose("train", ["~callbacks.lr_monitor._target_"]))

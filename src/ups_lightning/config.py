@@ -158,9 +158,10 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = MISSING  # csv | tensorboard | wandb
+    name: str = MISSING  # the option's name (conf/logger/<name>.yaml)
     project: str = MISSING
     offline: bool = MISSING
+    target: Dict[str, Any] = MISSING   # a Lightning logger: _target_ and its arguments (save_dir: the stage's)
 
 
 @dataclass
@@ -170,18 +171,12 @@ class CheckpointConfig:
 
 
 @dataclass
-class EarlyStoppingConfig:
-    enabled: bool = MISSING
-    patience: int = MISSING
-    min_delta: float = MISSING
-
-
-@dataclass
 class CallbacksConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    lr_monitor: bool = MISSING
     progress_bar: str = MISSING  # rich | tqdm | none
+    # further Lightning callbacks, each built from its _target_ (null switches one off)
+    early_stopping: Optional[Dict[str, Any]] = MISSING
+    lr_monitor: Optional[Dict[str, Any]] = MISSING
 
 
 @dataclass
@@ -228,8 +223,11 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         raise UserError(f"model.attn_backend={merged.model.attn_backend!r}: expected 'sdpa' or 'flash'.")
     if merged.optim.schedule not in ("cosine", "constant"):
         raise UserError(f"optim.schedule={merged.optim.schedule!r}: expected 'cosine' or 'constant'.")
-    if merged.logger.name not in ("csv", "tensorboard", "wandb"):
-        raise UserError(f"logger.name={merged.logger.name!r}: expected csv, tensorboard or wandb.")
+    for key in ("logger.target", "callbacks.early_stopping", "callbacks.lr_monitor"):
+        built = OmegaConf.select(merged, key)
+        if built is not None and not str(built.get("_target_") or "").strip():
+            raise UserError(f"{key} has no _target_: it must name the Lightning class to build (e.g. "
+                            "lightning.pytorch.callbacks.EarlyStopping), or be null to switch it off.")
     if merged.callbacks.progress_bar not in ("rich", "tqdm", "none"):
         raise UserError(f"callbacks.progress_bar={merged.callbacks.progress_bar!r}: expected rich, tqdm or none.")
     if merged.stages.distill.student_steps not in (1, 2):

@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import lightning as L
 import torch
 from lightning.pytorch import callbacks as cb
-from lightning.pytorch import loggers as pl_loggers
 from filelock import FileLock, Timeout
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ups_lightning.artifacts import (
@@ -40,6 +40,7 @@ from ups_lightning.lit.stages import STAGE_MODULES
 
 log = logging.getLogger("ups_lightning.training")
 
+PROGRESS_BARS = {"rich": cb.RichProgressBar, "tqdm": cb.TQDMProgressBar, "none": None}
 ATTEMPTS = ".attempts"   # stages in training, one directory per stage and config hash
 LOCK = ".lock"           # held while a process trains in the run directory
 
@@ -75,19 +76,15 @@ def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
                            save_top_k=cfg.callbacks.checkpoint.save_top_k,
                            save_last=cfg.callbacks.checkpoint.save_last, auto_insert_metric_name=False),
     ]
-    if cfg.callbacks.early_stopping.enabled:
-        callbacks.append(cb.EarlyStopping(monitor="val/nrmse", mode="min",
-                                          patience=cfg.callbacks.early_stopping.patience,
-                                          min_delta=cfg.callbacks.early_stopping.min_delta))
+    # every other callback with a _target_ in the config (callbacks/default.yaml), built by Hydra
+    callbacks += [instantiate(spec) for spec in cfg.callbacks.values()
+                  if isinstance(spec, DictConfig) and "_target_" in spec]
     if cfg.optim.ema.enabled:
         callbacks.append(EMA(decay=cfg.optim.ema.decay))
-    if cfg.callbacks.progress_bar == "rich":
-        callbacks.append(cb.RichProgressBar())
-    elif cfg.callbacks.progress_bar == "tqdm":
-        callbacks.append(cb.TQDMProgressBar())
-    loggers = _build_loggers(cfg, out)
-    if cfg.callbacks.lr_monitor and loggers:
-        callbacks.append(cb.LearningRateMonitor(logging_interval="step"))
+    bar = PROGRESS_BARS[cfg.callbacks.progress_bar]
+    if bar is not None:
+        callbacks.append(bar())
+    loggers = [instantiate(cfg.logger.target, save_dir=str(out))]
     max_time = dt.timedelta(minutes=settings.max_minutes) if settings.max_minutes else None
     # the sampling stages validate by drawing samples (the teacher: K steps, twice); the wall-clock
     # limit does not bound validation, so they cap its batches
@@ -100,19 +97,9 @@ def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
         deterministic=cfg.trainer.deterministic, limit_train_batches=cfg.trainer.limit_train_batches,
         limit_val_batches=val_batches,
         check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch, callbacks=callbacks,
-        logger=loggers or False, enable_progress_bar=cfg.callbacks.progress_bar != "none",
+        logger=loggers, enable_progress_bar=cfg.callbacks.progress_bar != "none",
         enable_model_summary=False,
     )
-
-
-def _build_loggers(cfg: DictConfig, out: Path) -> list:
-    name = cfg.logger.name
-    if name == "csv":
-        return [pl_loggers.CSVLogger(save_dir=out, name="logs")]
-    if name == "tensorboard":
-        return [pl_loggers.TensorBoardLogger(save_dir=out, name="tb")]
-    return [pl_loggers.WandbLogger(project=cfg.logger.project, save_dir=str(out),
-                                   offline=cfg.logger.offline, name=f"{cfg.run_name}/{out.name}")]
 
 
 # --- one stage ------------------------------------------------------------------------------------
