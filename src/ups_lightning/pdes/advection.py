@@ -35,11 +35,11 @@ import torch
 from torch import Tensor
 
 from ups_lightning.errors import UserError
-from ups_lightning.pdes.base import PDE, Parameter
+from ups_lightning.pdes.base import PDE, Parameter, check_save_times, solver_rows, steps_per_interval
 from ups_lightning.pdes.initial import INIT_MULTI_DOC, init_multi
 
 __all__ = ["Advection1D", "solve_advection", "advection_rhs", "muscl_upwind_divergence",
-           "check_save_times", "steps_per_interval", "sin_cell_averages", "SOLVER_SETTINGS"]
+           "sin_cell_averages", "SOLVER_SETTINGS"]
 
 CFL = 0.4
 
@@ -134,34 +134,12 @@ def _rhs_into(u: np.ndarray, beta: float, dx: float, w: _Workspace, out: np.ndar
     return out
 
 
-def check_save_times(t_save, who: str) -> np.ndarray:
-    t = np.asarray(t_save, dtype=np.float64)
-    if t.ndim != 1 or t.size == 0 or not np.isfinite(t).all() or t[0] != 0.0 or np.any(np.diff(t) <= 0):
-        raise ValueError(f"{who}: t_save must be a 1-D increasing sequence of finite times starting "
-                         f"at 0, got {np.asarray(t_save).tolist()!r:.200}")
-    return t
-
-
-def steps_per_interval(interval: float, dt_max: float) -> int:
-    """Number of equal steps of size <= dt_max (up to round-off) that cover ``interval``."""
-    if not math.isfinite(dt_max):
-        return 1
-    return max(1, int(math.ceil(interval / dt_max * (1.0 - 1e-12))))
-
-
 def solve_advection(u0: np.ndarray, beta: float, t_save: Sequence[float] | np.ndarray,
                     domain_length: float = 1.0, cfl: float = CFL, limiter: str = "mc") -> np.ndarray:
     """Solve u_t + beta u_x = 0 from ``u0`` (B, X) (or (X,)); returns (B, len(t_save), X) float64
     with frame 0 = u0. ``t_save`` increasing from 0 (relative to u0's time). ``limiter="none"``
     (unlimited central slopes) exists to validate the scheme's formal order only."""
-    u = np.array(u0, dtype=np.float64, copy=True)
-    squeeze = u.ndim == 1
-    if squeeze:
-        u = u[None]
-    if u.ndim != 2 or u.shape[-1] < 3:
-        raise ValueError(f"solve_advection: u0 must be (B, X) with X >= 3, got shape {u.shape}")
-    if not np.isfinite(u).all():
-        raise ValueError("solve_advection: u0 has non-finite values")
+    u, squeeze = solver_rows(u0, "solve_advection")
     beta = float(beta)
     if not math.isfinite(beta):
         raise ValueError(f"solve_advection: beta must be finite, got {beta}")

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from ups_lightning.errors import UserError
 
-__all__ = ["Parameter", "PDE", "PENALTY_DOCS", "trapezoid_residual", "rms"]
+__all__ = ["Parameter", "PDE", "PENALTY_DOCS", "trapezoid_residual", "rms", "solver_rows",
+           "check_save_times", "steps_per_interval"]
 
 _EPS = 1e-12
 
@@ -88,6 +89,36 @@ def trapezoid_residual(operator: Callable[[Tensor], Tensor], up: Tensor, un: Ten
     ut = (un - up) / dt
     rbar = 0.5 * (operator(up) + operator(un))
     return rms(ut - rbar) / (rms(ut) + rms(rbar) + _EPS)
+
+
+# --- pieces the reference solvers share ------------------------------------------------------
+def solver_rows(u0, who: str) -> tuple:
+    """``u0`` (B, X) or (X,) as a float64 copy (B, X), and whether it was one row; refuses fewer
+    than 3 cells and non-finite values."""
+    u = np.array(u0, dtype=np.float64, copy=True)
+    squeeze = u.ndim == 1
+    if squeeze:
+        u = u[None]
+    if u.ndim != 2 or u.shape[-1] < 3:
+        raise ValueError(f"{who}: u0 must be (B, X) with X >= 3, got shape {u.shape}")
+    if not np.isfinite(u).all():
+        raise ValueError(f"{who}: u0 has non-finite values")
+    return u, squeeze
+
+
+def check_save_times(t_save, who: str) -> np.ndarray:
+    t = np.asarray(t_save, dtype=np.float64)
+    if t.ndim != 1 or t.size == 0 or not np.isfinite(t).all() or t[0] != 0.0 or np.any(np.diff(t) <= 0):
+        raise ValueError(f"{who}: t_save must be a 1-D increasing sequence of finite times starting "
+                         f"at 0, got {np.asarray(t_save).tolist()!r:.200}")
+    return t
+
+
+def steps_per_interval(interval: float, dt_max: float) -> int:
+    """Number of equal steps of size <= dt_max (up to round-off) that cover ``interval``."""
+    if not math.isfinite(dt_max):
+        return 1
+    return max(1, int(math.ceil(interval / dt_max * (1.0 - 1e-12))))
 
 
 class PDE:

@@ -44,8 +44,7 @@ import torch
 from torch import Tensor
 
 from ups_lightning.errors import UserError
-from ups_lightning.pdes.advection import check_save_times, steps_per_interval
-from ups_lightning.pdes.base import PDE, Parameter
+from ups_lightning.pdes.base import PDE, Parameter, check_save_times, solver_rows, steps_per_interval
 from ups_lightning.pdes.initial import INIT_MULTI_DOC, cell_centres, init_multi
 
 __all__ = ["ReactionDiffusion1D", "solve_reacdiff", "logistic_flow", "laplacian_symbol",
@@ -132,14 +131,7 @@ def solve_reacdiff(u0: np.ndarray, nu: float, rho: float, t_save: Sequence[float
     """Solve u_t = nu u_xx + rho u (1 - u) from ``u0`` (B, X) (or (X,)); returns
     (B, len(t_save), X) float64 with frame 0 = u0. ``dt`` overrides the largest step
     (``dt_max``); each save interval is split into equal steps no larger than it."""
-    u = np.array(u0, dtype=np.float64, copy=True)
-    squeeze = u.ndim == 1
-    if squeeze:
-        u = u[None]
-    if u.ndim != 2 or u.shape[-1] < 3:
-        raise ValueError(f"solve_reacdiff: u0 must be (B, X) with X >= 3, got shape {u.shape}")
-    if not np.isfinite(u).all():
-        raise ValueError("solve_reacdiff: u0 has non-finite values")
+    u, squeeze = solver_rows(u0, "solve_reacdiff")
     nu, rho = float(nu), float(rho)
     if not (math.isfinite(nu) and nu >= 0 and math.isfinite(rho) and rho >= 0):
         raise ValueError(f"solve_reacdiff: need finite nu >= 0 and rho >= 0, got nu={nu}, rho={rho}")
