@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ups_lightning.errors import UserError
 from ups_lightning.pdes.base import PDE, Parameter, check_save_times, solver_rows, steps_per_interval
 from ups_lightning.pdes.initial import INIT_MULTI_DOC, init_multi
 
@@ -224,14 +223,8 @@ class Advection1D(PDE):
         return init_multi(seeds.size, nx, seeds)[..., None]
 
     def solve(self, u0, params, t_save, domain_length=1.0):
-        u0 = np.asarray(u0)
-        if u0.ndim != 3 or u0.shape[-1] != 1:
-            raise ValueError(f"{self.name} solve: u0 must be (B, X, 1), got shape {u0.shape}")
-        try:
-            p = self.check_params(params, f"{self.name} solve")
-        except UserError as exc:
-            raise ValueError(str(exc)) from exc
-        return solve_advection(u0[..., 0], p["beta"], t_save, domain_length)[..., None]
+        u, p = self.scalar_solve_inputs(u0, params)
+        return solve_advection(u, p["beta"], t_save, domain_length)[..., None]
 
     def spatial_operator(self, u, params, dx):
         return -muscl_upwind_divergence(u, float(params["beta"]), dx)

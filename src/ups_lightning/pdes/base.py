@@ -177,7 +177,7 @@ class PDE:
         return [p.feature_value(float(params[p.name])) for p in self.params]
 
     def file_name(self, params: Mapping[str, float]) -> str:
-        return self.filename.format(**{k: _short_number(v) for k, v in params.items()})
+        return self.filename.format(**{k: repr(float(v)) for k, v in params.items()})   # 0.001, 1.0
 
     def params_from_filename(self, path: str) -> Dict[str, float]:
         """Parameters spelt in a PDEBench file name (``1D_Burgers_Sols_Nu0.001.hdf5``)."""
@@ -200,6 +200,17 @@ class PDE:
         0): (B, len(t_save), X, C) float64, frame 0 = u0. Row-local: a row's result never depends
         on the other rows of its batch."""
         raise NotImplementedError
+
+    def scalar_solve_inputs(self, u0: np.ndarray, params: Mapping[str, float]) -> tuple:
+        """For a one-field equation's ``solve``: ``u0`` (B, X, 1) as (B, X) and the checked
+        parameters; a bad shape or parameter is a ValueError, as the solvers raise."""
+        u0 = np.asarray(u0)
+        if u0.ndim != 3 or u0.shape[-1] != 1:
+            raise ValueError(f"{self.name} solve: u0 must be (B, X, 1), got shape {u0.shape}")
+        try:
+            return u0[..., 0], self.check_params(params, f"{self.name} solve")
+        except UserError as exc:
+            raise ValueError(str(exc)) from exc
 
     def spatial_operator(self, u: Tensor, params: Mapping[str, float], dx: float) -> Tensor:
         """R(u) of u_t = R(u) on frames (B, C, X) (torch, x last; a scalar equation may treat the
@@ -279,9 +290,3 @@ class PDE:
 
     def __repr__(self) -> str:
         return f"<PDE {self.name}: {self.equation}>"
-
-
-def _short_number(v: float) -> str:
-    """0.001 -> '0.001', 1.0 -> '1.0' (PDEBench's spelling in file names)."""
-    text = repr(float(v))
-    return text

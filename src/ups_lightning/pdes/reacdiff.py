@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ups_lightning.errors import UserError
 from ups_lightning.pdes.base import PDE, Parameter, check_save_times, solver_rows, steps_per_interval
 from ups_lightning.pdes.initial import INIT_MULTI_DOC, cell_centres, init_multi
 
@@ -266,14 +265,8 @@ class ReactionDiffusion1D(PDE):
         return normalise_unit_interval(init_multi(seeds.size, nx, seeds))[..., None]
 
     def solve(self, u0, params, t_save, domain_length=1.0):
-        u0 = np.asarray(u0)
-        if u0.ndim != 3 or u0.shape[-1] != 1:
-            raise ValueError(f"{self.name} solve: u0 must be (B, X, 1), got shape {u0.shape}")
-        try:
-            p = self.check_params(params, f"{self.name} solve")
-        except UserError as exc:
-            raise ValueError(str(exc)) from exc
-        return solve_reacdiff(u0[..., 0], p["nu"], p["rho"], t_save, domain_length)[..., None]
+        u, p = self.scalar_solve_inputs(u0, params)
+        return solve_reacdiff(u, p["nu"], p["rho"], t_save, domain_length)[..., None]
 
     def spatial_operator(self, u: Tensor, params: Mapping[str, float], dx: float) -> Tensor:
         lap = (torch.roll(u, -1, dims=-1) - 2.0 * u + torch.roll(u, 1, dims=-1)) / (dx * dx)
