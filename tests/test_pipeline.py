@@ -103,10 +103,10 @@ def test_relative_loss_weighs_each_sample_by_its_field_norm(smoke_run):
     u = torch.ones(2, op.x.numel(), 1)
     u_phys = torch.stack([torch.full_like(u[0], 0.5), torch.full_like(u[0], 1.0)])
     u = (u_phys - op.field_mean) / op.field_std        # step_loss reads normalised fields
-    op.stage_cfg = dict(op.stage_cfg, relative_loss=False)
+    op.settings = dict(op.settings, relative_loss=False)
     plain = op.step_loss(target + err, target, u)
     assert plain == pytest.approx(0.5)
-    op.stage_cfg = dict(op.stage_cfg, relative_loss=True)
+    op.settings = dict(op.settings, relative_loss=True)
     rel = op.step_loss(target + err, target, u)
     assert rel == pytest.approx(4.0 / 5.0)             # weights 1/0.25 : 1/1, normalised
     rel_other = op.step_loss(target + err.flip(0), target, u)

@@ -124,13 +124,21 @@ def _filename_prefix(spec: PDE) -> str:
     return spec.filename.split("{", 1)[0]
 
 
+def _stated_pde(h5: Any) -> str | None:
+    """The equation a file's ``pde`` attribute names (the project's files carry one), or None."""
+    if "pde" not in h5.attrs:
+        return None
+    stated = h5.attrs["pde"]
+    return stated.decode() if isinstance(stated, bytes) else str(stated)
+
+
 def infer_pde(h5: Any, path: str) -> str:
     """The equation a file holds, for callers that do not name one: its ``pde`` attribute, else the
     one equation whose parameter attributes it carries, else PDEBench's file name."""
     attrs = set(h5.attrs.keys())
-    if "pde" in attrs:
-        stated = h5.attrs["pde"]
-        return stated.decode() if isinstance(stated, bytes) else str(stated)
+    stated = _stated_pde(h5)
+    if stated is not None:
+        return stated
     hits = pde_of_file_attrs(attrs)
     if hits:
         return hits[0]
@@ -149,13 +157,11 @@ def file_params(h5: Any, path: str, spec: PDE) -> dict:
     parameter attributes, another equation's file name) is refused: never read as this one."""
     attrs = set(h5.attrs.keys())
     base = Path(path).name
-    if "pde" in attrs:
-        stated = h5.attrs["pde"]
-        stated = stated.decode() if isinstance(stated, bytes) else str(stated)
-        if stated != spec.name:
-            raise UserError(f"{path}: the file holds {stated!r} data (its 'pde' attribute) but "
-                            f"data.pde={spec.name!r}; choose data={stated} (or a data config of that "
-                            f"equation) for this file.")
+    stated = _stated_pde(h5)
+    if stated is not None and stated != spec.name:
+        raise UserError(f"{path}: the file holds {stated!r} data (its 'pde' attribute) but "
+                        f"data.pde={spec.name!r}; choose data={stated} (or a data config of that "
+                        f"equation) for this file.")
     own = {a for p in spec.params for a in p.attrs}
     for other in registered().values():
         if other.name == spec.name:

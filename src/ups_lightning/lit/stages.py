@@ -109,7 +109,6 @@ class OperatorModule(_LatentStage):
                  data: Dict[str, Any]) -> None:
         super().__init__(model_cfg, optim_cfg, stages_cfg, data)
         self.save_hyperparameters()
-        self.stage_cfg = self.settings
         self.operator = build_operator(model_cfg, self.contract)
         self.val_persistence = MeanMetric()
         self.val_recon = MeanMetric()
@@ -121,16 +120,16 @@ class OperatorModule(_LatentStage):
         z, u, cond = batch["z"], batch["u"], batch["cond"]
         steps = z.shape[1] - 1
         state = z[:, 0]
-        if self.stage_cfg["noise_std"] > 0:
-            state = state + self.stage_cfg["noise_std"] * torch.randn_like(state)
+        if self.settings["noise_std"] > 0:
+            state = state + self.settings["noise_std"] * torch.randn_like(state)
         loss = z.new_zeros(())
         for k in range(1, steps + 1):
             pred = self(state, cond)
             loss = loss + self.step_loss(pred, z[:, k], u[:, k])
-            if self.stage_cfg["decoded_weight"] > 0:
+            if self.settings["decoded_weight"] > 0:
                 decoded = self.decode_latent(self.autoencoder, pred)
-                loss = loss + self.stage_cfg["decoded_weight"] * F.mse_loss(decoded, u[:, k])
-            detach = self.stage_cfg["pushforward_detach"] and k < steps
+                loss = loss + self.settings["decoded_weight"] * F.mse_loss(decoded, u[:, k])
+            detach = self.settings["pushforward_detach"] and k < steps
             state = pred.detach() if detach else pred
         loss = loss / steps
         self.log("train/loss", loss, prog_bar=True)
@@ -139,7 +138,7 @@ class OperatorModule(_LatentStage):
     def step_loss(self, pred: torch.Tensor, target: torch.Tensor, u_target: torch.Tensor) -> torch.Tensor:
         """Latent MSE of one step; with `relative_loss`, each sample's error is divided by its
         physical field's mean square (normalised over the batch), as the nRMSE metric weighs it."""
-        if not self.stage_cfg["relative_loss"]:
+        if not self.settings["relative_loss"]:
             return F.mse_loss(pred, target)
         per_sample = (pred - target).pow(2).flatten(1).mean(1)
         w = 1.0 / self.physical(u_target).pow(2).flatten(1).mean(1).clamp_min(1e-8)
@@ -220,12 +219,11 @@ class DiffusionModule(_ResidualStage):
                  data: Dict[str, Any]) -> None:
         super().__init__(model_cfg, optim_cfg, stages_cfg, data)
         self.save_hyperparameters()
-        self.stage_cfg = self.settings
         self.flow = build_flow(model_cfg, self.contract)
 
     def sample_residual(self, z_pred: torch.Tensor, cond: torch.Tensor, generator: Any = None,
                         steps: int | None = None) -> torch.Tensor:
-        steps = steps or self.stage_cfg["sample_steps"]
+        steps = steps or self.settings["sample_steps"]
         return self.flow.sample(z_pred, cond, steps=steps, generator=generator)
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -253,7 +251,7 @@ class DistillModule(_ResidualStage):
                  data: Dict[str, Any]) -> None:
         super().__init__(model_cfg, optim_cfg, stages_cfg, data)
         self.save_hyperparameters()
-        self.stage_cfg, self.teacher_steps = self.settings, stages_cfg["diffusion"]["sample_steps"]
+        self.teacher_steps = stages_cfg["diffusion"]["sample_steps"]
         self.flow = freeze(build_flow(model_cfg, self.contract))
         self.student = build_flow(model_cfg, self.contract, ConsistencyStudent)
         self.target = freeze(copy.deepcopy(self.student))
@@ -269,18 +267,18 @@ class DistillModule(_ResidualStage):
 
     def sample_residual(self, z_pred: torch.Tensor, cond: torch.Tensor, generator: Any = None,
                         steps: int | None = None) -> torch.Tensor:
-        steps = steps or self.stage_cfg["student_steps"]
+        steps = steps or self.settings["student_steps"]
         return self.student.sample(z_pred, cond, steps=steps, generator=generator)
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         r, z_pred = self.scaled_residual(batch)
         loss = consistency_distillation_loss(self.student, self.target, self.flow, r, z_pred,
-                                             batch["cond"], n_grid=self.stage_cfg["n_grid"])
+                                             batch["cond"], n_grid=self.settings["n_grid"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        decay = self.stage_cfg["target_decay"]
+        decay = self.settings["target_decay"]
         with torch.no_grad():
             for t, s in zip(self.target.parameters(), self.student.parameters()):
                 t.lerp_(s, 1.0 - decay)
