@@ -163,3 +163,37 @@ def test_a_fourth_two_channel_equation_runs_end_to_end(wave_registered, tmp_path
     row = evaluate(eval_cfg(tmp_path / "run", tmp_path, "ttc=default", "ttc.n_candidates=2"))
     assert row["pde"] == "wave1d" and math.isfinite(row["nrmse"])
     assert row["persistence_nrmse"] > 0 and row["solver_nrmse"] < 1e-5   # the exact solver
+
+
+def test_mixed_data_is_checked(tmp_path):
+    """A mixed config lists members on one grid; otherwise a one-paragraph error names the setting."""
+    from omegaconf import OmegaConf
+
+    from ups_lightning.config import validate_train_config
+    from ups_lightning.data.datamodule import open_run_data
+    from hydra import compose, initialize_config_dir
+
+    from ups_lightning import CONF_DIR
+    from ups_lightning.data.generation import write_dataset
+
+    def mixed(*overrides):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=["data=mixed_small", f"run_dir={tmp_path / 'run'}", *overrides])
+
+    cfg = mixed()
+    OmegaConf.set_struct(cfg, False)
+    cfg.data.members = None
+    with pytest.raises(UserError, match="lists no members"):
+        validate_train_config(cfg)
+    paths = {}
+    for pde, params, nx in (("burgers1d", {"nu": 0.01}, 32), ("advection1d", {"beta": 0.1}, 16)):
+        paths[pde] = tmp_path / f"{pde}.hdf5"
+        write_dataset(paths[pde], pde=pde, params=params, nx=nx, nt=6, t_max=0.5, seed=0, n_train=4,
+                      n_val=2, n_test=2, workers=1, progress=False, quiet=True)
+    cfg = validate_train_config(mixed("data.initial_step=2",
+                                          *[f"data.members.{p}.{k}={v}" for p in paths for k, v in
+                                            (("path", paths[p]), ("n_train", 4), ("n_val", 2), ("n_test", 2))]))
+    members = {p: cfg.data.members[p] for p in paths}
+    cfg.data.members = members
+    with pytest.raises(UserError, match="one model\\s+needs one grid"):
+        open_run_data(cfg.data)
