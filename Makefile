@@ -38,8 +38,9 @@ eval-small: setup
 eval-full: setup
 	$(BIN)/python -m ups_lightning.pipeline full $(if $(DATA),data=$(DATA))
 
+# BUDGET=<minutes per learned model>, SEEDS=<n training seeds>, BENCH_ARGS=<more overrides>; the data is made when missing
 bench: setup
-	$(BIN)/python -m ups_lightning.bench
+	$(BIN)/python -m ups_lightning.bench $(if $(BUDGET),budget_min=$(BUDGET)) $(if $(SEEDS),"seeds=[$(shell seq -s, 0 $$(($(SEEDS)-1)))]") $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

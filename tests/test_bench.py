@@ -38,7 +38,8 @@ def _tiny_view(path: Path, initial_step: int = 5):
 
 # --- FNO peer ------------------------------------------------------------------------------------
 def test_fno_matches_pdebench_fno1d_size():
-    from ups_lightning.bench.fno import FNOSettings, build_fno, count_params
+    from ups_lightning.bench.fno import FNOSettings, build_fno
+    from ups_lightning.bench.peers import count_params
 
     model = build_fno(10, 1, FNOSettings())
     # PDEBench's FNO1d(num_channels=1, modes=12, width=20, initial_step=10): 23,937 parameters
@@ -49,41 +50,109 @@ def test_fno_matches_pdebench_fno1d_size():
     assert out.shape == (3, 64, 1)
 
 
-def test_fno_trains_and_rollout_reads_only_given_frames(tiny_burgers_file):
-    from ups_lightning.bench.fno import FNOSettings, build_fno, predict_test, train_fno
+def _peer_fit(tiny_burgers_file, method="fno", max_minutes=0.2, max_epochs=2, lr=1e-3, **settings):
+    """A tiny peer trained through the bench's path (the stages' trainer): (module, trainer)."""
+    from omegaconf import OmegaConf
+
+    from ups_lightning.bench.peers import PEERS, PeerModule, TrajectoryData
+    from ups_lightning.training import build_trainer
+
+    _, cls, build = PEERS[method]
+    s = cls.from_mapping({"batch_size": 8, **settings})
+    view = _tiny_view(tiny_burgers_file)
+    train, val = (torch.from_numpy(view.read(k)) for k in ("train", "val"))
+    cfg = _train_cfg()
+    cfg.stages.peer = {"max_epochs": max_epochs, "max_minutes": max_minutes, "lr": lr, "batch_size": 8}
+    torch.manual_seed(0)
+    module = PeerModule(build(5, 1, s), lr, OmegaConf.to_container(cfg.optim), relative_loss=True,
+                        t_train=s.t_train, grad_frames=s.grad_frames)
+    return module, cfg, TrajectoryData(train, val, 8, 8), build_trainer
+
+
+def _train_cfg(*overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=smoke", "callbacks.progress_bar=none", *overrides])
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def test_peers_train_with_our_trainer_timer_and_schedule(tiny_burgers_file, tmp_path):
+    """A peer and our operator get the same Trainer (Timer of their budget, checkpoint on the best
+    val/nrmse, EMA, clipping) and the same optimiser and warm-up + cosine schedule."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+
+    from ups_lightning.bench.peers import PeerModule
+    from ups_lightning.lit.common import ScheduledAdamW, lr_factor
+    from ups_lightning.lit.stages import STAGE_MODULES
 
     torch.set_num_threads(1)
+    module, cfg, data, build_trainer = _peer_fit(tiny_burgers_file, modes=4, width=8)
+    cfg.stages.operator.max_minutes = 0.2
+    peer_trainer = build_trainer(cfg, "peer", tmp_path / "peer")
+    ours_trainer = build_trainer(cfg, "operator", tmp_path / "ours")
+    kinds = [sorted(type(c).__name__ for c in t.callbacks) for t in (peer_trainer, ours_trainer)]
+    assert kinds[0] == kinds[1] and "Timer" in kinds[0] and "EMA" in kinds[0]
+    timers = [next(c for c in t.callbacks if isinstance(c, Timer)) for t in (peer_trainer, ours_trainer)]
+    assert timers[0]._duration == timers[1]._duration == 12.0
+    ckpts = [t.checkpoint_callback for t in (peer_trainer, ours_trainer)]
+    assert all(isinstance(c, ModelCheckpoint) and c.monitor == "val/nrmse" for c in ckpts)
+    assert peer_trainer.gradient_clip_val == ours_trainer.gradient_clip_val
+    for stage in STAGE_MODULES.values():
+        assert stage.configure_optimizers is PeerModule.configure_optimizers is ScheduledAdamW.configure_optimizers
+    peer_trainer.fit(module, datamodule=data)
+    # the learning rate followed lr_factor (warm-up + cosine on steps or the clock, whichever is ahead)
+    sched = peer_trainer.lr_scheduler_configs[0].scheduler
+    assert sched.lr_lambdas[0].__qualname__.startswith("ScheduledAdamW")
+    step = peer_trainer.global_step
+    assert step >= 2 and peer_trainer.current_epoch == 2
+    last_lr = sched.get_last_lr()[0]
+    assert last_lr <= 1e-3 and last_lr == pytest.approx(1e-3 * sched.lr_lambdas[0](step), rel=0.05)
+    assert math.isfinite(float(peer_trainer.checkpoint_callback.best_model_score))
+    assert "val/nrmse_persistence" in peer_trainer.callback_metrics
+
+
+def test_peer_rollout_reads_only_given_frames_and_guard_projects(tiny_burgers_file):
+    from ups_lightning.bench.peers import predict_peer
+    from ups_lightning.pdes import get_pde
+
+    module, *_ = _peer_fit(tiny_burgers_file, modes=4, width=8)
     view = _tiny_view(tiny_burgers_file)
-    train = torch.from_numpy(view.read("train"))
-    val = torch.from_numpy(view.read("val"))
     test = torch.from_numpy(view.read("test"))
     k = 5
-    torch.manual_seed(0)
-    settings = FNOSettings(modes=8, batch_size=8, max_epochs=3)
-    model = build_fno(k, 1, settings)
-    rec = train_fno(model, train, val, settings, budget_s=20.0, seed=0, log=None)
-    assert rec["optimizer_steps"] >= 1 and rec["epochs"] > 0
-    assert math.isfinite(rec["best_val_nrmse"]) and rec["best_epoch"] in [h["epoch"] for h in rec["history"]]
-
-    pred, wall = predict_test(model, test, k, batch=3)
+    pred, wall = predict_peer(module.net, test, k, batch=3)
     assert pred.shape == (len(test), test.shape[1] - k, test.shape[2], 1) and wall >= 0
     poisoned = test.clone()
     poisoned[:, k:] = float("nan")
-    poisoned[:, k:, ::2] = 1e6
-    pred2, _ = predict_test(model, poisoned, k, batch=3)
-    assert torch.equal(pred, pred2)
-    assert torch.isfinite(pred).all()
+    pred2, _ = predict_peer(module.net, poisoned, k, batch=3)
+    assert torch.equal(pred, pred2) and torch.isfinite(pred).all()
+    spec = get_pde("burgers1d")
+    guarded, _ = predict_peer(module.net, test, k, project=spec.project)
+    # the guard keeps every predicted frame's mass at the last given frame's
+    torch.testing.assert_close(guarded.mean(dim=2), test[:, k - 1:k].mean(dim=2).expand(-1, guarded.shape[1], -1),
+                               atol=1e-5, rtol=0)
+    assert not torch.allclose(guarded, pred)
 
 
-def test_fno_budget_stops_training(tiny_burgers_file):
-    from ups_lightning.bench.fno import FNOSettings, build_fno, train_fno
-
+@pytest.mark.parametrize("method, grad_frames", [("fno", None), ("unet", 2)])
+def test_peer_loss_is_the_autoregressive_unroll(tiny_burgers_file, method, grad_frames):
+    """The loss covers the last grad_frames predictions of the unroll (all by default) and the
+    earlier predictions of a pushforward unroll carry no gradient."""
+    module, *_ = _peer_fit(tiny_burgers_file, method=method, grad_frames=grad_frames,
+                           **({"modes": 4, "width": 8} if method == "fno" else {"init_features": 4}))
     view = _tiny_view(tiny_burgers_file)
-    train, val = (torch.from_numpy(view.read(s)) for s in ("train", "val"))
-    settings = FNOSettings(modes=4, width=8, batch_size=4, max_epochs=10_000)
-    model = build_fno(5, 1, settings)
-    rec = train_fno(model, train, val, settings, budget_s=0.5, seed=0, log=None)
-    assert rec["stopped_by"] == "budget" and rec["train_s"] < 10.0
+    traj = torch.from_numpy(view.read("train"))[:4]
+    calls = []
+    net = module.net
+    original = net.forward
+    net.forward = lambda w: (calls.append(torch.is_grad_enabled()), original(w))[1]
+    module.log = lambda *a, **k: None
+    module.training_step((traj,), 0)
+    frames = traj.shape[1] - 5
+    assert len(calls) == frames
+    assert calls == ([True] * frames if grad_frames is None else [False] * (frames - 2) + [True] * 2)
 
 
 # --- solver sweep --------------------------------------------------------------------------------
@@ -187,7 +256,16 @@ def test_summary_files_have_the_expected_columns(tmp_path):
     ("solver_grids=[]", "solver_grids"),
     ("+fno.bogus=1", "fno"),
     ("fno.modes=0", "modes"),
-    ("skip_fno=maybe", "skip_fno"),
+    ("unet.init_features=-1", "init_features"),
+    ("skip_solver=maybe", "skip_solver"),
+    ("relative_loss=maybe", "relative_loss"),
+    ("methods=[ours,bogus]", "methods"),
+    ("methods=[]", "methods"),
+    ("seeds=[]", "seeds"),
+    ("seeds=[0,0]", "seeds"),
+    ("lr_search.fno=[1e-3]", "same size"),
+    ("lr_search.unet=[0]", "lr_search.unet"),
+    ("tune_budget_min=-1", "tune_budget_min"),
 ])
 def test_bad_settings_are_user_errors(override, needle):
     from ups_lightning.bench import check_config
@@ -198,11 +276,25 @@ def test_bad_settings_are_user_errors(override, needle):
         check_config(cfg)
 
 
-def test_default_settings_are_valid():
+def test_default_settings_are_valid_and_fair():
     from ups_lightning.bench import check_config
 
     checked = check_config(_bench_cfg())
     assert checked["budget_min"] == 10 and sum(checked["shares"].values()) == pytest.approx(1.0)
+    assert checked["seeds"] == [0, 1, 2] and checked["methods"] == ["ours", "fno", "unet"]
+    sizes = {m: len(g) for m, g in checked["lr_search"].items()}
+    assert len(set(sizes.values())) == 1 and sizes["ours"] >= 3
+    # every search spans the same factor around its method's default
+    spans = {m: max(g) / min(g) for m, g in checked["lr_search"].items()}
+    assert len({round(v, 6) for v in spans.values()}) == 1
+
+
+def test_make_bench_passes_budget_and_seeds():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "MFLAGS"}   # not make test's
+    res = subprocess.run(["make", "-s", "-n", "bench", "BUDGET=5", "SEEDS=2"], capture_output=True, text=True,
+                         cwd=REPO, env=env)
+    line = next(ln for ln in res.stdout.splitlines() if "ups_lightning.bench" in ln)
+    assert "ups_lightning.bench" in line and "budget_min=5" in line and "seeds=[0,1]" in line
 
 
 def test_cli_reports_a_bad_setting_without_traceback(tmp_path):
@@ -212,38 +304,80 @@ def test_cli_reports_a_bad_setting_without_traceback(tmp_path):
     assert "error:" in res.stderr and "budget_min" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_bench_without_ours_writes_summary(tiny_burgers_file, tmp_path):
+def test_seed_statistics_and_winners_need_two_standard_errors():
+    from ups_lightning.bench.report import aggregate, mean_std, winners
+
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
+    assert mean_std([0.5])[1] == 0.0 and mean_std([])[2] == 0
+
+    def runs(method, values, guard=False):
+        return [{"method": method, "label": method.upper(), "guard": guard, "lr": 1e-3, "seed": i, "nrmse": v,
+                 "nrmse_1": v, "nrmse_10": v, "nrmse_31": v, "learned": True} for i, v in enumerate(values)]
+
+    clear = aggregate(runs("a", [0.10, 0.11, 0.12]) + runs("b", [0.20, 0.21, 0.22]))
+    text = winners(clear)
+    assert len(text) == 4 and all("**A wins**" in t for t in text)
+    close = aggregate(runs("a", [0.10, 0.15, 0.20]) + runs("b", [0.12, 0.17, 0.22]))
+    assert all("no clear winner" in t for t in winners(close))
+    # a method's guard variant is not its rival: A + guard vs B, not vs A
+    guarded = aggregate(runs("a", [0.10, 0.11, 0.12]) + runs("a", [0.13, 0.14, 0.15], guard=True)
+                        + runs("b", [0.10, 0.115, 0.13]))
+    assert all("no clear winner" in t and "B (" in t and "A + guard" not in t for t in winners(guarded))
+    one = aggregate(runs("a", [0.1]) + runs("b", [0.2]))
+    assert all("no winner is named" in t for t in winners(one))
+
+
+def test_bench_of_peers_writes_summary_and_reuses_models(tiny_burgers_file, tmp_path):
     from ups_lightning.bench import run_bench
 
     cfg = _bench_cfg("data=smoke", f"data.path={tiny_burgers_file}", "data.n_train=16", "data.n_val=4",
-                     "data.n_test=4", "budget_min=0.02", "skip_ours=true", "threads=1", f"out_dir={tmp_path}",
-                     "solver_grids=[16,32,64,128]", "fno.modes=8", "fno.batch_size=8")
+                     "data.n_test=4", "budget_min=0.02", "methods=[fno,unet]", "seeds=[0,1]",
+                     "lr_search.fno=[1e-3,3e-3]", "lr_search.unet=[1e-3,3e-3]", "lr_search.ours=[1e-3,3e-3]",
+                     "threads=1", f"out_dir={tmp_path}", "solver_grids=[16,32,64,128]", "fno.modes=8",
+                     "fno.batch_size=8", "unet.init_features=4", "unet.batch_size=8")
     out = run_bench(cfg, say=lambda *a: None)
-    methods = [r["method"] for r in out["rows"]]
-    assert methods[0].startswith("FNO") and "persistence" in methods
-    assert [m for m in methods if m.startswith("solver")] == ["solver 16 cells", "solver 32 cells", "solver 64 cells"]
+    for m in ("fno", "unet"):
+        trials, runs = out["results"][m]["trials"], out["results"][m]["runs"]
+        assert [t["lr"] for t in trials] == [1e-3, 3e-3] and sum(t["chosen"] for t in trials) == 1
+        chosen = next(t for t in trials if t["chosen"])
+        assert chosen["best_val_nrmse"] == min(t["best_val_nrmse"] for t in trials)   # chosen on val
+        assert sorted((r["seed"], r["guard"]) for r in runs) == [(0, False), (0, True), (1, False), (1, True)]
+        assert all(r["lr"] == chosen["lr"] and math.isfinite(r["nrmse"]) for r in runs)
+        assert {r["learned"] for r in runs} <= {True, False}
+    methods = [r["method"] for r in out["fixed"]]
+    assert methods == ["persistence", "solver 16 cells", "solver 32 cells", "solver 64 cells"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "mean ± std over 2 training seeds" in md and "Who wins" in md and "Learning-rate search" in md
+    assert "U-Net1d (PDEBench) + guard" in md and "FNO1d" in md
+    with open(tmp_path / "runs.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 8
     with open(tmp_path / "summary.csv") as fh:
-        read = list(csv.DictReader(fh))
-    assert len(read) == 5 and all(r["n_test"] == "4" for r in read)
-    assert (tmp_path / "summary.md").read_text().count("\n|") >= 6
-    # a second run reuses the finished FNO
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 + 4 and all(r["n_test"] == "4" for r in rows)
+    # a second run reuses every finished model
     out2 = run_bench(cfg, say=lambda *a: None)
-    assert out2["rows"][0]["nrmse"] == out["rows"][0]["nrmse"]
+    assert [r["nrmse"] for r in out2["results"]["fno"]["runs"]] == [r["nrmse"] for r in out["results"]["fno"]["runs"]]
 
 
 @pytest.mark.slow
 def test_bench_with_ours_on_smoke_data(smoke_data, tmp_path):
     from ups_lightning.bench import run_bench
 
-    cfg = _bench_cfg("data=smoke", f"data.root={smoke_data / 'data'}", "model=dim16", "budget_min=0.3",
-                     "threads=1", f"out_dir={tmp_path}", f"leaderboard={tmp_path / 'lb.csv'}",
-                     f"html={tmp_path / 'lb.html'}")
+    cfg = _bench_cfg("data=smoke", f"data.root={smoke_data / 'data'}", "model=dim8", "budget_min=0.1",
+                     "methods=[ours]", "seeds=[0,1]", "lr_search.ours=[1e-3,3e-3]", "lr_search.fno=[1e-3,3e-3]",
+                     "lr_search.unet=[1e-3,3e-3]", "threads=1", f"out_dir={tmp_path}",
+                     f"leaderboard={tmp_path / 'lb.csv'}", f"html={tmp_path / 'lb.html'}")
     out = run_bench(cfg, say=lambda *a: None)
-    methods = [r["method"] for r in out["rows"]]
-    assert "ours (plain)" in methods and "ours (TTC)" in methods
-    assert (tmp_path / "lb.csv").exists()
-    for r in out["rows"]:
-        assert math.isfinite(r["nrmse"])
+    trials = out["results"]["ours"]["trials"]
+    # the learning-rate trials share the first trial's autoencoder, bit for bit
+    ae = [Path(t["run_dir"]) / "autoencoder" / "done.json" for t in trials]
+    import json
+    assert len({json.loads(p.read_text())["ckpt_sha256"] for p in ae}) == 1
+    runs = out["results"]["ours"]["runs"]
+    assert len(runs) == 4 and all(math.isfinite(r["nrmse"]) for r in runs)
+    assert (tmp_path / "lb.csv").exists() and (tmp_path / "val_leaderboard.csv").exists()
+    with open(tmp_path / "lb.csv") as fh:
+        assert {r["split"] for r in csv.DictReader(fh)} == {"test"}
 
 
 def test_ttc_headroom_measures_candidates_against_plain_and_oracle(smoke_run, tmp_path):

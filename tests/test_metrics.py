@@ -190,9 +190,9 @@ def test_calibrated_ensemble_scores_calibrated():
     truth = centre + torch.randn(shape, generator=g, dtype=torch.float64)
     ens = centre[None] + torch.randn((M_, *shape), generator=g, dtype=torch.float64)
     assert M.spread_skill_ratio(ens, truth) == pytest.approx(1.0, abs=0.05)
-    # central interval of M exchangeable members: expected coverage ~ level (up to the finite-M bias)
-    assert M.coverage(ens, truth, 0.9) == pytest.approx(0.9 * (M_ - 1) / (M_ + 1), abs=0.03)
-    assert M.coverage(ens, truth, 0.5) == pytest.approx(0.5 * (M_ - 1) / (M_ + 1), abs=0.03)
+    # M exchangeable members: coverage ~ the nearest representable nominal level (19/21, 11/21)
+    assert M.coverage(ens, truth, 0.9) == pytest.approx(M.nearest_level(M_, 0.9)[1], abs=0.03)
+    assert M.coverage(ens, truth, 0.5) == pytest.approx(M.nearest_level(M_, 0.5)[1], abs=0.03)
     assert M.ece_coverage(ens, truth) < 0.08
     # an over-confident ensemble: low spread/skill, poor coverage, large ECE
     tight = centre[None] + 0.1 * torch.randn((M_, *shape), generator=g, dtype=torch.float64)

@@ -52,6 +52,27 @@ def test_all_stages_finish_and_log_physical_figures(smoke_run):
     assert {"val/nrmse_persistence", "val/nrmse_recon_floor"} <= set(records["operator"]["final_metrics"])
     assert {"val/nrmse_operator", "val/sample_spread"} <= set(records["diffusion"]["final_metrics"])
     assert {"val/teacher_nrmse", "val/teacher_spread"} <= set(records["distill"]["final_metrics"])
+    # ... and every record says whether the stage beat doing nothing (mean field / persistence)
+    assert records["autoencoder"]["trivial_metric"] == "val/nrmse_mean_field"
+    for name, rec in records.items():
+        assert rec["trivial_val_nrmse"] > 0 and rec["learned"] == (rec["best_val_nrmse"] < rec["trivial_val_nrmse"])
+        assert rec["num_threads"] >= 1
+    assert records["autoencoder"]["learned"]   # (the smoke operator need not beat persistence)
+
+
+def test_a_stage_that_learned_nothing_says_so(smoke_data, tmp_path, caplog):
+    """An autoencoder that cannot move in its budget (lr 1e-12, one epoch) does not beat the mean
+    field: its record says learned=false and the log says it loudly, naming the setting to raise."""
+    import logging
+
+    from ups_lightning.training import run
+
+    cfg = smoke_cfg(smoke_data, f"run_dir={tmp_path / 'run'}", "stage=autoencoder", "stages.autoencoder.lr=1e-12",
+                    "stages.autoencoder.max_epochs=1", "callbacks.progress_bar=none", "trainer.num_threads=1")
+    with caplog.at_level(logging.WARNING, logger="ups_lightning.training"):
+        rec = run(cfg)["autoencoder"]
+    assert rec["learned"] is False and rec["best_val_nrmse"] >= rec["trivial_val_nrmse"]
+    assert "STOPPED BEFORE IT LEARNED ANYTHING" in caplog.text and "stages.autoencoder.max_minutes" in caplog.text
 
 
 def test_reconstruction_improves_with_training(smoke_run):

@@ -41,6 +41,8 @@ class DataConfig:
     n_train: int = MISSING
     n_val: int = MISSING
     n_test: int = MISSING
+    split_layout: str = MISSING  # tail | pdebench: the rows of a file without a manifest (pdebench.open_dataset)
+    pdebench_test_ratio: float = MISSING  # split_layout=pdebench: test = the first int(N * ratio) rows, in (0, 1)
     reduced_resolution: int = MISSING
     reduced_resolution_t: int = MISSING
     initial_step: int = MISSING
@@ -260,6 +262,13 @@ def _check_data(data: DictConfig) -> None:
             raise UserError(f"data.members is set but data.pde={data.pde!r}: a mixed data config has "
                             "pde: mixed.")
         get_pde(data.pde)
+        from ups_lightning.data.pdebench import check_split_layout
+
+        unset = [k for k in ("split_layout", "pdebench_test_ratio") if OmegaConf.is_missing(data, k)]
+        if unset:   # a member of a mixed config (the top level is checked by _check_complete)
+            raise UserError(f"data={OmegaConf.select(data, 'name')} leaves {', '.join(unset)} unset; set "
+                            "it in its YAML under conf/data/ or on the command line (key=value).")
+        check_split_layout(data.split_layout, data.pdebench_test_ratio)
         if not data.path:
             raise UserError(f"data.path is not set for data={data.name}: name the PDEBench-layout file.")
         return

@@ -29,7 +29,7 @@ from rich.table import Table
 from ups_lightning.artifacts import DONE, load_stage, record_config, stage_dir, train_command, verified_chain
 from ups_lightning.config import STAGE_ORDER, validate_eval_config
 from ups_lightning.data.datamodule import check_frames, member_configs, resolve_params, unit_coords
-from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset
+from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset, split_options
 from ups_lightning.errors import UserError
 from ups_lightning.eval import leaderboard as lb
 from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench, nrmse_per_frame
@@ -118,8 +118,10 @@ def eval_data(d: DictConfig, path: Optional[str], split: Optional[str]) -> EvalD
                  if s in ("train", "val", "test")}
         sizes["n_train"] = max(1, sizes.get("n_train", 1))
     try:
+        # the run's split layout; another file's manifest (its frozen splits) rules over it
+        layout = split_options(d) if manifest is None else {}
         view = open_dataset(path, reduced_resolution=d.reduced_resolution,
-                            reduced_resolution_t=d.reduced_resolution_t, pde=d.pde, **sizes)
+                            reduced_resolution_t=d.reduced_resolution_t, pde=d.pde, **sizes, **layout)
     except UserError as exc:
         raise UserError(f"{exc} To score every row of {path} instead, pass split=all.") from None
     return EvalData(path, view.meta, torch.from_numpy(view.read(split)).float(), split)
@@ -337,7 +339,8 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
         for k in PER_METHOD:
             if k in m:
                 row[f"{name}_{k}"] = m[k]
-    for k in ("crps", "spread_skill", "coverage_50", "coverage_90", "ece"):
+    for k in ("crps", "spread_skill", "coverage_50", "coverage_90", "ece", "coverage_50_nominal",
+              "coverage_90_nominal"):
         if "ensemble" in metrics and k in metrics["ensemble"]:
             row[k] = metrics["ensemble"][k]
     row["solver_ms_per_traj"] = metrics["solver"]["ms_per_traj"]

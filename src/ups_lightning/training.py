@@ -43,6 +43,7 @@ log = logging.getLogger("ups_lightning.training")
 PROGRESS_BARS = {"rich": cb.RichProgressBar, "tqdm": cb.TQDMProgressBar, "none": None}
 ATTEMPTS = ".attempts"   # stages in training, one directory per stage and config hash
 LOCK = ".lock"           # held while a process trains in the run directory
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()   # before anything here changes it
 
 
 def finished_upstream(cfg: DictConfig, name: str, fix: str) -> Optional[Dict[str, Any]]:
@@ -199,6 +200,15 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
                         f"{cfg.stages[name].lr}) or check the data, then rerun.")
     if stopped:
         log.warning("stage %s: %s; its best checkpoint (val/nrmse %.4g) is kept", name, stopped, best_val)
+    trivial = trainer.callback_metrics.get(module.trivial_metric)
+    trivial = float(trivial) if trivial is not None else None
+    learned = None if trivial is None else best_val < trivial
+    if learned is False:
+        log.warning("stage %s STOPPED BEFORE IT LEARNED ANYTHING: its best val/nrmse %.4g does not beat "
+                    "doing nothing (%s %.4g) after %d epochs in %.0f s. Everything downstream inherits it; "
+                    "raise stages.%s.max_minutes (now %s) or free the CPU (%d torch threads).", name,
+                    best_val, module.trivial_metric, trivial, trainer.current_epoch, time.time() - start,
+                    name, cfg.stages[name].max_minutes, torch.get_num_threads())
     record = {
         "stage": name,
         "config_hash": config_hash,
@@ -206,6 +216,11 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
         "best_ckpt": str(best.resolve().relative_to(attempt.resolve())),   # Lightning reports it absolute
         "ckpt_sha256": digest,
         "best_val_nrmse": best_val,
+        # the stage's do-nothing figure (mean field / persistence) and whether the best beat it
+        "trivial_metric": module.trivial_metric,
+        "trivial_val_nrmse": trivial,
+        "learned": learned,
+        "num_threads": torch.get_num_threads(),
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         "wall_clock_s": wall,
         "epochs": trainer.current_epoch,
@@ -282,8 +297,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Dict[str,
     finished leaves no directory behind. `overrides` (the command line's) make the suggested
     commands keep the user's settings."""
     cfg = validate_train_config(cfg)
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    set_num_threads(cfg.trainer.num_threads)
     fix = preflight(cfg, overrides)
     run_dir = Path(cfg.run_dir)
     fresh = not run_dir.exists() or not any(run_dir.iterdir())
@@ -320,6 +334,43 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Dict[str,
         handler.close()
         if isinstance(lock, FileLock):
             lock.release()
+
+
+def free_cores(window_s: float = 0.5) -> int:
+    """Cores idle right now: this process's usable cores minus the busy share of all cores over
+    ``window_s`` seconds (Linux /proc/stat; elsewhere the usable cores)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def ticks() -> Optional[tuple]:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)   # total, idle + iowait
+    a = ticks()
+    time.sleep(window_s)
+    b = ticks()
+    if a is None or b is None or b[0] <= a[0]:
+        return usable
+    busy = (1.0 - (b[1] - a[1]) / (b[0] - a[0])) * (os.cpu_count() or usable)
+    return max(1, min(usable, round(usable - busy)))
+
+
+def set_num_threads(requested: Optional[int]) -> int:
+    """torch's intra-op threads: ``requested``, or (null) as many as cores are idle now, at most
+    torch's default. Threads on busy cores collapse (a rollout measured 55x slower when another
+    process shared the two cores), so a shared machine gets fewer threads. Logged."""
+    if requested:
+        torch.set_num_threads(int(requested))
+        log.info("torch threads: %d (trainer.num_threads)", requested)
+        return int(requested)
+    default = _TORCH_DEFAULT_THREADS
+    free = free_cores()
+    n = max(1, min(default, free))
+    torch.set_num_threads(n)
+    log.info("torch threads: %d (%d cores idle of %d, torch default %d; set trainer.num_threads to fix it)",
+             n, free, os.cpu_count() or 1, default)
+    return n
 
 
 def _launching_process() -> bool:

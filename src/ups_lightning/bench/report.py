@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ups_lightning.atomic import atomic_write_text
 
-__all__ = ["SUMMARY_COLUMNS", "TABLE_COLUMNS", "write_summary", "markdown_table", "add_equal_accuracy"]
+__all__ = ["SUMMARY_COLUMNS", "TABLE_COLUMNS", "write_summary", "markdown_table", "add_equal_accuracy",
+           "mean_std", "aggregate", "winners", "write_bench_summary"]
 
 SUMMARY_COLUMNS = (
     "method", "nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "crmse", "frmse_low", "frmse_mid",
@@ -107,3 +108,143 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Dict[str, Any]],
     md_path = out / "summary.md"
     atomic_write_text(md_path, "\n".join(md) + "\n")
     return {"csv": csv_path, "md": md_path}
+
+
+# --------------------------------------------------------------------------------------------
+# seeds: mean +- std per method and guard setting, winners by two standard errors
+# --------------------------------------------------------------------------------------------
+#: the columns a winner is named for (lower is better)
+WINNER_COLUMNS = (("nrmse", "nRMSE"), ("nrmse_1", "nRMSE@1"), ("nrmse_10", "nRMSE@10"), ("nrmse_31", "nRMSE@31"))
+AGG_COLUMNS = ("nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "crmse", "correlation_horizon", "nrmse_pdebench",
+               "mass_drift", "val_nrmse", "train_s", "rollout_ms_per_traj")
+
+
+def mean_std(values: Sequence[float]) -> tuple:
+    """(mean, sample standard deviation (n - 1; 0 for one value), n) of the finite values."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return math.nan, math.nan, 0
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, sd, len(v)
+
+
+def aggregate(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (method, guard): mean, std and n over seeds of AGG_COLUMNS (``<col>``,
+    ``<col>_std``), plus the seeds, the learning rate and how many models never learned."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], bool(r["guard"])), []).append(r)
+    out = []
+    for (method, guard), rs in groups.items():
+        row: Dict[str, Any] = {"method": f"{rs[0]['label']}{' + guard' if guard else ''}", "key": method,
+                               "guard": guard, "kind": "surrogate", "lr": rs[0]["lr"],
+                               "seeds": [r["seed"] for r in rs], "n_seeds": len(rs), "params": rs[0].get("params"),
+                               "not_learned": sum(1 for r in rs if r.get("learned") is False)}
+        for c in AGG_COLUMNS:
+            row[c], row[f"{c}_std"], _ = mean_std([r.get(c) for r in rs])
+        out.append(row)
+    return out
+
+
+def winners(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """For each WINNER_COLUMNS column, a sentence: the best row wins only where its gap to the best
+    row of another method (``key``; a method's guard variants do not compete with each other)
+    exceeds two standard errors of the difference, sqrt(sd_a^2/n_a + sd_b^2/n_b)."""
+    lines = []
+    for col, name in WINNER_COLUMNS:
+        ranked = sorted((r for r in rows if math.isfinite(r.get(col, math.nan))), key=lambda r: r[col])
+        rivals = [r for r in ranked[1:] if ranked and r["key"] != ranked[0]["key"]]
+        if not rivals:
+            continue
+        a, b = ranked[0], rivals[0]
+        se = math.sqrt(a[f"{col}_std"] ** 2 / a["n_seeds"] + b[f"{col}_std"] ** 2 / b["n_seeds"])
+        gap = b[col] - a[col]
+        if a["n_seeds"] < 2 or b["n_seeds"] < 2:
+            lines.append(f"{name}: {a['method']} is lowest ({a[col]:.4f} vs {b['method']} {b[col]:.4f}), but with "
+                         "one seed there is no error bar, so no winner is named.")
+        elif gap > 2 * se:
+            lines.append(f"{name}: **{a['method']} wins** ({a[col]:.4f} ± {a[col + '_std']:.4f} vs the next, "
+                         f"{b['method']}, {b[col]:.4f} ± {b[col + '_std']:.4f}: gap {gap:.4f} > 2 SE = {2 * se:.4f}; "
+                         f"{100 * gap / b[col]:.0f}% lower).")
+        else:
+            lines.append(f"{name}: no clear winner: {a['method']} ({a[col]:.4f} ± {a[col + '_std']:.4f}) and "
+                         f"{b['method']} ({b[col]:.4f} ± {b[col + '_std']:.4f}) are within two standard errors "
+                         f"(gap {gap:.4f} <= {2 * se:.4f}).")
+    return lines
+
+
+def _pm(row: Dict[str, Any], col: str, fmt: str = "{:.4f}") -> str:
+    m, sd = row.get(col), row.get(f"{col}_std")
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "-"
+    return fmt.format(m) + (f" ± {fmt.format(sd)}" if sd is not None and not math.isnan(sd) else "")
+
+
+def _csv(path: Path, rows: Sequence[Dict[str, Any]]) -> Path:
+    import io
+
+    cols = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("method", "lr", "seed", "guard"), k))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str, List[Dict[str, Any]]]],
+                        fixed: Sequence[Dict[str, Any]], solver_rows: Sequence[Dict[str, Any]],
+                        header: str, common: Dict[str, Any]) -> Dict[str, Path]:
+    """The benchmark's files: summary.md (aggregated table with error bars, winners in words, the
+    learning-rate search, persistence and solver rows), summary.csv (aggregated + fixed rows),
+    runs.csv (every scored model) and lr_search.csv (every trial)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [r for res in results.values() for r in res["runs"]]
+    trials = [t for res in results.values() for t in res["trials"]]
+    agg = aggregate(runs)
+    add_equal_accuracy(agg, solver_rows)
+    for r in list(agg) + list(fixed):
+        r.update(common)
+    n_seeds = max((r["n_seeds"] for r in agg), default=0)
+    md = [header, "", f"## Learned methods: mean ± std over {n_seeds} training seeds (test split)", "",
+          "| method | lr | nRMSE | @1 | @10 | @31 | val nRMSE | train s | rollout ms/traj | params | "
+          "solver at equal nRMSE | not learned |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in sorted(agg, key=lambda r: r["nrmse"]):
+        md.append(f"| {r['method']} | {r['lr']:g} | {_pm(r, 'nrmse')} | {_pm(r, 'nrmse_1')} | {_pm(r, 'nrmse_10')} | "
+                  f"{_pm(r, 'nrmse_31')} | {_pm(r, 'val_nrmse')} | {_pm(r, 'train_s', '{:.0f}')} | "
+                  f"{_pm(r, 'rollout_ms_per_traj', '{:.2f}')} | {_cell(r.get('params'), '{:,}')} | "
+                  f"{_cell(r.get('solver_grid_at_equal_nrmse'), '{}')} | {r['not_learned']} of {r['n_seeds']} |")
+    md += ["", "## Who wins (a gap must exceed two standard errors)", ""] + [f"- {w}" for w in winners(agg)]
+    flagged = [r for r in runs if r.get("learned") is False]
+    if flagged:
+        md += ["", "**Models that stopped before they beat their trivial reference** (persistence; the mean "
+               "field for our autoencoder): " + ", ".join(f"{r['method']} lr {r['lr']:g} seed {r['seed']}"
+                                                          for r in flagged if not r["guard"]) + "."]
+    md += ["", "## Learning-rate search (validation split, first seed)", "",
+           "| method | lr | val nRMSE | train s | learned | chosen |", "|---|---:|---:|---:|---|---|"]
+    for t in trials:
+        md.append(f"| {t['method']} | {t['lr']:g} | {t['best_val_nrmse']:.4f} | {t['train_s']:.0f} | "
+                  f"{'yes' if t['learned'] else '**no**'} | {'**chosen**' if t['chosen'] else ''} |")
+    md += ["", "## References (test split)", "", markdown_table(list(fixed)), "",
+           "- nRMSE and every metric: physical space, the predicted frames rolled out from the given ones "
+           "without teacher forcing, scored by ups_lightning.eval.metrics.all_metrics.",
+           "- guard: each predicted frame projected onto the invariants the last given frame fixes "
+           "(the equation spec's `project`: mass, bounds), for every method alike; ours re-encodes each "
+           "state in both settings (part of its rollout).",
+           "- val nRMSE: the rollout on the validation split (the figure the learning rate was chosen on), "
+           "without the guard. train s: the fit's wall-clock (ours: autoencoder + operator; the latent cache "
+           "is built outside the stage limits).",
+           "- Per-seed figures: runs.csv; every trial: lr_search.csv."]
+    md_path = out / "summary.md"
+    atomic_write_text(md_path, "\n".join(md) + "\n")
+    paths = {"md": md_path, "csv": _csv(out / "summary.csv", [
+        {k: v for k, v in r.items() if k != "seeds"} | {"seeds": " ".join(map(str, r["seeds"]))} for r in agg]
+        + list(fixed)),
+        "runs": _csv(out / "runs.csv", [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in runs]),
+        "lr_search": _csv(out / "lr_search.csv", [{k: v for k, v in t.items() if not isinstance(v, dict)}
+                                                  for t in trials])}
+    return paths

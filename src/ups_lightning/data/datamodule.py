@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from ups_lightning.data.cache import LatentCache
 from ups_lightning.data.contract import DataContract
-from ups_lightning.data.pdebench import DatasetView, Normalizer, open_dataset
+from ups_lightning.data.pdebench import DatasetView, Normalizer, open_dataset, split_options
 from ups_lightning.errors import UserError
 from ups_lightning.pdes import get_pde
 
@@ -81,7 +81,8 @@ def _open_member(data_cfg: Any, where: str) -> DatasetView:
            "n_test": "evaluation scores the test split"}
     counts = {k: _positive_int(k, getattr(data_cfg, k), w) for k, w in why.items()}
     return open_dataset(data_cfg.path, **counts, reduced_resolution=data_cfg.reduced_resolution,
-                        reduced_resolution_t=data_cfg.reduced_resolution_t, pde=data_cfg.pde)
+                        reduced_resolution_t=data_cfg.reduced_resolution_t, pde=data_cfg.pde,
+                        **split_options(data_cfg))
 
 
 def _pooled(norms: list, counts: list) -> Normalizer:

@@ -9,8 +9,11 @@ One HDF5 file (``tensor`` (N, nt, nx) float32, ``x-coordinate``, ``t-coordinate`
 equation's parameters as attributes named as PDEBench names them (each spec's ``Parameter.attrs``) and
 ``pde``; domain (0, 1)) plus ``<file>.manifest.json`` with the splits, seeds, solver settings, grid,
 training-split normalisation and generation time. Rows are [train | val | test]; split s row i is
-made from seed ``seed * 1_000_000 + offset[s] + i`` (offsets 0, 300_000, 600_000), so the splits
+made from seed ``seed * 1_000_000 + offset[s] + i`` (offsets 0, 300_000, 900_000), so the splits
 come from disjoint seed ranges and a split's trajectories do not change when another split grows.
+Split protocol v2 (benchmark.md section 1): the v1 test split (offset 600_000) was looked at while
+settings were chosen, so it is retired and its seed range [600_000, 900_000) is never drawn again;
+the small sets use ``seed: 1`` and the full sets ``seed: 0``, so no small row is a full row.
 
 Writes are atomic: the file is built at ``<target>.tmp-<pid>`` and moved into place with
 os.replace; on any error or Ctrl-C the temporary file is removed and the target left untouched.
@@ -41,14 +44,16 @@ from ups_lightning.pdes.initial import cell_centres
 from ups_lightning.data.pdebench import (MANIFEST_FORMAT, SPLITS, PDEBenchFile, compute_normalizer,
                                          load_manifest, manifest_path, write_manifest)
 
-__all__ = ["SEED_STRIDE", "SPLIT_SEED_OFFSETS", "split_seeds", "dataset_settings",
+__all__ = ["SEED_STRIDE", "SPLIT_SEED_OFFSETS", "RETIRED_SEED_OFFSETS", "split_seeds", "dataset_settings",
            "write_dataset", "remove_stale_temps", "run", "on_signal"]
 
 log = logging.getLogger(__name__)
 
 SEED_STRIDE = 1_000_000
-SPLIT_SEED_OFFSETS = {"train": 0, "val": 300_000, "test": 600_000}
-_MAX_PER_SPLIT = 300_000
+SPLIT_SEED_OFFSETS = {"train": 0, "val": 300_000, "test": 900_000}
+RETIRED_SEED_OFFSETS = {"test (v1)": 600_000}   # never drawn again: chosen on (benchmark.md v2)
+# rows a split can hold before its seeds run into the next split's (or the next seed's) range
+_SPLIT_CAPACITY = {"train": 300_000, "val": 300_000, "test": 100_000}
 # seed * SEED_STRIDE + offsets must stay inside int64
 _MAX_SEED = (np.iinfo(np.int64).max - SEED_STRIDE) // SEED_STRIDE
 
@@ -99,9 +104,9 @@ def dataset_settings(*, pde, params, nx, nt, t_max, seed, n_train, n_val=0, n_te
     }
     if "cfl" in spec.solver_settings:
         s["cfl"] = spec.solver_settings["cfl"]
-    for k in ("n_train", "n_val", "n_test"):
-        if s[k] > _MAX_PER_SPLIT:
-            raise UserError(f"setting {k}={s[k]}: at most {_MAX_PER_SPLIT} rows per split (the "
+    for split, cap in _SPLIT_CAPACITY.items():
+        if s[f"n_{split}"] > cap:
+            raise UserError(f"setting n_{split}={s[f'n_{split}']}: at most {cap} {split} rows (the "
                             f"splits' seed ranges would overlap).")
     if s["n_train"] + s["n_val"] + s["n_test"] < 1:
         raise UserError("settings n_train + n_val + n_test (or n_samples) must be at least 1.")
@@ -262,6 +267,7 @@ def write_dataset(
             "splits": splits,
             "seeds": {"rule": "row i of split s: seed * 1_000_000 + offset[s] + i",
                       "seed": settings["seed"], "offsets": dict(SPLIT_SEED_OFFSETS),
+                      "retired_offsets": dict(RETIRED_SEED_OFFSETS),
                       **{s: {"start": int(seeds_by_split[s][0]) if counts[s] else None,
                              "stop": int(seeds_by_split[s][-1]) + 1 if counts[s] else None}
                          for s in SPLITS}},

@@ -42,12 +42,22 @@ __all__ = [
     "write_manifest",
     "DatasetView",
     "open_dataset",
+    "check_split_layout",
+    "split_options",
+    "SPLIT_LAYOUTS",
     "MANIFEST_FORMAT",
+    "RETIRED_MANIFEST_FORMATS",
     "SPLITS",
 ]
 
-MANIFEST_FORMAT = "ups_lightning.manifest/1"
+# /2: split protocol v2 (a fresh test split; data/generation.py). A /1 manifest's test split was used
+# to choose settings: such a file is refused, never scored.
+MANIFEST_FORMAT = "ups_lightning.manifest/2"
+RETIRED_MANIFEST_FORMATS = ("ups_lightning.manifest/1",)
 SPLITS = ("train", "val", "test")
+# rows of a file without a manifest (data.split_layout): tail = train, val from the start, test the
+# last rows; pdebench = PDEBench's own loaders (test the first int(N * test_ratio) rows)
+SPLIT_LAYOUTS = ("tail", "pdebench")
 _GENERATE_HINT = ("Make it with `python -m ups_lightning.data.generate data=<name>` (`make data` "
                   "makes every small set), or point data.path at your PDEBench file")
 _BLOCK_BYTES = 128 * 1024 * 1024     # at most this much raw data per read block
@@ -496,6 +506,12 @@ def load_manifest(data_path: str | os.PathLike) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"manifest {str(mp)!r} is not valid JSON ({exc}); delete it or "
                         f"regenerate the data with force=true.") from None
+    if isinstance(manifest, dict) and manifest.get("format") in RETIRED_MANIFEST_FORMATS:
+        raise UserError(f"{str(data_path)!r} was made with the retired v1 splits (manifest format "
+                        f"{manifest['format']!r}): its test split was used to choose settings, so it "
+                        f"is never scored again. Remake it with the v2 splits (a fresh test split): "
+                        f"python -m ups_lightning.data.generate data=<its data config> force=true, or "
+                        f"delete the file and its manifest (training makes a missing file itself).")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise UserError(f"manifest {str(mp)!r} has no 'splits' mapping; delete it or regenerate "
                         f"the data with force=true.")
@@ -579,6 +595,44 @@ def _count(name: str, value: Any) -> int:
     return int(value)
 
 
+def check_split_layout(layout: Any, test_ratio: Any) -> tuple[str, float]:
+    """``(data.split_layout, data.pdebench_test_ratio)`` checked: a layout of SPLIT_LAYOUTS and a
+    ratio strictly between 0 and 1 (PDEBench's ``test_ratio``); else a UserError naming the key."""
+    if not isinstance(layout, str) or layout not in SPLIT_LAYOUTS:
+        raise UserError(f"setting data.split_layout={layout!r} is not a split layout: expected 'tail' "
+                        f"(train and val the first rows, test the last rows; the default) or "
+                        f"'pdebench' (PDEBench's own loaders: test the first int(N * "
+                        f"data.pdebench_test_ratio) rows, val and train after them). It only applies "
+                        f"to a file without a manifest.")
+    ok = (isinstance(test_ratio, (int, float, np.integer, np.floating)) and not isinstance(test_ratio, bool)
+          and np.isfinite(test_ratio) and 0.0 < float(test_ratio) < 1.0)
+    if not ok:
+        raise UserError(f"setting data.pdebench_test_ratio={test_ratio!r} is out of range: expected a "
+                        f"number strictly between 0 and 1, the fraction of a file's rows PDEBench keeps "
+                        f"as its test set (its test_ratio; 0.1 in PDEBench's loaders).")
+    return layout, float(test_ratio)
+
+
+def split_options(data_cfg: Any) -> dict:
+    """The split-layout keywords of ``open_dataset`` that a data config sets (``split_layout``,
+    ``pdebench_test_ratio``); a config without them (built by hand) gets open_dataset's own."""
+    out = {}
+    for key in ("split_layout", "pdebench_test_ratio"):
+        value = getattr(data_cfg, key, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _overlap(splits: dict[str, np.ndarray]) -> tuple[str, str] | None:
+    """The first two splits that share a row, or None when they are disjoint."""
+    for a in SPLITS:
+        for b in SPLITS:
+            if a < b and np.intersect1d(splits[a], splits[b]).size:
+                return a, b
+    return None
+
+
 def open_dataset(
     path: str | os.PathLike,
     *,
@@ -588,23 +642,42 @@ def open_dataset(
     reduced_resolution: int = 1,
     reduced_resolution_t: int = 1,
     pde: str | None = None,
+    split_layout: str = "tail",
+    pdebench_test_ratio: float = 0.1,
 ) -> DatasetView:
     """Open ``path`` with frozen, disjoint splits and the training split's normaliser.
 
-    With a manifest beside the file, splits are its index ranges (the first n of each). Without
-    one: train = rows [0, n_train), val = [n_train, n_train + n_val), test = the LAST n_test rows
-    (PDEBench keeps its test set at the end).
+    With a manifest beside the file (the project's own data), splits are its index ranges (the
+    first n of each), whatever the layout: ``split_layout="pdebench"`` is refused there. Without
+    one, ``split_layout`` says which rows (N = the file's rows):
+
+    * ``"tail"``: train = rows [0, n_train), val = [n_train, n_train + n_val), test = the LAST
+      n_test rows.
+    * ``"pdebench"``: PDEBench's own loaders (FNODatasetSingle, UNetDatasetSingle: test_idx =
+      int(N * test_ratio) with every row used) keep rows [0, k), k = int(N * pdebench_test_ratio),
+      as their test set and train on [k, N). Here test = rows [0, n_test), the first n_test of
+      PDEBench's k test rows (n_test <= k, else a UserError; n_test = k is PDEBench's whole test
+      set), val = [k, k + n_val) and train = [k + n_val, k + n_val + n_train): both inside
+      PDEBench's training rows, so validation never looks at PDEBench's test trajectories, and a
+      score on the test split is on the trajectories published PDEBench tables use.
     """
     n_train, n_val, n_test = (_count(k, v) for k, v in
                               (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)))
     if n_train < 1:
         raise UserError(f"setting data.n_train={n_train}: need at least one training trajectory.")
+    split_layout, pdebench_test_ratio = check_split_layout(split_layout, pdebench_test_ratio)
     with PDEBenchFile(path, reduced_resolution, reduced_resolution_t, pde) as f:
         meta = f.meta
         n = meta.n_samples
         manifest = load_manifest(path)
         wanted = {"train": n_train, "val": n_val, "test": n_test}
         splits: dict[str, np.ndarray] = {}
+        if manifest is not None and split_layout == "pdebench":
+            raise UserError(f"setting data.split_layout=pdebench, but {str(path)!r} has a manifest "
+                            f"({str(manifest_path(path))!r}): a file this project made keeps the "
+                            f"frozen splits its manifest records, never re-split. Use "
+                            f"data.split_layout=tail (which reads the manifest), or point data.path "
+                            f"at a released PDEBench file (no manifest beside it).")
         if manifest is not None:
             mp = manifest_path(path)
             size = os.path.getsize(path)
@@ -628,11 +701,28 @@ def open_dataset(
                                     f"{n} rows of {str(path)!r}.")
                 start = 0 if rng is None else rng["start"]
                 splits[name] = np.arange(start, start + k, dtype=np.int64)
-            for a in SPLITS:
-                for b in SPLITS:
-                    if a < b and np.intersect1d(splits[a], splits[b]).size:
-                        raise UserError(f"manifest {str(mp)!r}: splits {a!r} and {b!r} overlap.")
+            both = _overlap(splits)
+            if both is not None:
+                raise UserError(f"manifest {str(mp)!r}: splits {both[0]!r} and {both[1]!r} overlap.")
             source = "manifest"
+        elif split_layout == "pdebench":
+            k = int(n * pdebench_test_ratio)    # PDEBench: test_idx = int(num_samples_max * test_ratio)
+            if n_test > k:
+                raise UserError(f"setting data.n_test={n_test} but PDEBench's layout of {str(path)!r} "
+                                f"({n} rows, data.pdebench_test_ratio={pdebench_test_ratio:g}) holds "
+                                f"{k} test rows ({f'rows 0..{k - 1}' if k else 'none'}); lower "
+                                f"data.n_test to at most {k} (the first n_test of them are scored), "
+                                f"or raise data.pdebench_test_ratio.")
+            if k + n_val + n_train > n:
+                raise UserError(f"{str(path)!r} has {n} rows, {n - k} of them PDEBench training rows "
+                                f"(rows {k}..{n - 1}; the first {k} are its test set), but data.n_val="
+                                f"{n_val} + n_train={n_train} = {n_val + n_train} are asked for; lower "
+                                f"them so that val and train stay inside PDEBench's training rows.")
+            splits = {"train": np.arange(k + n_val, k + n_val + n_train, dtype=np.int64),
+                      "val": np.arange(k, k + n_val, dtype=np.int64),
+                      "test": np.arange(0, n_test, dtype=np.int64)}
+            source = (f"PDEBench layout (its test set: the first {100 * pdebench_test_ratio:g}% of "
+                      f"rows, [0, {k}) of {n})")
         else:
             total = n_train + n_val + n_test
             if total > n:
@@ -643,6 +733,9 @@ def open_dataset(
                       "val": np.arange(n_train, n_train + n_val, dtype=np.int64),
                       "test": np.arange(n - n_test, n, dtype=np.int64)}
             source = "index ranges"
+        both = _overlap(splits)
+        if both is not None:    # by construction never; checked so that no layout can leak rows
+            raise UserError(f"{str(path)!r}: splits {both[0]!r} and {both[1]!r} overlap ({source}).")
         norm = _manifest_norm(manifest, splits["train"], f.rr, f.rr_t)
         if norm is None:
             norm = compute_normalizer(f, splits["train"])

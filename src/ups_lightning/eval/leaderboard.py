@@ -118,8 +118,8 @@ _NUMERIC_COLUMNS = frozenset((
     "steps", "n_test", "dim", "n_tokens", "params", "nrmse", "nrmse_1", "nrmse_10", "nrmse_31",
     "nrmse_pdebench", "rmse", "crmse", "brmse", "max_err", "frmse_low", "frmse_mid", "frmse_high",
     "mass_drift", "energy_increase", "tv_increase", "correlation_horizon", "crps", "spread_skill",
-    "coverage_50", "coverage_90", "ece", "rollout_ms_per_traj", "rollout_ms_per_step",
-    "solver_ms_per_traj", "ttc_gain_nrmse", "ttc_cost_ratio", "peak_rss_mb"))
+    "coverage_50", "coverage_90", "coverage_50_nominal", "coverage_90_nominal", "ece", "rollout_ms_per_traj",
+    "rollout_ms_per_step", "solver_ms_per_traj", "ttc_gain_nrmse", "ttc_cost_ratio", "peak_rss_mb"))
 _NUMERIC_PREFIXES = ("params_", "train_s_", "val_nrmse_")
 
 

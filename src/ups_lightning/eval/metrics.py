@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Iterable, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 import torchmetrics
@@ -70,6 +70,10 @@ __all__ = [
     "correlation_horizon",
     "crps_ensemble",
     "spread_skill_ratio",
+    "ensemble_levels",
+    "nearest_level",
+    "interval_coverage",
+    "coverage_curve",
     "coverage",
     "ece_coverage",
     "RolloutMetrics",
@@ -471,34 +475,80 @@ def spread_skill_ratio(ens: Tensor, true: Tensor) -> float:
     return float(math.sqrt((M + 1) / M) * spread / skill)
 
 
-def _sorted_quantile(xs: Tensor, q: float) -> Tensor:
-    """Quantile along dim 0 of already sorted members, linear interpolation (numpy's default)."""
-    M = xs.shape[0]
-    pos = q * (M - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, M - 1)
-    w = pos - lo
-    return xs[lo] * (1.0 - w) + xs[hi] * w
+def ensemble_levels(M: int) -> list[float]:
+    """Nominal levels an ensemble of ``M`` members can represent, widest first.
+
+    Interval i (i = 1..M // 2) runs from the i-th smallest to the i-th largest member. Under perfect
+    calibration the truth's rank among the members is uniform on {0..M} and lies in interval i iff
+    i <= rank <= M - i, so its nominal level is (M + 1 - 2 i) / (M + 1): 7/9, 5/9, 3/9, 1/9 for M = 8.
+    Other levels (0.5, 0.9) would need interpolated quantiles whose coverage is biased at finite M."""
+    M = int(M)
+    if M < 2:
+        raise ValueError(f"calibration needs an ensemble of at least 2 members, got M={M}")
+    return [(M + 1 - 2 * i) / (M + 1) for i in range(1, M // 2 + 1)]
 
 
-def coverage(ens: Tensor, true: Tensor, level: float = 0.9, _sorted: Tensor | None = None) -> float:
-    """Empirical coverage of the central ``level`` interval [q_{(1-level)/2}, q_{(1+level)/2}] of the
-    ensemble members (linear-interpolated quantiles over members, per point): the fraction of points
-    whose truth lies inside (bounds included)."""
+def nearest_level(M: int, level: float) -> tuple[int, float]:
+    """(i, nominal level) of the representable interval of :func:`ensemble_levels` whose nominal level
+    is nearest ``level``; an exact tie goes to the wider interval (smaller i)."""
+    levels = ensemble_levels(M)
+    # distance in units of 1/(M+1), rounded so that float noise cannot break exact ties
+    i = min(range(1, len(levels) + 1), key=lambda k: (round(abs((M + 1 - 2 * k) - level * (M + 1)), 9), k))
+    return i, levels[i - 1]
+
+
+def _truth_ranks(ens: Tensor, true: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Per point: members strictly below the truth (L), members equal to it (E), and M."""
     e, t = _ens_pair(ens, true)
-    xs = e.sort(dim=0).values if _sorted is None else _sorted
-    lo = _sorted_quantile(xs, (1.0 - level) / 2.0)
-    hi = _sorted_quantile(xs, (1.0 + level) / 2.0)
-    return float(((t >= lo) & (t <= hi)).to(torch.float64).mean())
+    M = e.shape[0]
+    ensemble_levels(M)   # the M < 2 check
+    below = (e < t.unsqueeze(0)).sum(0)
+    equal = (e == t.unsqueeze(0)).sum(0)
+    return below, equal, M
 
 
-def ece_coverage(ens: Tensor, true: Tensor, levels: Iterable[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> float:
-    """Coverage calibration error: mean over ``levels`` of |empirical coverage - nominal level| of the
-    central intervals (see :func:`coverage`). 0 is perfectly calibrated."""
-    e, t = _ens_pair(ens, true)
-    xs = e.sort(dim=0).values
-    levels = list(levels)
-    return float(sum(abs(coverage(e, t, lv, _sorted=xs) - lv) for lv in levels) / len(levels))
+def _rank_coverage(below: Tensor, equal: Tensor, M: int, i: int) -> float:
+    # rank with ties broken at random is uniform on {L..L+E}; the expected hit of {i..M-i} is the
+    # overlap / (E + 1), so ties neither inflate nor deflate coverage (E = 0: the plain rank test)
+    hi = torch.clamp(below + equal, max=M - i)
+    lo = torch.clamp(below, min=i)
+    hits = (hi - lo + 1).clamp(min=0).to(torch.float64) / (equal + 1).to(torch.float64)
+    return float(hits.mean())
+
+
+def interval_coverage(ens: Tensor, true: Tensor, i: int) -> float:
+    """Empirical coverage of interval ``i`` (i-th smallest to i-th largest member, 1 <= i <= M // 2),
+    nominal level ``ensemble_levels(M)[i - 1]``.
+
+    The truth is inside iff its rank (members strictly below it) is in {i..M-i}; members equal to
+    the truth count as a uniformly random tie-break (expected value, deterministic), so ties do not
+    bias the result. Raises ValueError for M < 2 or i out of range."""
+    below, equal, M = _truth_ranks(ens, true)
+    if not 1 <= int(i) <= M // 2:
+        raise ValueError(f"interval i={i} out of range 1..{M // 2} for M={M} members")
+    return _rank_coverage(below, equal, M, int(i))
+
+
+def coverage_curve(ens: Tensor, true: Tensor) -> list[tuple[float, float]]:
+    """(nominal, empirical) coverage of every representable interval, widest first."""
+    below, equal, M = _truth_ranks(ens, true)
+    return [(lv, _rank_coverage(below, equal, M, i)) for i, lv in enumerate(ensemble_levels(M), start=1)]
+
+
+def coverage(ens: Tensor, true: Tensor, level: float = 0.9) -> float:
+    """Empirical coverage of the representable interval whose nominal level is nearest ``level``
+    (:func:`nearest_level`; e.g. 7/9 for level 0.9 and M = 8). Compare it with that nominal level,
+    not with ``level``: M members cannot represent arbitrary levels without bias."""
+    e = torch.as_tensor(ens)
+    return interval_coverage(ens, true, nearest_level(e.shape[0], level)[0])
+
+
+def ece_coverage(ens: Tensor, true: Tensor) -> float:
+    """Coverage calibration error: mean over the representable levels (:func:`ensemble_levels`) of
+    |empirical coverage - nominal level|. 0 is perfectly calibrated; it uses only levels M members
+    can represent, so a calibrated ensemble is not charged a finite-M bias."""
+    curve = coverage_curve(ens, true)
+    return float(sum(abs(emp - lv) for lv, emp in curve) / len(curve))
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +636,10 @@ def all_metrics(pred: Tensor, true: Tensor, dx: float | None = None, domain_leng
     ``pred``/``true``: predicted frames only (B, T, *S[, C]); ``u0``: the last given frame
     (B, *S[, C]), the reference of the physics metrics (else the first predicted frame is); ``dx``
     (cell size; area in 2D) defaults to ``prod(domain_length / n)``; ``ens`` (M, B, T, *S[, C]) adds
-    ``crps, spread_skill, coverage_50, coverage_90, ece``. The per-frame curve is
+    ``crps, spread_skill, coverage_50, coverage_90, ece`` and ``coverage_50_nominal``,
+    ``coverage_90_nominal``: coverage_50/90 are the coverages of the representable intervals whose
+    nominal levels (:func:`ensemble_levels`, e.g. 5/9 and 7/9 for M = 8) are nearest 0.5/0.9, and the
+    ``_nominal`` keys are those levels (all nan for one member). The per-frame curve is
     :func:`nrmse_per_frame`, the per-channel figures :func:`nrmse_per_channel`."""
     p, t = _pair(pred, true)
     spatial = p.shape[2:-1]
@@ -606,7 +659,12 @@ def all_metrics(pred: Tensor, true: Tensor, dx: float | None = None, domain_leng
             e = e.unsqueeze(-1)
         out["crps"] = crps_ensemble(e, t)
         out["spread_skill"] = spread_skill_ratio(e, t)
-        out["coverage_50"] = coverage(e, t, 0.5)
-        out["coverage_90"] = coverage(e, t, 0.9)
-        out["ece"] = ece_coverage(e, t)
+        if e.shape[0] >= 2:
+            for key, level in (("coverage_50", 0.5), ("coverage_90", 0.9)):
+                i, out[f"{key}_nominal"] = nearest_level(e.shape[0], level)
+                out[key] = interval_coverage(e, t, i)
+            out["ece"] = ece_coverage(e, t)
+        else:   # one member: no interval, no calibration (as spread_skill)
+            for key in ("coverage_50", "coverage_50_nominal", "coverage_90", "coverage_90_nominal", "ece"):
+                out[key] = math.nan
     return out

@@ -15,6 +15,8 @@ def _ema_keeping_constants(decay: float) -> Callable[[torch.Tensor, torch.Tensor
         # frozen upstream networks would drift by an ulp per step, and with them the cache key.
         if torch.equal(averaged, current):
             return averaged
+        if not averaged.is_floating_point():   # counters (BatchNorm's num_batches_tracked): the model's
+            return current
         return averaged.lerp(current, 1.0 - decay)
 
     return avg

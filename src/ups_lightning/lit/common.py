@@ -49,7 +49,54 @@ def lr_factor(step: int, total: int, time_progress: float, warmup_ratio: float, 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * q))
 
 
-class StageModule(L.LightningModule):
+def relative_mse(pred: torch.Tensor, target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """MSE with each sample's error divided by its ``reference`` field's mean square (weights
+    normalised over the batch), as nRMSE weighs samples: without it large-amplitude fields dominate
+    the loss and small ones the metric. The relative loss of our operator and of the peers."""
+    per_sample = (pred - target).pow(2).flatten(1).mean(1)
+    w = 1.0 / reference.pow(2).flatten(1).mean(1).clamp_min(1e-8)
+    return (per_sample * w).sum() / w.sum()
+
+
+class ScheduledAdamW:
+    """Mixin for a LightningModule with ``self.lr`` and ``self.optim_cfg`` (conf/optim): AdamW (no
+    decay on biases and norms), linear warm-up then cosine/constant LR per step, fitted to the
+    stage's wall-clock limit (``lr_factor``). Every learned method of the benchmark trains with it:
+    our stages and the peers (bench/peers.py), so none gets a better schedule than another."""
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim_cfg["weight_decay"]},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=tuple(self.optim_cfg["betas"]),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        settings = dict(total=total, warmup_ratio=self.optim_cfg["warmup_ratio"],
+                        floor=self.optim_cfg["min_lr_ratio"], cosine=self.optim_cfg["schedule"] == "cosine")
+
+        def factor(step: int) -> float:
+            return lr_factor(step, time_progress=self._time_progress(), **settings)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _time_progress(self) -> float:
+        """Fraction of the stage's wall-clock limit (Lightning's Timer) used so far; 0 without one."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, Timer):
+                remaining = callback.time_remaining("train")
+                if remaining is None:
+                    return 0.0
+                elapsed = callback.time_elapsed("train")
+                return elapsed / max(elapsed + remaining, 1e-9)
+        return 0.0
+
+
+class StageModule(ScheduledAdamW, L.LightningModule):
     """Base class: AdamW with warm-up + cosine/constant LR (per step), physical-space helpers.
 
     Every stage is built as ``Stage(model_cfg, optim_cfg, stages_cfg, data)``: the model, optimiser
@@ -64,6 +111,9 @@ class StageModule(L.LightningModule):
 
     name: str = ""
     upstream: Optional[str] = None
+    # the validation figure of doing nothing useful (logged by the stage): a stage whose best
+    # val/nrmse does not beat it stopped before it learned anything (training.run_stage says so)
+    trivial_metric: str = "val/nrmse_persistence"
 
     def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
                  data: Dict[str, Any], latent_dim: Optional[int] = None) -> None:
@@ -98,38 +148,6 @@ class StageModule(L.LightningModule):
     def decode_latent(self, autoencoder: Autoencoder, z_normalised: torch.Tensor) -> torch.Tensor:
         """Normalised latent -> normalised field on the data grid."""
         return autoencoder.decode(z_normalised * self.latent_std + self.latent_mean, self.x)
-
-    # --- optimisation --------------------------------------------------------------------------
-    def configure_optimizers(self) -> Dict[str, Any]:
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.optim_cfg["weight_decay"]},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr, betas=tuple(self.optim_cfg["betas"]),
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        settings = dict(total=total, warmup_ratio=self.optim_cfg["warmup_ratio"],
-                        floor=self.optim_cfg["min_lr_ratio"], cosine=self.optim_cfg["schedule"] == "cosine")
-
-        def factor(step: int) -> float:
-            return lr_factor(step, time_progress=self._time_progress(), **settings)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def _time_progress(self) -> float:
-        """Fraction of the stage's wall-clock limit (Lightning's Timer) used so far; 0 without one."""
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, Timer):
-                remaining = callback.time_remaining("train")
-                if remaining is None:
-                    return 0.0
-                elapsed = callback.time_elapsed("train")
-                return elapsed / max(elapsed + remaining, 1e-9)
-        return 0.0
 
     def log_val_nrmse(self, pred_phys: torch.Tensor, true_phys: torch.Tensor) -> None:
         self.val_nrmse.update(sample_nrmse(pred_phys, true_phys))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from ups_lightning.data.contract import DataContract
-from ups_lightning.lit.common import StageModule, build_autoencoder, freeze, sample_nrmse
+from ups_lightning.lit.common import StageModule, build_autoencoder, freeze, relative_mse, sample_nrmse
 from ups_lightning.models.diffusion import ConsistencyStudent, ResidualFlow, consistency_distillation_loss
 from ups_lightning.models.operator import PDETransformer
 from ups_lightning.models.sizes import model_sizes
@@ -47,6 +47,7 @@ class AutoencoderModule(StageModule):
     validated by reconstruction nRMSE in physical units."""
 
     name, upstream = "autoencoder", None
+    trivial_metric = "val/nrmse_mean_field"
 
     def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
                  data: Dict[str, Any]) -> None:
@@ -54,6 +55,7 @@ class AutoencoderModule(StageModule):
         self.save_hyperparameters()
         self.autoencoder = build_autoencoder(model_cfg, self.contract)
         self.n_query = self.settings["n_query"]
+        self.val_mean_field = MeanMetric()
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         u = batch["u"]
@@ -72,7 +74,11 @@ class AutoencoderModule(StageModule):
         u = batch["u"]
         recon = self.autoencoder(u, self.x)
         self.log("val/loss", F.mse_loss(recon, u), on_epoch=True)
-        self.log_val_nrmse(self.physical(recon), self.physical(u))
+        true = self.physical(u)
+        self.log_val_nrmse(self.physical(recon), true)
+        # doing nothing useful: the training split's mean field
+        self.val_mean_field.update(sample_nrmse(self.physical(torch.zeros_like(u)), true))
+        self.log("val/nrmse_mean_field", self.val_mean_field, on_epoch=True)
 
 
 class _LatentStage(StageModule):
@@ -82,6 +88,12 @@ class _LatentStage(StageModule):
                  data: Dict[str, Any]) -> None:
         super().__init__(model_cfg, optim_cfg, stages_cfg, data, latent_dim=model_cfg["dim"])
         self.autoencoder = freeze(build_autoencoder(model_cfg, self.contract))
+        self.val_persistence = MeanMetric()
+
+    def log_persistence(self, u: torch.Tensor) -> None:
+        """The one-step nRMSE of persistence (u_{t+1} = u_t), the latent stages' trivial figure."""
+        self.val_persistence.update(sample_nrmse(self.physical(u[:, 0]), self.physical(u[:, 1])))
+        self.log("val/nrmse_persistence", self.val_persistence, on_epoch=True)
 
     def decode_phys(self, z: torch.Tensor) -> torch.Tensor:
         return self.physical(self.decode_latent(self.autoencoder, z))
@@ -110,7 +122,6 @@ class OperatorModule(_LatentStage):
         super().__init__(model_cfg, optim_cfg, stages_cfg, data)
         self.save_hyperparameters()
         self.operator = build_operator(model_cfg, self.contract)
-        self.val_persistence = MeanMetric()
         self.val_recon = MeanMetric()
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -140,9 +151,7 @@ class OperatorModule(_LatentStage):
         physical field's mean square (normalised over the batch), as the nRMSE metric weighs it."""
         if not self.settings["relative_loss"]:
             return F.mse_loss(pred, target)
-        per_sample = (pred - target).pow(2).flatten(1).mean(1)
-        w = 1.0 / self.physical(u_target).pow(2).flatten(1).mean(1).clamp_min(1e-8)
-        return (per_sample * w).sum() / w.sum()
+        return relative_mse(pred, target, self.physical(u_target))
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         z, u = batch["z"], batch["u"]
@@ -151,9 +160,8 @@ class OperatorModule(_LatentStage):
         true = self.physical(u[:, 1])
         self.log_val_nrmse(self.decode_phys(pred), true)
         # the two references a user needs to judge the stage: doing nothing, and the decoder's floor
-        self.val_persistence.update(sample_nrmse(self.physical(u[:, 0]), true))
+        self.log_persistence(u)
         self.val_recon.update(sample_nrmse(self.decode_phys(z[:, 1]), true))
-        self.log("val/nrmse_persistence", self.val_persistence, on_epoch=True)
         self.log("val/nrmse_recon_floor", self.val_recon, on_epoch=True)
 
 
@@ -203,6 +211,7 @@ class _ResidualStage(_LatentStage):
         self.log_val_nrmse(a, true)
         self.val_operator.update(sample_nrmse(self.decode_phys(z_pred), true))
         self.val_spread.update(sample_nrmse(a, b))  # distinct samples: > 0
+        self.log_persistence(u)
         self.log("val/nrmse_operator", self.val_operator, on_epoch=True)
         self.log("val/sample_spread", self.val_spread, on_epoch=True)
 
