@@ -267,14 +267,14 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> str:
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file.")
     fix = train_command(cfg.run_dir, cfg, overrides)
-    _ensure_data(cfg, overrides)
+    ensure_data(cfg, overrides)
     open_run_data(cfg.data)   # checks the files, split sizes, parameters, frames against initial_step
     first = next(name for name in STAGE_ORDER if name in cfg.stage.run)
     finished_upstream(cfg, first, fix)
     return fix
 
 
-def _ensure_data(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> None:
+def ensure_data(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> None:
     """The data config's own files are generated when missing (seconds for the small sets); a file
     the user named with data.path= (or data.members.<m>.path=) is never made up."""
     from ups_lightning.data.datamodule import member_configs

@@ -414,11 +414,11 @@ def run_method(b: Bench, method: str) -> Dict[str, List[Dict[str, Any]]]:
 # the benchmark
 # --------------------------------------------------------------------------------------------
 def _ensure_data(cfg: Any, checked: Dict[str, Any]) -> None:
-    """`make bench` from nothing: the data config's own file is generated when missing."""
-    from ups_lightning.training import _ensure_data as ensure
+    """`make bench` from nothing: the data config's own file is generated when missing (a file the
+    user named with data.path= is never made up: training's rule, given the command's overrides)."""
+    from ups_lightning.training import command_overrides, ensure_data
 
-    overrides = [f"data.path={cfg.data.path}"] if cfg.get("data_path_given") else []
-    ensure(compose_train_config(cfg, checked, Path(cfg.out_dir) / "runs" / "_", seed=0), overrides)
+    ensure_data(compose_train_config(cfg, checked, Path(cfg.out_dir) / "runs" / "_", seed=0), command_overrides())
 
 
 def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
