@@ -227,6 +227,7 @@ def test_config_errors_are_one_paragraph_not_tracebacks(smoke_data):
     assert no_key.returncode != 0 and "precison" in no_key.stderr and "Traceback" not in no_key.stderr
 
 
+@pytest.mark.slow   # ~50 s; tests/test_trust.py checks a killed and resumed stage bit for bit in the default suite
 def test_resume_after_a_kill(smoke_data, tmp_path):
     """Kill the pipeline while the autoencoder trains, after its first checkpoint; the rerun resumes
     that stage from last.ckpt and runs the rest."""
@@ -263,6 +264,7 @@ def test_multirun_runs_each_job_in_its_own_directory(smoke_data, tmp_path):
         assert (tmp_path / "smoke" / "smoke" / dim / "distill" / "done.json").exists()
 
 
+@pytest.mark.slow   # two processes, ~20 s
 def test_ddp_on_two_cpu_processes_with_gloo(smoke_data, tmp_path):
     run_dir = tmp_path / "ddp"
     res = cli("ups_lightning.train", "experiment=smoke", "model=dim8", "trainer=ddp", "trainer.accelerator=cpu",

@@ -39,13 +39,14 @@ def _overlap(a, b):
 
 
 def test_test_splits_are_fresh_disjoint_and_frozen():
-    ranges = {name: _ranges(_data(name)) for name in SHIPPED}
+    data = {name: _data(name) for name in SHIPPED}
+    ranges = {name: _ranges(d) for name, d in data.items()}
     for name, r in ranges.items():
         assert r["test"][0] == FROZEN_TEST_START[name], name
         for split, v1 in V1.items():
             assert not _overlap(r["test"], v1), f"{name} test overlaps the v1 {split} split"
         for other, r2 in ranges.items():
-            if _data(other).pde != _data(name).pde:
+            if data[other].pde != data[name].pde:
                 continue
             for split, rng in r2.items():
                 if (other, split) != (name, "test"):

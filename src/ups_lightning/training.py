@@ -336,7 +336,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Dict[str,
             lock.release()
 
 
-def free_cores(window_s: float = 0.5) -> int:
+def free_cores(window_s: float = 0.25) -> int:
     """Cores idle right now: this process's usable cores minus the busy share of all cores over
     ``window_s`` seconds (Linux /proc/stat; elsewhere the usable cores)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -365,7 +365,7 @@ def set_num_threads(requested: Optional[int]) -> int:
         log.info("torch threads: %d (trainer.num_threads)", requested)
         return int(requested)
     default = _TORCH_DEFAULT_THREADS
-    free = free_cores()
+    free = free_cores() if default > 1 else 1
     n = max(1, min(default, free))
     torch.set_num_threads(n)
     log.info("torch threads: %d (%d cores idle of %d, torch default %d; set trainer.num_threads to fix it)",
