@@ -359,6 +359,36 @@ def test_bench_of_peers_writes_summary_and_reuses_models(tiny_burgers_file, tmp_
     assert [r["nrmse"] for r in out2["results"]["fno"]["runs"]] == [r["nrmse"] for r in out["results"]["fno"]["runs"]]
 
 
+def test_a_failed_model_is_recorded_not_fatal_and_never_chosen(monkeypatch, tmp_path):
+    """A learning rate that diverges is a result of the search (val inf, never chosen, never
+    scored); a seed that fails counts as failed; only a method whose every rate fails is an error."""
+    import types
+
+    import ups_lightning.bench as B
+    from ups_lightning.errors import UserError
+
+    def fake_peer(b, method, lr, seed, budget_min, run_dir):
+        if lr == 3e-3 or seed == 2:
+            raise UserError(f"{method} (lr {lr:g}, seed {seed}) diverged")
+        return {"method": method, "label": "FNO", "lr": lr, "seed": seed, "train_s": 1.0, "learned": True,
+                "best_val_nrmse": 0.5 if lr == 1e-3 else 0.7, "handle": object()}
+
+    monkeypatch.setattr(B, "_train_peer", fake_peer)
+    monkeypatch.setattr(B, "_score", lambda b, m, h, guard: {"nrmse": 0.4 if guard else 0.6})
+    b = types.SimpleNamespace(checked={"seeds": [0, 1, 2], "tune_budget_min": 1.0, "budget_min": 1.0,
+                                       "lr_search": {"fno": [1e-4, 1e-3, 3e-3]}},
+                              out=tmp_path, say=lambda *a: None, cfg=types.SimpleNamespace())
+    res = B.run_method(b, "fno")
+    assert [t["best_val_nrmse"] for t in res["trials"]] == [0.7, 0.5, math.inf]
+    assert [t["chosen"] for t in res["trials"]] == [False, True, False]
+    failed = [r for r in res["runs"] if r["seed"] == 2]
+    assert len(failed) == 2 and all(math.isnan(r["nrmse"]) and r["learned"] is False for r in failed)
+    assert sorted(r["nrmse"] for r in res["runs"] if r["seed"] != 2) == [0.4, 0.4, 0.6, 0.6]
+    monkeypatch.setattr(B, "_train_peer", lambda *a: (_ for _ in ()).throw(UserError("diverged")))
+    with pytest.raises(UserError, match="every learning rate of fno failed"):
+        B.run_method(b, "fno")
+
+
 @pytest.mark.slow
 def test_bench_with_ours_on_smoke_data(smoke_data, tmp_path):
     from ups_lightning.bench import run_bench

@@ -260,6 +260,7 @@ def _train_peer(b: Bench, method: str, lr: float, seed: int, budget_min: float, 
 
     from ups_lightning.atomic import atomic_write_json
     from ups_lightning.bench.peers import PEERS, PeerModule, TrajectoryData, count_params
+    from ups_lightning.errors import UserError
     from ups_lightning.training import build_trainer
 
     label, _, build = PEERS[method]
@@ -275,8 +276,9 @@ def _train_peer(b: Bench, method: str, lr: float, seed: int, budget_min: float, 
                         b.checked["relative_loss"], t_train=settings.t_train, grad_frames=settings.grad_frames)
     if b.checked["reuse"] and done.is_file():
         record = json.loads(done.read_text())
-        if record.get("fingerprint") == fp:
-            state = torch.load(run_dir / record["best_ckpt"], map_location="cpu", weights_only=True)
+        ckpt = (run_dir / str(record.get("best_ckpt"))).resolve()
+        if record.get("fingerprint") == fp and ckpt.is_file() and run_dir.resolve() in ckpt.parents:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)   # data, never code
             module.load_state_dict(state["state_dict"])
             b.say(f"{method}: reusing {run_dir} (lr {lr:g}, seed {seed})")
             return {**record, "handle": module.net}
@@ -290,10 +292,14 @@ def _train_peer(b: Bench, method: str, lr: float, seed: int, budget_min: float, 
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     wall = time.perf_counter() - start
+    score = trainer.checkpoint_callback.best_model_score
+    best_val = float(score) if score is not None else math.nan
+    if not trainer.checkpoint_callback.best_model_path or not math.isfinite(best_val):
+        raise UserError(f"{method} (lr {lr:g}, seed {seed}) diverged or wrote no checkpoint in {run_dir} "
+                        f"(best validation nRMSE {best_val}); nothing of it is scored.")
     best = Path(trainer.checkpoint_callback.best_model_path)
     state = torch.load(best, map_location="cpu", weights_only=True)   # data, never code
     module.load_state_dict(state["state_dict"])
-    best_val = float(trainer.checkpoint_callback.best_model_score)
     trivial = float(trainer.callback_metrics["val/nrmse_persistence"])
     record = {"method": method, "label": label, "fingerprint": fp, "lr": lr, "seed": seed,
               "budget_min": budget_min, "train_s": wall, "epochs": trainer.current_epoch,
@@ -347,7 +353,7 @@ def _train_ours(b: Bench, lr: float, seed: int, budget_min: float, run_dir: Path
         if r.get("learned") is False:
             b.say(f"ours: stage {name} STOPPED BEFORE IT LEARNED ANYTHING (val {r['best_val_nrmse']:.4g} vs "
                   f"{r['trivial_metric']} {r['trivial_val_nrmse']:.4g})")
-    return {"method": "ours", "label": f"ours ({b.cfg.model.name})", "lr": lr, "seed": seed,
+    return {"method": "ours", "label": _label(b, "ours"), "lr": lr, "seed": seed,
             "budget_min": budget_min, "train_s": sum(float(r["wall_clock_s"]) for r in records.values()),
             "best_val_nrmse": val["nrmse"], "learned": learned, "params": val["params"],
             "stage_learned": {k: r.get("learned") for k, r in records.items()},
@@ -368,15 +374,34 @@ def _score(b: Bench, method: str, handle: Any, guard: bool) -> Dict[str, Any]:
     return {**{k: m.get(k) for k in METRIC_KEYS}, "rollout_ms_per_traj": 1000.0 * wall / len(pred)}
 
 
+def _label(b: Bench, method: str) -> str:
+    from ups_lightning.bench.peers import PEERS
+
+    return f"ours ({b.cfg.model.name})" if method == "ours" else PEERS[method][0]
+
+
 def _train(b: Bench, method: str, lr: float, seed: int, budget_min: float, run_dir: Path, **kw: Any) -> Dict[str, Any]:
-    if method == "ours":
-        return _train_ours(b, lr, seed, budget_min, run_dir, **kw)
-    return _train_peer(b, method, lr, seed, budget_min, run_dir)
+    """One model; a model that fails (diverges: non-finite validation or weights) is recorded as
+    failed (val nRMSE inf, never scored) instead of ending the benchmark: a learning rate too high
+    for one method is a result of its search, not an error."""
+    from ups_lightning.errors import UserError
+
+    try:
+        if method == "ours":
+            return _train_ours(b, lr, seed, budget_min, run_dir, **kw)
+        return _train_peer(b, method, lr, seed, budget_min, run_dir)
+    except UserError as exc:
+        log.warning("%s lr %g seed %d failed: %s", method, lr, seed, exc)
+        return {"method": method, "label": _label(b, method), "lr": lr, "seed": seed, "budget_min": budget_min,
+                "train_s": math.nan, "best_val_nrmse": math.inf, "learned": False, "failed": str(exc),
+                "handle": None}
 
 
 def run_method(b: Bench, method: str) -> Dict[str, List[Dict[str, Any]]]:
     """The learning-rate search on validation, then every seed at the chosen rate, each scored on
     test with and without the guard. Returns {"trials": [...], "runs": [...]} (plain dicts)."""
+    from ups_lightning.errors import UserError
+
     ck = b.checked
     runs_dir = b.out / "runs"
     first, tune, budget = ck["seeds"][0], ck["tune_budget_min"], ck["budget_min"]
@@ -389,6 +414,8 @@ def run_method(b: Bench, method: str) -> Dict[str, List[Dict[str, Any]]]:
         trials.append(rec)
         b.say(f"{method}: lr {lr:g} -> val nRMSE {rec['best_val_nrmse']:.4f}"
               f"{'' if rec['learned'] else '  (did not beat the trivial reference)'}")
+    if not any(math.isfinite(t["best_val_nrmse"]) for t in trials):
+        raise UserError(f"bench: every learning rate of {method} failed ({trials[0].get('failed')}).")
     chosen = min(trials, key=lambda r: r["best_val_nrmse"] if math.isfinite(r["best_val_nrmse"]) else math.inf)
     b.say(f"{method}: chosen lr {chosen['lr']:g} on validation (val nRMSE {chosen['best_val_nrmse']:.4f})")
     runs = []
@@ -400,6 +427,10 @@ def run_method(b: Bench, method: str) -> Dict[str, List[Dict[str, Any]]]:
             rec = _train(b, method, chosen["lr"], seed, budget, rd)
             rec["run_dir"] = str(rd)
         for guard in (False, True):
+            if rec["handle"] is None:     # a failed seed: counted as failed, never scored
+                runs.append({**{k: v for k, v in rec.items() if k != "handle"}, "guard": guard, "nrmse": math.nan,
+                             "val_nrmse": rec["best_val_nrmse"]})
+                continue
             m = _score(b, method, rec["handle"], guard)
             runs.append({**{k: v for k, v in rec.items() if k != "handle"}, "guard": guard, **m,
                          "val_nrmse": rec["best_val_nrmse"]})
