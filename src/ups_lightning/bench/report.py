@@ -87,17 +87,7 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Dict[str, Any]],
                   header: Optional[str] = None, notes: Sequence[str] = ()) -> Dict[str, Path]:
     """Write ``summary.csv`` and ``summary.md`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
-    extra = sorted({k for r in rows for k in r} - set(SUMMARY_COLUMNS))
-    cols = list(SUMMARY_COLUMNS) + extra
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    csv_path = out / "summary.csv"
-    atomic_write_text(csv_path, buf.getvalue())
+    csv_path = _csv(out / "summary.csv", rows, SUMMARY_COLUMNS)
 
     md = []
     if header:
@@ -181,10 +171,11 @@ def _pm(row: Dict[str, Any], col: str, fmt: str = "{:.4f}") -> str:
     return fmt.format(m) + (f" ± {fmt.format(sd)}" if sd is not None and not math.isnan(sd) else "")
 
 
-def _csv(path: Path, rows: Sequence[Dict[str, Any]]) -> Path:
+def _csv(path: Path, rows: Sequence[Dict[str, Any]], first: Sequence[str] = ("method", "lr", "seed", "guard")) -> Path:
+    """Rows as CSV (atomically): the ``first`` columns in that order, then every other key sorted."""
     import io
 
-    cols = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("method", "lr", "seed", "guard"), k))
+    cols = list(first) + sorted({k for r in rows for k in r} - set(first))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
