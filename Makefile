@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[bench,test,loggers]"
+	$(BIN)/pip install -q -e ".[bench,test,loggers,sweeps]"
 	touch $(STAMP)
 
 # DATA=<data config> picks another equation (advection1d_small, reacdiff1d_small, mixed_small, ...)

@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "src" / "ups_lightning" / "conf"
 SCRIPTS = ("ups-train", "ups-evaluate", "ups-generate", "ups-inspect", "ups-compare", "ups-bench",
-           "ups-ttc-headroom", "ups-pipeline")
+           "ups-ttc-headroom", "ups-pipeline", "ups-report", "ups-proxy")
 
 
 def _pip(*args: str, cwd: Path) -> None:
@@ -77,6 +77,7 @@ def test_wheel_ships_every_config_and_the_console_scripts(wheel: Path):
     assert shipped == expected, f"missing {sorted(expected - shipped)}, extra {sorted(shipped - expected)}"
     assert any(n.startswith("ups_lightning/conf/data/") for n in shipped)
     assert "ups_lightning/conf/__init__.py" in names
+    assert "hydra_plugins/ups_ray_launcher/ray_launcher.py" in names   # hydra/launcher=ray, found by Hydra
 
     scripts = _entry_points(wheel)
     assert set(SCRIPTS) <= set(scripts), scripts

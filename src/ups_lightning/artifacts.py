@@ -8,11 +8,18 @@ file's sha256. So a run directory can be moved, copied and shared, and a reader 
 records alone, that the chain autoencoder -> operator -> diffusion -> distill is the one that was
 trained together: each checkpoint's bytes match its record, and each record names its upstream's
 current checkpoint. Checkpoints are loaded with `weights_only=True`: a checkpoint is data, never code.
+
+A run may also use another run's finished stages *by reference* (a sweep job reusing the shared
+autoencoder: `training.run` with `reuse_runs=`): `<run_dir>/references.json` maps such a stage to
+the run directory that holds it, and `stage_dir` resolves it there. Nothing is copied or moved, and the
+records and hashes are checked across the reference exactly as within one directory.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -20,12 +27,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ups_lightning.atomic import atomic_write_json
-from ups_lightning.config import STAGE_ORDER
+from ups_lightning.config import NEUTRAL_LATER_KEYS, STAGE_ORDER, fill_later_keys, stage_optim
 from ups_lightning.errors import UserError
 from ups_lightning.lit.stages import STAGE_MODULES
 
 DONE = "done.json"
 OVERRIDES = "overrides.json"    # the command-line overrides of the run's last training command
+REFERENCES = "references.json"  # stage -> the run directory (relative to this one) that holds it
 UPSTREAM: Dict[str, Optional[str]] = {name: cls.upstream for name, cls in STAGE_MODULES.items()}
 RECORD_KEYS = ("stage", "config_hash", "best_ckpt", "ckpt_sha256")
 
@@ -39,7 +47,51 @@ def sha256_file(path: Path) -> str:
 
 
 def stage_dir(run_dir: str | Path, name: str) -> Path:
-    return Path(run_dir) / name
+    """`<run_dir>/<name>/`; for a stage the run uses by reference (and does not hold itself), that
+    stage's directory in the run that holds it."""
+    own = Path(run_dir) / name
+    if own.exists():
+        return own
+    ref = references(run_dir).get(name)
+    return own if ref is None else Path(run_dir) / ref / name
+
+
+def references(run_dir: str | Path) -> Dict[str, str]:
+    """The run's stages held by other runs: stage -> that run's directory, relative to this one."""
+    path = Path(run_dir) / REFERENCES
+    if not path.is_file():
+        return {}
+    try:
+        refs = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable reference file ({type(exc).__name__}: {exc}). Delete it "
+                        "and rerun the training command: the referenced stages are found again.") from None
+    if not isinstance(refs, dict) or not all(k in STAGE_ORDER and isinstance(v, str) for k, v in refs.items()):
+        raise UserError(f"{path}: expected a JSON object mapping stage names {list(STAGE_ORDER)} to run "
+                        "directories; it was edited. Delete it and rerun the training command.")
+    return refs
+
+
+def add_reference(run_dir: str | Path, name: str, holder: str | Path) -> None:
+    """Record that this run uses stage `name` of the run `holder` (the directory that holds it
+    itself, so a reference never points at another reference)."""
+    holder = stage_dir(holder, name).parent
+    refs = references(run_dir)
+    refs[name] = os.path.relpath(holder.resolve(), Path(run_dir).resolve())
+    atomic_write_json(Path(run_dir) / REFERENCES, refs)
+
+
+def drop_reference(run_dir: str | Path, name: str) -> None:
+    """The run now holds stage `name` itself."""
+    refs = references(run_dir)
+    if refs.pop(name, None) is not None:
+        atomic_write_json(Path(run_dir) / REFERENCES, refs)
+
+
+def latents_dir(run_dir: str | Path) -> Path:
+    """The latent cache lives beside the autoencoder that made it, so runs sharing an autoencoder
+    share its encodings."""
+    return stage_dir(run_dir, "autoencoder").parent / "latents"
 
 
 # --- the command that fixes a run ----------------------------------------------------------------
@@ -64,7 +116,7 @@ def train_command(run_dir: str | Path, cfg: Optional[DictConfig] = None,
                 overrides.append(f"experiment={cfg.experiment}")
             overrides += [f"data={cfg.data.name}", f"model={cfg.model.name}"]
         overrides.append(f"run_dir={run_dir}")
-    kept = [o for o in overrides if not (o.startswith("stage=") or o.startswith("ckpt_path="))]
+    kept = [shlex.quote(o) for o in overrides if not (o.startswith("stage=") or o.startswith("ckpt_path="))]
     return " ".join(["python -m ups_lightning.train", *kept, f"stage={stage}"])
 
 
@@ -115,20 +167,26 @@ def verify_checkpoint(run_dir: str | Path, name: str, record: Dict[str, Any], fi
 
 
 def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, Any]]) -> str:
-    """What a stage's result depends on: data, model, its own settings, optimiser, seed, precision,
-    and the exact upstream checkpoint it was trained on."""
+    """What a stage's result depends on: data, model, its own settings, the optimiser settings it
+    trains with, seed, precision, and the exact upstream checkpoint it was trained on. Keys added
+    later are left out at their neutral values (config.NEUTRAL_LATER_KEYS): older runs keep their hash."""
     relevant = {
         "stage": name,
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "settings": OmegaConf.to_container(cfg.stages[name], resolve=True),
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "optim": stage_optim(cfg, name),
         "seed": cfg.seed,
         "precision": cfg.trainer.precision,
         "upstream": upstream["ckpt_sha256"] if upstream else None,
     }
     for k in ("batch_size", "num_workers"):
         relevant["data"].pop(k, None)
+    neutral = {"model": ("model", ["hidden", "heads"]), "settings": (f"stages.{name}", ["optim"])}
+    for part, (prefix, keys) in neutral.items():
+        for k in keys:
+            if k in relevant[part] and relevant[part][k] == NEUTRAL_LATER_KEYS[f"{prefix}.{k}"]:
+                del relevant[part][k]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -139,7 +197,7 @@ def record_config(record: Dict[str, Any], where: Path) -> DictConfig:
     if not isinstance(record.get("config"), dict):
         raise UserError(f"{where}: the stage record carries no training config (written by an older "
                         "version); retrain the run into a new run_dir.")
-    return validate_train_config(OmegaConf.create(record["config"]))
+    return validate_train_config(fill_later_keys(OmegaConf.create(record["config"])))
 
 
 def verified_chain(run_dir: Path, last: str, fix: str) -> Dict[str, Dict[str, Any]]:

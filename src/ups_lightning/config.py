@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ups_lightning.errors import UserError
@@ -62,6 +62,8 @@ class ModelConfig:
     n_fourier: int = MISSING  # Fourier features of query coordinates
     diffusion_depth: int = MISSING
     attn_backend: str = MISSING  # sdpa | flash
+    hidden: Optional[int] = MISSING  # MLP width (None: the rule, 2 * dim; models/sizes.py)
+    heads: Optional[int] = MISSING  # attention heads, dividing dim (None: the rule from dim)
 
 
 @dataclass
@@ -71,11 +73,29 @@ class StageSelect:
 
 
 @dataclass
+class StageOptim:
+    """One stage's own optimiser settings; each None takes the global `optim` value (stage_optim)."""
+
+    betas: Optional[List[float]] = MISSING
+    weight_decay: Optional[float] = MISSING
+    schedule: Optional[str] = MISSING
+    warmup_ratio: Optional[float] = MISSING
+    min_lr_ratio: Optional[float] = MISSING
+    grad_clip: Optional[float] = MISSING
+    ema_decay: Optional[float] = MISSING
+
+
+STAGE_OPTIM_KEYS = tuple(StageOptim.__dataclass_fields__)
+STAGE_OPTIM_INHERIT: Dict[str, Any] = {k: None for k in STAGE_OPTIM_KEYS}
+
+
+@dataclass
 class AutoencoderStage:
     max_epochs: int = MISSING
     max_minutes: Optional[float] = MISSING
     batch_size: int = MISSING
     lr: float = MISSING
+    optim: StageOptim = field(default_factory=StageOptim)  # per-stage overrides of optim.*
     val_frames: int = MISSING  # frames per validation trajectory (evenly spaced)
     n_query: int = MISSING  # random query points per field in training (0: the whole grid)
 
@@ -86,6 +106,7 @@ class OperatorStage:
     max_minutes: Optional[float] = MISSING
     batch_size: int = MISSING
     lr: float = MISSING
+    optim: StageOptim = field(default_factory=StageOptim)  # per-stage overrides of optim.*
     rollout_steps: int = MISSING  # >1: multi-step (pushforward) loss over this many steps
     pushforward_detach: bool = MISSING  # True: stop gradients between the unrolled steps
     decoded_weight: float = MISSING  # weight of the decoded-space loss through the frozen decoder
@@ -99,6 +120,7 @@ class DiffusionStage:
     max_minutes: Optional[float] = MISSING
     batch_size: int = MISSING
     lr: float = MISSING
+    optim: StageOptim = field(default_factory=StageOptim)  # per-stage overrides of optim.*
     sample_steps: int = MISSING  # K teacher steps at sampling time
     val_batches: Optional[int] = MISSING  # validation batches per epoch (None: trainer.limit_val_batches)
 
@@ -109,6 +131,7 @@ class DistillStage:
     max_minutes: Optional[float] = MISSING
     batch_size: int = MISSING
     lr: float = MISSING
+    optim: StageOptim = field(default_factory=StageOptim)  # per-stage overrides of optim.*
     n_grid: int = MISSING  # teacher ODE grid the student is made consistent along
     student_steps: int = MISSING  # 1 or 2 sampling steps
     target_decay: float = MISSING  # EMA of the consistency target
@@ -136,6 +159,7 @@ class TrainerConfig:
     limit_train_batches: Any = MISSING
     limit_val_batches: Any = MISSING
     check_val_every_n_epoch: int = MISSING
+    val_every_n_steps: Optional[int] = MISSING  # validate every N training batches (None: at epoch ends)
     num_threads: Optional[int] = MISSING  # torch intra-op threads on CPU (None: torch's default)
 
 
@@ -194,8 +218,59 @@ class TrainConfig:
     seed: int = MISSING
     run_name: str = MISSING
     run_dir: str = MISSING
+    reuse_runs: List[str] = MISSING  # runs (globs allowed) whose finished stages of the same config are used by reference
     ckpt_path: Optional[str] = MISSING
     experiment: Optional[str] = MISSING
+
+
+# Keys added after runs were trained without them, each with the value that means "as before": an
+# older record is read with them filled in, and a key at that value leaves a stage's config hash
+# unchanged (artifacts.stage_config_hash), so runs finished before the key existed stay valid.
+NEUTRAL_LATER_KEYS: Dict[str, Any] = {
+    "model.hidden": None, "model.heads": None, "reuse_runs": [], "trainer.val_every_n_steps": None,
+    **{f"stages.{s}.optim": STAGE_OPTIM_INHERIT for s in STAGE_ORDER},
+}
+
+
+def fill_later_keys(cfg: DictConfig) -> DictConfig:
+    """An older run's config with the later keys at their neutral values (NEUTRAL_LATER_KEYS)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key, value in NEUTRAL_LATER_KEYS.items():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if isinstance(node, DictConfig) and leaf not in node:
+                node[leaf] = value
+    return cfg
+
+
+def stage_optim(cfg: DictConfig, name: str) -> Dict[str, Any]:
+    """The optimiser settings stage `name` trains with: the global `optim` with the stage's own
+    non-null `stages.<name>.optim` values on top (ema_decay sets optim.ema.decay)."""
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    own = OmegaConf.select(cfg, f"stages.{name}.optim")
+    for key, value in (OmegaConf.to_container(own, resolve=True) if own is not None else {}).items():
+        if value is None:
+            continue
+        if key == "ema_decay":
+            optim["ema"]["decay"] = value
+        else:
+            optim[key] = value
+    return optim
+
+
+def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose a config of this project's conf/ (`train`, `evaluate`, ...) with overrides, inside a
+    running Hydra application or not: what the libraries use to run one another."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ups_lightning import CONF_DIR
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(name, overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
 
 
 def schema_error(exc: OmegaConfBaseException, what: str, where: str) -> UserError:
@@ -223,8 +298,10 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         )
     if merged.model.attn_backend not in ("sdpa", "flash"):
         raise UserError(f"model.attn_backend={merged.model.attn_backend!r}: expected 'sdpa' or 'flash'.")
-    if merged.optim.schedule not in ("cosine", "constant"):
-        raise UserError(f"optim.schedule={merged.optim.schedule!r}: expected 'cosine' or 'constant'.")
+    for key in ["optim.schedule", *(f"stages.{s}.optim.schedule" for s in STAGE_ORDER)]:
+        schedule = OmegaConf.select(merged, key)
+        if schedule is not None and schedule not in ("cosine", "constant"):
+            raise UserError(f"{key}={schedule!r}: expected 'cosine' or 'constant'.")
     for key in ("logger.target", "callbacks.early_stopping", "callbacks.lr_monitor"):
         built = OmegaConf.select(merged, key)
         if built is not None and not str(built.get("_target_") or "").strip():
@@ -236,6 +313,9 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         raise UserError(f"stages.distill.student_steps={merged.stages.distill.student_steps}: expected 1 or 2.")
     _check_complete(merged, "training")
     check_ranges(merged, TRAIN_RANGES)
+    if merged.model.heads is not None and merged.model.dim % merged.model.heads:
+        raise UserError(f"model.heads={merged.model.heads} must divide model.dim={merged.model.dim} (each head "
+                        "gets dim / heads features); pick a divisor, or null for the rule from dim.")
     _check_data(merged.data)
     return merged
 
@@ -306,8 +386,12 @@ TRAIN_RANGES = [
     ("optim.weight_decay", 0.0, True, None), ("optim.warmup_ratio", 0.0, True, 1.0),
     ("optim.min_lr_ratio", 0.0, True, 1.0), ("optim.grad_clip", 0.0, False, None),
     ("optim.accumulate", 1, True, None), ("optim.ema.decay", 0.0, True, 1.0),
+    *[(f"stages.{s}.optim.{k}", low, ok, high) for s in STAGE_ORDER for k, low, ok, high in (
+        ("weight_decay", 0.0, True, None), ("warmup_ratio", 0.0, True, 1.0), ("min_lr_ratio", 0.0, True, 1.0),
+        ("grad_clip", 0.0, False, None), ("ema_decay", 0.0, True, 1.0))],
+    ("model.hidden", 1, True, None), ("model.heads", 1, True, None),
     ("trainer.num_nodes", 1, True, None), ("trainer.log_every_n_steps", 1, True, None),
-    ("trainer.check_val_every_n_epoch", 1, True, None), ("trainer.num_threads", 1, True, None),
+    ("trainer.check_val_every_n_epoch", 1, True, None), ("trainer.val_every_n_steps", 1, True, None), ("trainer.num_threads", 1, True, None),
     ("callbacks.checkpoint.save_top_k", 1, True, None), ("callbacks.early_stopping.patience", 1, True, None),
     ("callbacks.early_stopping.min_delta", 0.0, True, None),
 ]
@@ -325,9 +409,10 @@ def check_ranges(cfg: DictConfig, ranges: List[tuple]) -> None:
         if not ok:
             bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
             raise UserError(f"setting {key}={value!r} is out of range: expected a finite number {bound}.")
-    betas = OmegaConf.select(cfg, "optim.betas")
-    if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
-        raise UserError(f"setting optim.betas={list(betas)}: expected two numbers in [0, 1).")
+    for key in ["optim.betas", *(f"stages.{s}.optim.betas" for s in STAGE_ORDER)]:
+        betas = OmegaConf.select(cfg, key)
+        if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
+            raise UserError(f"setting {key}={list(betas)}: expected two numbers in [0, 1).")
 
 
 def to_container(cfg: Any) -> Dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import glob
 import logging
 import math
 import os
@@ -23,14 +24,14 @@ import torch
 from lightning.pytorch import callbacks as cb
 from filelock import FileLock, Timeout
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ups_lightning.artifacts import (
-    DONE, UPSTREAM, load_stage, nonfinite_tensors, read_record, save_overrides, sha256_file, stage_config_hash,
-    stage_dir, train_command, verify_checkpoint,
+    DONE, UPSTREAM, add_reference, drop_reference, latents_dir, load_stage, nonfinite_tensors, read_record,
+    save_overrides, sha256_file, stage_config_hash, stage_dir, train_command, verify_checkpoint,
 )
 from ups_lightning.atomic import atomic_write_json
-from ups_lightning.config import STAGE_ORDER, validate_train_config
+from ups_lightning.config import STAGE_ORDER, stage_optim, validate_train_config
 from ups_lightning.data.cache import build_or_load_latent_cache
 from ups_lightning.data.datamodule import FrameDataModule, LatentDataModule, open_run_data, unit_coords
 from ups_lightning.errors import UserError
@@ -46,23 +47,51 @@ LOCK = ".lock"           # held while a process trains in the run directory
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()   # before anything here changes it
 
 
-def finished_upstream(cfg: DictConfig, name: str, fix: str) -> Optional[Dict[str, Any]]:
+def finished_record(cfg: DictConfig, name: str, config_hash: str) -> Optional[tuple]:
+    """(run directory, record) of stage `name` finished under `config_hash`: held by this run (itself
+    or by reference), else by a run of `reuse_runs` (which the caller then references); None if none."""
+    for where in [Path(cfg.run_dir), *reusable_runs(cfg)]:
+        record = read_record(where, name)
+        if record is not None and record["config_hash"] == config_hash:
+            return where, record
+    return None
+
+
+def reusable_runs(cfg: DictConfig) -> List[Path]:
+    """The run directories of `reuse_runs` (each a path or a glob such as a sweep's `<dir>/*`, expanded
+    now, so jobs finished since count), this run itself left out."""
+    own = Path(cfg.run_dir).resolve()
+    runs: List[Path] = []
+    for entry in cfg.reuse_runs or ():
+        matches = sorted(Path(m) for m in glob.glob(entry)) if glob.has_magic(entry) else [Path(entry)]
+        runs += [m for m in matches if m.is_dir() and m.resolve() != own and m not in runs]
+    return runs
+
+
+def finished_upstream(cfg: DictConfig, name: str, fix: str,
+                      links: Optional[Dict[str, Path]] = None) -> Optional[Dict[str, Any]]:
     """The verified record of `name`'s upstream stage for this config (its own upstream verified in
-    turn), or a UserError naming what is missing or changed and the command that makes it."""
+    turn), or a UserError naming what is missing or changed and the command that makes it. Stages
+    found in `reuse_runs` rather than in this run go into `links` (stage -> run holding it)."""
     up = UPSTREAM[name]
     if up is None:
         return None
-    upstream_of_up = finished_upstream(cfg, up, fix)
-    record = read_record(cfg.run_dir, up)
+    upstream_of_up = finished_upstream(cfg, up, fix, links)
     expected = stage_config_hash(cfg, up, upstream_of_up)
-    if record is None or record["config_hash"] != expected:
+    found = finished_record(cfg, up, expected)
+    if found is None:
+        record = read_record(cfg.run_dir, up)
         why = "was not found" if record is None else "was trained with a different config or upstream"
+        also = f" (nor in reuse_runs={list(cfg.reuse_runs)})" if cfg.reuse_runs else ""
         raise UserError(
             f"stage '{name}' needs the finished '{up}' stage for data={cfg.data.name} and "
-            f"model={cfg.model.name}, but {stage_dir(cfg.run_dir, up) / DONE} {why}. Run every stage "
+            f"model={cfg.model.name}, but {stage_dir(cfg.run_dir, up) / DONE} {why}{also}. Run every stage "
             f"in order (finished ones are skipped) with: {fix}"
         )
-    verify_checkpoint(cfg.run_dir, up, record, fix)
+    where, record = found
+    verify_checkpoint(where, up, record, fix)
+    if links is not None and where != Path(cfg.run_dir):
+        links[up] = where
     return record
 
 
@@ -71,7 +100,7 @@ def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
     """The stage's Trainer writing into `out`. Besides checkpointing, early stopping and EMA, a
     non-finite training loss stops the stage (NonFiniteLossStop) and checkpoints carry the RNG
     state (RNGState), so a killed and resumed stage reproduces the uninterrupted one."""
-    settings = cfg.stages[name]
+    settings, optim = cfg.stages[name], stage_optim(cfg, name)
     callbacks: List[cb.Callback] = [NonFiniteLossStop(), RNGState(),
         cb.ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/nrmse", mode="min",
                            save_top_k=cfg.callbacks.checkpoint.save_top_k,
@@ -80,8 +109,8 @@ def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
     # every other callback with a _target_ in the config (callbacks/default.yaml), built by Hydra
     callbacks += [instantiate(spec) for spec in cfg.callbacks.values()
                   if isinstance(spec, DictConfig) and "_target_" in spec]
-    if cfg.optim.ema.enabled:
-        callbacks.append(EMA(decay=cfg.optim.ema.decay))
+    if optim["ema"]["enabled"]:
+        callbacks.append(EMA(decay=optim["ema"]["decay"]))
     bar = PROGRESS_BARS[cfg.callbacks.progress_bar]
     if bar is not None:
         callbacks.append(bar())
@@ -93,11 +122,14 @@ def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
     return L.Trainer(
         default_root_dir=out, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy, precision=cfg.trainer.precision,
-        max_epochs=settings.max_epochs, max_time=max_time, gradient_clip_val=cfg.optim.grad_clip,
-        accumulate_grad_batches=cfg.optim.accumulate, log_every_n_steps=cfg.trainer.log_every_n_steps,
+        max_epochs=settings.max_epochs, max_time=max_time, gradient_clip_val=optim["grad_clip"],
+        accumulate_grad_batches=optim["accumulate"], log_every_n_steps=cfg.trainer.log_every_n_steps,
         deterministic=cfg.trainer.deterministic, limit_train_batches=cfg.trainer.limit_train_batches,
         limit_val_batches=val_batches,
-        check_val_every_n_epoch=cfg.trainer.check_val_every_n_epoch, callbacks=callbacks,
+        # on steps (a long epoch under a wall-clock limit still keeps its best weights), or at epoch ends
+        val_check_interval=cfg.trainer.val_every_n_steps or 1.0,
+        check_val_every_n_epoch=None if cfg.trainer.val_every_n_steps else cfg.trainer.check_val_every_n_epoch,
+        callbacks=callbacks,
         logger=loggers, enable_progress_bar=cfg.callbacks.progress_bar != "none",
         enable_model_summary=False,
     )
@@ -105,9 +137,10 @@ def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
 
 # --- one stage ------------------------------------------------------------------------------------
 def _stage_module(cfg: DictConfig, name: str, contract: Any) -> StageModule:
-    """The registered stage, built with the one constructor signature every stage has."""
-    return STAGE_MODULES[name](*(OmegaConf.to_container(part, resolve=True) for part in
-                                 (cfg.model, cfg.optim, cfg.stages)), contract.to_dict())
+    """The registered stage, built with the one constructor signature every stage has (and the
+    optimiser settings this stage trains with)."""
+    return STAGE_MODULES[name](OmegaConf.to_container(cfg.model, resolve=True), stage_optim(cfg, name),
+                               OmegaConf.to_container(cfg.stages, resolve=True), contract.to_dict())
 
 
 def compile_networks(module: StageModule) -> None:
@@ -125,20 +158,28 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
 
     It trains in `<run_dir>/.attempts/<stage>-<config hash>/` (a killed attempt resumes there from
     its last.ckpt) and only a finished, finite result replaces `<run_dir>/<stage>/`; a stage that
-    failed (non-finite validation figure or weights) leaves the previous good stage in place."""
+    failed (non-finite validation figure or weights) leaves the previous good stage in place. Finished
+    stages of the same config in `reuse_runs` are used by reference (artifacts.add_reference)."""
     run_dir = Path(cfg.run_dir)
-    upstream = finished_upstream(cfg, name, fix)
+    links: Dict[str, Path] = {}
+    upstream = finished_upstream(cfg, name, fix, links)
+    for up, holder in links.items():
+        _use_reference(run_dir, up, holder)
     config_hash = stage_config_hash(cfg, name, upstream)
-    final = stage_dir(run_dir, name)
+    final = run_dir / name   # a stage trained here is held here, never written into a referenced run
     try:
-        record = read_record(run_dir, name)
+        found = finished_record(cfg, name, config_hash)
     except UserError as exc:
         log.warning("stage %s: %s Retraining it.", name, exc)
-        record = None
-    if record and record["config_hash"] == config_hash and cfg.ckpt_path is None:
+        found = None
+    if found and cfg.ckpt_path is None:
+        where, record = found
         try:
-            verify_checkpoint(run_dir, name, record, fix)
-            log.info("stage %s: finished checkpoint for this config exists (%s), skipping", name, final)
+            verify_checkpoint(where, name, record, fix)
+            if where != run_dir:
+                _use_reference(run_dir, name, where)
+            log.info("stage %s: finished checkpoint for this config exists (%s), skipping", name,
+                     stage_dir(where, name))
             return record
         except UserError as exc:
             log.warning("%s Retraining it.", exc)
@@ -158,7 +199,7 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
             cfg.data, cfg.stages.autoencoder.batch_size, cfg.stages.autoencoder.val_frames)
     else:
         up_module = load_stage(run_dir, UPSTREAM[name], upstream, fix)
-        cache = build_or_load_latent_cache(up_module.autoencoder, data, x, run_dir / "latents")
+        cache = build_or_load_latent_cache(up_module.autoencoder, data, x, latents_dir(run_dir))
         module.load_upstream(up_module)
         module.set_data_context(x, data.normalizer.mean, data.normalizer.std, cache.latent_mean,
                                 cache.latent_std)
@@ -230,16 +271,29 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
     }
     if trainer.is_global_zero:
         atomic_write_json(attempt / DONE, record)
-        if final.exists():   # a stage of another config is moved aside, never mixed with this one
-            stale = final.with_name(f"{name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-            log.info("stage %s: moving the previous %s to %s", name, final, stale)
-            shutil.move(str(final), str(stale))
+        _move_aside(final)
         os.replace(attempt, final)
+        drop_reference(run_dir, name)
         with contextlib.suppress(OSError):   # no empty .attempts/ left behind
             attempt.parent.rmdir()
     trainer.strategy.barrier()
     log.info("stage %s done in %.1f s: best val/nrmse %s", name, wall, record["best_val_nrmse"])
     return record
+
+
+def _move_aside(final: Path) -> None:
+    """A stage of another config is moved aside (`<stage>.stale-<time>`), never mixed with the new one."""
+    if final.exists():
+        stale = final.with_name(f"{final.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.info("stage %s: moving the previous %s to %s", final.name, final, stale)
+        shutil.move(str(final), str(stale))
+
+
+def _use_reference(run_dir: Path, name: str, holder: Path) -> None:
+    """This run uses stage `name` of run `holder` from now on (a stage of another config that this run
+    held itself is moved aside first, so the reference is what the run resolves)."""
+    _move_aside(run_dir / name)
+    add_reference(run_dir, name, holder)
 
 
 def _failed_stage(best: Path, best_val: Optional[float], stopped: Optional[str]) -> Optional[str]:
@@ -383,6 +437,48 @@ def _log_to(path: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler
+
+
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (-m), whatever its sweeper or launcher."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_job(cfg: DictConfig, overrides: Optional[List[str]]) -> tuple:
+    """(cfg, overrides) of a multirun job: a job that names no run_dir trains in its own job directory
+    (hydra.sweep.dir/<job number>) and uses by reference the finished stages of the same config that
+    the plain run's directory or an earlier job of the sweep holds (reuse_runs), so no job overwrites
+    another and none retrains what they share. Outside a multirun, or with run_dir= given, both are
+    returned unchanged."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not in_multirun():
+        return cfg, overrides
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides or ()}
+    if "run_dir" in given:
+        return cfg, overrides
+    hydra_cfg = HydraConfig.get()
+    job_dir = hydra_cfg.runtime.output_dir
+    with open_dict(cfg):
+        if "reuse_runs" not in given:
+            cfg.reuse_runs = [cfg.run_dir, str(Path(hydra_cfg.sweep.dir) / "*")]
+        cfg.run_dir = job_dir
+    log.info("sweep job %s: training in %s; finished stages of the same config are used by reference from %s",
+             hydra_cfg.job.num, job_dir, list(cfg.reuse_runs))
+    kept = [o for o in overrides or () if o.lstrip("+~").split("=", 1)[0] != "reuse_runs"]
+    reuse = "[" + ",".join(f"'{r}'" for r in cfg.reuse_runs) + "]"
+    return cfg, [*kept, f"run_dir={job_dir}", f"reuse_runs={reuse}"]
+
+
+FAILED = "failed.json"   # a sweep job that failed: its overrides and the error (the report lists it)
+
+
+def record_failed_job(run_dir: str | Path, overrides: Optional[List[str]], error: str) -> None:
+    atomic_write_json(Path(run_dir) / FAILED, {"overrides": list(overrides or []), "error": error,
+                                               "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def command_overrides() -> Optional[List[str]]:

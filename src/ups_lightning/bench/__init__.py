@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ups_lightning import CONF_DIR
+from ups_lightning.config import compose_config
 
 __all__ = ["run_bench", "check_config", "compose_train_config", "CONF", "STAGE_SHARES", "METHODS"]
 
@@ -52,17 +53,6 @@ METRIC_KEYS = ("nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "crmse", "frmse_low",
 # --------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------
-def _compose(name: str, overrides: Sequence[str]):
-    """Compose a config of this project's conf/ (inside a running Hydra app or not)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return compose(name, overrides=list(overrides))
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
-
-
 def _num(cfg: Any, key: str, *, integer: bool = False, positive: bool = True, allow_none: bool = False,
          minimum: Optional[float] = None, where: str = "") -> Any:
     from ups_lightning.errors import UserError
@@ -191,7 +181,7 @@ def compose_train_config(cfg: Any, checked: Dict[str, Any], run_dir: Path, seed:
     if checked["threads"]:
         overrides.append(f"trainer.num_threads={checked['threads']}")
     overrides += list(cfg.get("train_overrides") or [])
-    tcfg = _compose("train", overrides)
+    tcfg = compose_config("train", overrides)
     OmegaConf.set_struct(tcfg, False)
     # the bench's own data and model groups, with any dotted overrides the user gave them
     tcfg.data = OmegaConf.merge(tcfg.data, cfg.data)
@@ -318,7 +308,7 @@ def _train_peer(b: Bench, method: str, lr: float, seed: int, budget_min: float, 
 def _evaluate_ours(b: Bench, run_dir: Path, split: str, guard: bool) -> Dict[str, Any]:
     from ups_lightning.evaluation import evaluate
 
-    ecfg = _compose("evaluate", [f"run_dir={run_dir}", "ttc=off", "upto=operator", f"split={split}",
+    ecfg = compose_config("evaluate", [f"run_dir={run_dir}", "ttc=off", "upto=operator", f"split={split}",
                                  f"guard.invariants={str(guard).lower()}"])
     ecfg.leaderboard = str(b.cfg.leaderboard if split == "test" else b.out / "val_leaderboard.csv")
     ecfg.html = str(b.cfg.html if split == "test" else b.out / "val_leaderboard.html")
@@ -333,18 +323,15 @@ def _evaluate_ours(b: Bench, run_dir: Path, split: str, guard: bool) -> Dict[str
 def _train_ours(b: Bench, lr: float, seed: int, budget_min: float, run_dir: Path,
                 share_autoencoder: Optional[Path] = None) -> Dict[str, Any]:
     """Train (or reuse: finished stages of the same config are skipped) autoencoder + operator; the
-    learning-rate trials of one seed share the first trial's autoencoder (a copy of its stage, whose
-    record is relative to it), so they differ in the operator's learning rate alone."""
+    learning-rate trials of one seed use the first trial's autoencoder by reference (reuse_runs),
+    so they differ in the operator's learning rate alone."""
     from ups_lightning.training import run as train_run
 
     tcfg = compose_train_config(b.cfg, b.checked, run_dir, seed=seed, operator_lr=lr, budget_min=budget_min)
     if not b.checked["reuse"]:
         shutil.rmtree(run_dir, ignore_errors=True)
-    if share_autoencoder is not None and not (run_dir / "autoencoder").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(share_autoencoder / "autoencoder", run_dir / "autoencoder")
-        if (share_autoencoder / "latents").exists():
-            shutil.copytree(share_autoencoder / "latents", run_dir / "latents")
+    if share_autoencoder is not None:
+        tcfg.reuse_runs = [str(share_autoencoder)]
     b.say(f"ours: training autoencoder + operator (operator lr {lr:g}, seed {seed}, {budget_min:g} min) -> {run_dir}")
     records = train_run(tcfg)
     val = _evaluate_ours(b, run_dir, "val", guard=False)

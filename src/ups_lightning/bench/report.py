@@ -5,12 +5,12 @@ follows (sorted), so a row from any method fits the same file.
 """
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ups_lightning.atomic import atomic_write_text
+from ups_lightning.tables import format_cell, write_csv
 
 __all__ = ["SUMMARY_COLUMNS", "TABLE_COLUMNS", "write_summary", "markdown_table", "add_equal_accuracy",
            "mean_std", "aggregate", "winners", "write_bench_summary"]
@@ -43,19 +43,6 @@ TABLE_COLUMNS = (
 )
 
 
-def _cell(value: Any, fmt: str) -> str:
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, float) and math.isnan(value):
-        return "-"
-    try:
-        if fmt == "{:,}":
-            return fmt.format(int(value))
-        return fmt.format(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def add_equal_accuracy(rows: List[Dict[str, Any]], solver_rows: Sequence[Dict[str, Any]]) -> None:
     """For every learned method (``kind == "surrogate"``), the cheapest solver grid whose nRMSE is at
     most the method's, its ms per trajectory, and solver ms / method ms (``speedup_vs_solver``)."""
@@ -79,7 +66,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     sep = "|" + "|".join("---" if k == "method" else "---:" for k, _, _ in TABLE_COLUMNS) + "|"
     lines = [head, sep]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(format_cell(r.get(k), f) for k, _, f in TABLE_COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -87,7 +74,7 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Dict[str, Any]],
                   header: Optional[str] = None, notes: Sequence[str] = ()) -> Dict[str, Path]:
     """Write ``summary.csv`` and ``summary.md`` into ``out_dir``; returns their paths."""
     out = Path(out_dir)
-    csv_path = _csv(out / "summary.csv", rows, SUMMARY_COLUMNS)
+    csv_path = write_csv(out / "summary.csv", rows, SUMMARY_COLUMNS)
 
     md = []
     if header:
@@ -171,20 +158,6 @@ def _pm(row: Dict[str, Any], col: str, fmt: str = "{:.4f}") -> str:
     return fmt.format(m) + (f" ± {fmt.format(sd)}" if sd is not None and not math.isnan(sd) else "")
 
 
-def _csv(path: Path, rows: Sequence[Dict[str, Any]], first: Sequence[str] = ("method", "lr", "seed", "guard")) -> Path:
-    """Rows as CSV (atomically): the ``first`` columns in that order, then every other key sorted."""
-    import io
-
-    cols = list(first) + sorted({k for r in rows for k in r} - set(first))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    atomic_write_text(path, buf.getvalue())
-    return path
-
-
 def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str, List[Dict[str, Any]]]],
                         fixed: Sequence[Dict[str, Any]], solver_rows: Sequence[Dict[str, Any]],
                         header: str, common: Dict[str, Any]) -> Dict[str, Path]:
@@ -207,8 +180,8 @@ def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str,
     for r in sorted(agg, key=lambda r: r["nrmse"]):
         md.append(f"| {r['method']} | {r['lr']:g} | {_pm(r, 'nrmse')} | {_pm(r, 'nrmse_1')} | {_pm(r, 'nrmse_10')} | "
                   f"{_pm(r, 'nrmse_31')} | {_pm(r, 'val_nrmse')} | {_pm(r, 'train_s', '{:.0f}')} | "
-                  f"{_pm(r, 'rollout_ms_per_traj', '{:.2f}')} | {_cell(r.get('params'), '{:,}')} | "
-                  f"{_cell(r.get('solver_grid_at_equal_nrmse'), '{}')} | {r['not_learned']} of {r['n_seeds']} |")
+                  f"{_pm(r, 'rollout_ms_per_traj', '{:.2f}')} | {format_cell(r.get('params'), '{:,}')} | "
+                  f"{format_cell(r.get('solver_grid_at_equal_nrmse'), '{}')} | {r['not_learned']} of {r['n_seeds']} |")
     md += ["", "## Who wins (a gap must exceed two standard errors)", ""] + [f"- {w}" for w in winners(agg)]
     flagged = [r for r in runs if r.get("learned") is False]
     if flagged:
@@ -232,10 +205,12 @@ def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str,
            "- Per-seed figures: runs.csv; every trial: lr_search.csv."]
     md_path = out / "summary.md"
     atomic_write_text(md_path, "\n".join(md) + "\n")
-    paths = {"md": md_path, "csv": _csv(out / "summary.csv", [
+    first = ("method", "lr", "seed", "guard")
+    paths = {"md": md_path, "csv": write_csv(out / "summary.csv", [
         {k: v for k, v in r.items() if k != "seeds"} | {"seeds": " ".join(map(str, r["seeds"]))} for r in agg]
-        + list(fixed)),
-        "runs": _csv(out / "runs.csv", [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in runs]),
-        "lr_search": _csv(out / "lr_search.csv", [{k: v for k, v in t.items() if not isinstance(v, dict)}
-                                                  for t in trials])}
+        + list(fixed), first),
+        "runs": write_csv(out / "runs.csv", [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in runs],
+                          first),
+        "lr_search": write_csv(out / "lr_search.csv", [{k: v for k, v in t.items() if not isinstance(v, dict)}
+                                                       for t in trials], first)}
     return paths

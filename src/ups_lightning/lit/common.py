@@ -14,12 +14,12 @@ from torchmetrics import MeanMetric
 from ups_lightning.data.contract import DataContract
 from ups_lightning.eval.metrics import sample_nrmse  # the one nRMSE: training, evaluation, bench
 from ups_lightning.models.autoencoder import Autoencoder
-from ups_lightning.models.sizes import model_sizes
+from ups_lightning.models.sizes import sizes_of
 
 
 def build_autoencoder(model_cfg: Dict[str, Any], contract: DataContract) -> Autoencoder:
     """The autoencoder for the data's channels and grid (the data contract)."""
-    s = model_sizes(model_cfg["dim"], n_tokens=model_cfg["n_tokens"], depth=model_cfg["depth"])
+    s = sizes_of(model_cfg)
     return Autoencoder(
         in_channels=contract.n_channels, spatial_shape=tuple(contract.spatial_shape), dim=s.dim,
         n_tokens=s.n_tokens, depth=model_cfg["ae_depth"], heads=s.heads, hidden=s.hidden,

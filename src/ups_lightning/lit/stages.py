@@ -13,7 +13,7 @@ from ups_lightning.data.contract import DataContract
 from ups_lightning.lit.common import StageModule, build_autoencoder, freeze, relative_mse, sample_nrmse
 from ups_lightning.models.diffusion import ConsistencyStudent, ResidualFlow, consistency_distillation_loss
 from ups_lightning.models.operator import PDETransformer
-from ups_lightning.models.sizes import model_sizes
+from ups_lightning.models.sizes import sizes_of
 
 # stage name -> its LightningModule class, in pipeline order; artifacts.load_stage builds modules
 # only from these
@@ -29,14 +29,14 @@ def register_stage(cls: type) -> type:
 
 
 def build_operator(model_cfg: Dict[str, Any], contract: DataContract) -> PDETransformer:
-    s = model_sizes(model_cfg["dim"], n_tokens=model_cfg["n_tokens"], depth=model_cfg["depth"])
+    s = sizes_of(model_cfg)
     return PDETransformer(dim=s.dim, n_tokens=s.n_tokens, depth=s.depth, heads=s.heads, hidden=s.hidden,
                           cond_dim=contract.cond_dim, levels=model_cfg["levels"],
                           attn_backend=model_cfg["attn_backend"])
 
 
 def build_flow(model_cfg: Dict[str, Any], contract: DataContract, cls: type = ResidualFlow) -> torch.nn.Module:
-    s = model_sizes(model_cfg["dim"], n_tokens=model_cfg["n_tokens"], depth=model_cfg["depth"])
+    s = sizes_of(model_cfg)
     return cls(dim=s.dim, n_tokens=s.n_tokens, depth=model_cfg["diffusion_depth"], heads=s.heads,
                hidden=s.hidden, cond_dim=contract.cond_dim)
 
