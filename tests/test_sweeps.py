@@ -52,7 +52,7 @@ def test_an_lr_sweep_keeps_each_job_and_evaluates_the_model_that_job_trained(bas
     res = train_cli(tmp_path, "-m", "experiment=smoke", "model=dim16", "stage=operator",
                     "stages.operator.lr=1e-3,3e-3,-1", f"data.root={data_root}", f"hydra.sweep.dir={sweep}")
     assert res.returncode == 0, res.stderr[-3000:]   # a failed job does not end the sweep ...
-    assert "stages.operator.lr=-1 is out of range" in res.stderr
+    assert "stages.operator.lr=-1.0 is out of range" in res.stderr
     jobs = [sweep / "0", sweep / "1"]
     hashes = set()
     for job, lr in zip(jobs, (1e-3, 3e-3)):
@@ -80,7 +80,7 @@ def test_an_lr_sweep_keeps_each_job_and_evaluates_the_model_that_job_trained(bas
     report = (sweep / "report.md").read_text()
     assert f"**Best: job {best}** (stages.operator.lr=" in report
     assert (sweep / "report.csv").is_file() and (sweep / "report_stages.operator.lr.png").is_file()
-    assert "| 2 | -1 |" in report and "failed: setting stages.operator.lr=-1" in report   # ... and is listed
+    assert "| 2 | -1 |" in report and "failed: setting stages.operator.lr=-1.0" in report   # ... and is listed
 
     # test figures join the report once a job is evaluated; the report's choice stays on validation
     row = evaluate(eval_cfg(sweep / best, tmp_path / "lb", "n_show=0"))

@@ -32,7 +32,7 @@ PROTOCOLS = ("small", "full")
 
 
 def ranks(values: Sequence[float]) -> List[float]:
-    """Ranks 1..n, ties sharing their average rank (what Spearman's rho needs)."""
+    """Ranks 1..n, ties sharing their average rank (what Spearman's correlation needs)."""
     order = sorted(range(len(values)), key=lambda i: values[i])
     out = [0.0] * len(values)
     i = 0
@@ -91,8 +91,8 @@ def _train_and_validate(cfg: DictConfig, protocol: str, i: int, overrides: List[
                                     *cfg.train_overrides, *overrides])
     records = train(tcfg)
     ecfg = compose_config("evaluate", [f"run_dir={run_dir}", "ttc=off", "upto=operator", "split=val", "n_show=0",
-                                       f"leaderboard={out / 'leaderboard.csv'}", f"html={out / 'leaderboard.html'}",
-                                       f"note=proxy {protocol} config {i}: {' '.join(overrides) or '(defaults)'}"])
+                                       f"leaderboard={out / 'leaderboard.csv'}", f"html={out / 'leaderboard.html'}"])
+    ecfg.note = f"proxy {protocol} config {i}: {' '.join(overrides) or '(defaults)'}"
     row = evaluate(ecfg)
     return {"val_nrmse": row["nrmse"], "run_dir": str(run_dir), "run_id": row["run_id"],
             "train_s": sum(float(r["wall_clock_s"]) for r in records.values()),
@@ -116,11 +116,11 @@ def run_proxy(cfg: DictConfig) -> Dict[str, Any]:
             row.update({f"{p}_{k}": v for k, v in got.items()})
         rows.append(row)
     ok = [r for r in rows if all(math.isfinite(r[f"{p}_val_nrmse"]) for p in PROTOCOLS)]
-    rho = spearman([r["small_val_nrmse"] for r in ok], [r["full_val_nrmse"] for r in ok]) if len(ok) >= 2 else math.nan
+    correlation = spearman([r["small_val_nrmse"] for r in ok], [r["full_val_nrmse"] for r in ok]) if len(ok) >= 2 else math.nan
     for p in PROTOCOLS:
         for r, k in zip(ok, ranks([r[f"{p}_val_nrmse"] for r in ok])):
             r[f"{p}_rank"] = k
-    summary = {"spearman": rho, "n": len(ok), "rows": rows, "seconds": time.time() - start}
+    summary = {"spearman": correlation, "n": len(ok), "rows": rows, "seconds": time.time() - start}
     _write(out, cfg, checked, summary)
     return summary
 

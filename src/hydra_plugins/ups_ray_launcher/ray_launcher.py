@@ -10,8 +10,9 @@ runs as many jobs at once as the machine or cluster has room for. The job's conf
 here, in the driver, exactly as Hydra's basic launcher does; the task runs the job with Hydra's
 ``run_job`` in a Ray worker, which must see the same files (the sweep directory, the data).
 """
-from __future__ import annotations
 
+# no `from __future__ import annotations`: Hydra execs plugin modules outside sys.modules, where
+# dataclasses cannot resolve string annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
