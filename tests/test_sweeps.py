@@ -297,3 +297,13 @@ def test_validation_on_steps_keeps_the_best_weights_within_an_epoch(smoke_data, 
     col = metrics[0].split(",").index("val/nrmse")
     vals = [line.split(",")[col] for line in metrics[1:] if line.split(",")[col]]
     assert len(vals) >= 2 and record["best_val_nrmse"] == pytest.approx(min(map(float, vals)), rel=1e-6)
+
+
+@pytest.mark.parametrize("override, key", [("configs=[]", "configs"), ("budget_min.full=0", "budget_min.full"),
+                                           ("train_overrides=null", "train_overrides")])
+def test_bad_proxy_settings_name_the_setting(override, key):
+    from ups_lightning.config import compose_config
+    from ups_lightning.proxy import check_config
+
+    with pytest.raises(UserError, match=rf"proxy setting {key.replace('.', chr(92) + '.')}="):
+        check_config(compose_config("proxy", [override]))
