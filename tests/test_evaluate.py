@@ -146,6 +146,8 @@ def test_compare_prints_metric_and_config_differences(smoke_run, tmp_path, capsy
 
 
 def test_ttc_with_the_operator_as_its_only_candidate_is_the_plain_rollout(smoke_run):
+    from ups_lightning.inference.candidates import Proposer
+    from ups_lightning.inference.rewards import make_reward
     from ups_lightning.inference.rollout import Physics, ttc_rollout
     from ups_lightning.inference.ttc import TTCConfig
     from ups_lightning.artifacts import load_stage
@@ -157,9 +159,15 @@ def test_ttc_with_the_operator_as_its_only_candidate_is_the_plain_rollout(smoke_
     assert physics.params == {"nu": pytest.approx(0.001)} and physics.spec is get_pde("burgers1d")
     sur = Surrogate(module, x, cond, guard=Guard(reencode=True, invariants=True), pde=physics.spec)
     u0 = torch.from_numpy(data.read("test")[:4, cfg.data.initial_step - 1])
-    only_operator, info = ttc_rollout(sur, u0, 3, "student", TTCConfig(n_candidates=1, beam_width=1), physics)
+    reward = make_reward("consistency", physics, cells=8)
+    only_operator, info = ttc_rollout(Proposer([sur]), u0, 3, TTCConfig(n_candidates=1, beam_width=1), reward)
     torch.testing.assert_close(only_operator, rollout(sur, u0, 3))
-    assert info["evals_per_step"] == 1.0
-    with_corrections, _ = ttc_rollout(sur, u0, 3, "student", TTCConfig(n_candidates=1, beam_width=1), physics,
-                                      include_operator=False, generator=torch.Generator().manual_seed(0))
+    assert info["evals_per_step"] == 1.0 and info["operator_step_kept"] == 1.0
+    # corrector draws as the extra candidates: the search takes some of them
+    draws = Proposer([sur], corrector="student", generator=torch.Generator().manual_seed(0))
+    with_corrections, info = ttc_rollout(draws, u0, 3, TTCConfig(n_candidates=4, beam_width=1), reward)
+    assert info["operator_step_kept"] < 1.0 and info["evals_per_step"] == 4.0
+    # extra candidates that can only repeat the operator step are refused, naming the setting
+    with pytest.raises(UserError, match="ttc.n_candidates=2"):
+        ttc_rollout(Proposer([sur]), u0, 3, TTCConfig(n_candidates=2, beam_width=1), reward)
     assert not torch.allclose(with_corrections, only_operator)

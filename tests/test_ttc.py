@@ -48,8 +48,8 @@ def offset_propose(states, k):
     return out
 
 
-def closeness(prev, nxt):
-    return -(nxt[:, 0] - nxt[:, 1]).abs()
+def closeness(prev, cand):
+    return -(cand[..., 0] - cand[..., 1]).abs()
 
 
 def test_choice_is_per_sample():
@@ -77,12 +77,12 @@ def _trap_toy():
         out[:, :, 1] = states[:, None, 1] + 1
         return out
 
-    def score(prev, nxt):
-        a = (nxt[:, 0] == 1).to(prev.dtype)
-        trap = nxt[:, 2] > 0
+    def score(prev, cand):
+        a = (cand[..., 0] == 1).to(prev.dtype)
+        trap = cand[..., 2] > 0
         step1 = torch.where(trap, a, 1 - a)  # with the trap, A pays now ...
         step2 = torch.where(trap, 5 * (1 - a), 0 * a)  # ... B pays later
-        return torch.where(nxt[:, 1] == 1, step1, step2)
+        return torch.where(cand[..., 1] == 1, step1, step2)
 
     return propose, score
 
@@ -130,7 +130,7 @@ def test_plain_stochastic_step_when_one_candidate():
     torch.manual_seed(7)
     plain = propose(state, 1)[:, 0]
     torch.manual_seed(7)
-    nxt, info = ttc_step(state, propose, lambda p, n: -(n - p).pow(2).sum(-1), TTCConfig(1, 2, 1))
+    nxt, info = ttc_step(state, propose, lambda p, c: -(c - p.unsqueeze(1)).pow(2).sum(-1), TTCConfig(1, 2, 1))
     assert torch.equal(nxt, plain)
     assert info["chosen"].tolist() == [0] * 5 and info["evals"].tolist() == [1] * 5
 
@@ -138,9 +138,9 @@ def test_plain_stochastic_step_when_one_candidate():
 def test_nan_scores_never_chosen_and_bad_config():
     state = torch.zeros(3, 2, dtype=torch.float64)
 
-    def score(prev, nxt):
-        s = -nxt[:, 0]
-        return torch.where(nxt[:, 0] < 0, torch.full_like(s, math.nan), s)  # the best-looking ones are NaN
+    def score(prev, cand):
+        s = -cand[..., 0]
+        return torch.where(cand[..., 0] < 0, torch.full_like(s, math.nan), s)  # the best-looking ones are NaN
 
     _, info = ttc_step(state, offset_propose, score, TTCConfig(n_candidates=4))
     assert info["chosen"].tolist() == [2, 2, 2]

@@ -432,14 +432,30 @@ class GuardConfig:
 
 
 @dataclass
+class TTCCandidates:
+    members: List[str] = MISSING  # more run directories (other seeds): an operator ensemble
+    perturb: float = MISSING  # latent noise scale of the extra draws
+    corrector: Optional[str] = MISSING  # student | teacher: the extra draws are corrector samples
+    corrector_scale: float = MISSING
+
+
+@dataclass
+class TTCReward:
+    name: str = MISSING  # physics | consistency | verifier (inference/rewards.py)
+    cells: Optional[int] = MISSING  # consistency: the solver's grid
+    verifier: Optional[str] = MISSING  # verifier: its weights file (verifier.pt)
+    weights: Dict[str, float] = MISSING  # physics: penalty weights; unnamed ones weigh 1
+
+
+@dataclass
 class TTCSettings:
     enabled: bool = MISSING
     n_candidates: int = MISSING
     beam_width: int = MISSING
     horizon: int = MISSING
     budget: Optional[int] = MISSING
-    include_operator: bool = MISSING
-    weights: Dict[str, float] = MISSING  # conf/ttc/*.yaml; unnamed rewards weigh 1
+    candidates: TTCCandidates = field(default_factory=TTCCandidates)  # conf/ttc/*.yaml
+    reward: TTCReward = field(default_factory=TTCReward)
 
 
 @dataclass
@@ -467,7 +483,8 @@ EVAL_RANGES = [
     ("correct_every", 1, True, None), ("ensemble_members", 1, True, None), ("batch_size", 1, True, None),
     ("n_show", 0, True, None), ("num_threads", 1, True, None),
     ("ttc.n_candidates", 1, True, None), ("ttc.beam_width", 1, True, None), ("ttc.horizon", 1, True, None),
-    ("ttc.budget", 1, True, None),
+    ("ttc.budget", 1, True, None), ("ttc.candidates.perturb", 0.0, True, None),
+    ("ttc.candidates.corrector_scale", 0.0, True, None), ("ttc.reward.cells", 3, True, None),
     *[(f"gates.{k}", 0.0, True, None) for k in ("delta", "max_mass_ratio", "max_boundary_ratio",
                                                 "max_calibration_ratio", "max_wallclock_ratio")],
 ]
@@ -496,12 +513,20 @@ def validate_eval_config(cfg: DictConfig) -> DictConfig:
         raise UserError(f"corrector={merged.corrector!r}: expected student or teacher.")
     from ups_lightning.pdes.base import PENALTY_DOCS
 
-    unknown = sorted(set(merged.ttc.weights) - set(PENALTY_DOCS))
+    from ups_lightning.inference.rewards import REWARDS
+
+    unknown = sorted(set(merged.ttc.reward.weights) - set(PENALTY_DOCS))
     if unknown:
-        raise UserError(f"ttc.weights has unknown reward(s) {unknown}: expected some of "
+        raise UserError(f"ttc.reward.weights has unknown penalty(ies) {unknown}: expected some of "
                         f"{', '.join(PENALTY_DOCS)} (each equation uses the ones that hold for it).")
-    for k, w in merged.ttc.weights.items():
+    for k, w in merged.ttc.reward.weights.items():
         if not (math.isfinite(w) and w >= 0):
-            raise UserError(f"ttc.weights.{k}={w}: expected a finite number >= 0.")
+            raise UserError(f"ttc.reward.weights.{k}={w}: expected a finite number >= 0.")
+    if merged.ttc.reward.name not in REWARDS:
+        raise UserError(f"ttc.reward.name={merged.ttc.reward.name!r}: expected one of {', '.join(REWARDS)} "
+                        "(inference/rewards.py).")
+    if merged.ttc.candidates.corrector not in (None, "student", "teacher"):
+        raise UserError(f"ttc.candidates.corrector={merged.ttc.candidates.corrector!r}: expected null, student "
+                        "or teacher.")
     check_ranges(merged, EVAL_RANGES)
     return merged

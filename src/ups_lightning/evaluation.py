@@ -181,6 +181,52 @@ def build_surrogate(train_cfg: DictConfig, module: Any, data: Any, physics: Phys
                      student_steps=train_cfg.stages.distill.student_steps, guard=guard, pde=physics.spec)
 
 
+def load_verifier(path: str):
+    """A verifier saved by ``save_verifier`` (weights only: loading never runs code)."""
+    from ups_lightning.inference.rewards import Verifier
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        net = Verifier(int(blob["channels"]), 0.0, 1.0, width=int(blob["width"]))
+        net.load_state_dict(blob["state_dict"])
+    except FileNotFoundError:
+        raise UserError(f"ttc.reward.verifier={path}: no such file (bench.ttc_headroom and the study write "
+                        "verifier.pt).") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"ttc.reward.verifier={path}: not a verifier this version can load ({type(exc).__name__}: "
+                        f"{exc}). Retrain it with python -m ups_lightning.bench.ttc_headroom.") from None
+    return net.eval()
+
+
+def save_verifier(net: Any, path: Path) -> None:
+    from ups_lightning.atomic import atomic_torch_save
+
+    atomic_torch_save({"channels": net.net[0].in_channels // 3, "width": net.net[0].out_channels,
+                       "state_dict": net.state_dict()}, path)
+
+
+def build_search(ttc: DictConfig, sur: Surrogate, physics: Physics, view_of: Any,
+                 generator: Optional[torch.Generator] = None) -> tuple:
+    """(proposer, reward, parameters of the extra members) of the TTC settings ``ttc`` for the
+    surrogate ``sur``: each member run is loaded through the verified chain and must fit the data."""
+    from ups_lightning.inference.candidates import Proposer
+    from ups_lightning.inference.rewards import make_reward
+
+    members, extra_params = [sur], 0
+    for path in ttc.candidates.members:
+        m_cfg, _, m_module = load_run(Path(path))
+        check_fits_model(view_of, m_cfg, m_module)
+        members.append(build_surrogate(m_cfg, m_module, view_of, physics, sur.guard))
+        extra_params += sum(p.numel() for part in ("autoencoder", "operator") if hasattr(m_module, part)
+                            for p in getattr(m_module, part).parameters())
+    proposer = Proposer(members, perturb=float(ttc.candidates.perturb), corrector=ttc.candidates.corrector,
+                        corrector_scale=float(ttc.candidates.corrector_scale), generator=generator)
+    verifier = load_verifier(ttc.reward.verifier) if ttc.reward.name == "verifier" and ttc.reward.verifier else None
+    weights = OmegaConf.to_container(ttc.reward.weights)
+    reward = make_reward(ttc.reward.name, physics, cells=ttc.reward.cells, weights=weights, verifier=verifier)
+    return proposer, reward, extra_params
+
+
 def _timed(what: str, fn: Callable[[], Any]) -> tuple:
     """fn's result and its wall time, with the mode's start and duration in the log."""
     log.info("%s: started", what)
@@ -261,22 +307,27 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
             u0, max(1, B // cfg.ensemble_members), dim=1))
         preds["ensemble"] = ens.mean(0)
     if cfg.ttc.enabled:
-        if corrector is None:
-            raise UserError(f"ttc is enabled: TTC draws candidates from the stochastic corrector, but {run_dir} "
-                            "has no finished diffusion or distill stage. Train them with stage=all.")
+        proposer, reward, extra["ttc_member_params"] = build_search(cfg.ttc, sur, physics, view_of=data,
+                                                                    generator=gen)
         tcfg = TTCConfig(n_candidates=cfg.ttc.n_candidates, beam_width=cfg.ttc.beam_width,
                          horizon=cfg.ttc.horizon, budget=cfg.ttc.budget)
-        weights = OmegaConf.to_container(cfg.ttc.weights)
         infos = []
 
         def run_ttc(u: torch.Tensor) -> torch.Tensor:
-            out, info = ttc_rollout(sur, u, steps, corrector, tcfg, physics, weights,
-                                   include_operator=cfg.ttc.include_operator, generator=gen)
-            infos.append(info["evals_per_step"])
+            out, info = ttc_rollout(proposer, u, steps, tcfg, reward)
+            infos.append(info)
             return out
 
         preds["ttc"], walls["ttc"] = _timed("TTC", lambda: _batched("TTC", run_ttc, u0, B))
-        extra["ttc_evals_per_step"] = float(np.mean(infos))
+        extra["ttc_evals_per_step"] = float(np.mean([i["evals_per_step"] for i in infos]))
+        extra["ttc_operator_step_kept"] = float(np.mean([i["operator_step_kept"] for i in infos]))
+        if reward.solver_cells:   # fairness: the reward's solver on its own, from the same given frame
+            from ups_lightning.bench.solver_sweep import solve_on_grid
+
+            n_c = reward.solver_cells
+            sol, walls[f"solver_{n_c}"] = solve_on_grid(u0.double().numpy(), n_c, physics.pde, physics.params,
+                                                        t_rel, physics.domain_length)
+            preds[f"solver_{n_c}"] = torch.from_numpy(sol).float()
 
     metrics: Dict[str, Dict[str, float]] = {}
     for name, pred in preds.items():
@@ -306,8 +357,11 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
     params = {part: sum(p.numel() for p in getattr(module, part).parameters())
               for part in ("autoencoder", "operator", "flow", "student") if hasattr(module, part)}
     used = params.get("autoencoder", 0) + params.get("operator", 0)
-    if headline == "ttc" and corrector:
-        used += params.get("flow" if corrector == "teacher" else "student", 0)
+    ttc_corrector = cfg.ttc.candidates.corrector if headline == "ttc" else None
+    if ttc_corrector:
+        used += params.get("flow" if ttc_corrector == "teacher" else "student", 0)
+    if headline == "ttc":
+        used += extra.get("ttc_member_params", 0)
     row: Dict[str, Any] = {
         "run_id": time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6],
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),

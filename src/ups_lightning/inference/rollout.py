@@ -6,7 +6,8 @@ teacher forcing), decoding every predicted state on the evaluation grid. Modes:
 - operator only (deterministic);
 - operator + stochastic corrector (diffusion teacher or distilled student) every `every` steps;
 - an ensemble of such stochastic rollouts (members batched together);
-- TTC: per-sample beam search over corrector candidates scored by the equation's physics rewards.
+- TTC: per-sample beam search over candidate next frames (operator ensembles, latent perturbations,
+  corrector samples) scored by rewards that see only the frames and the equation (``ttc_rollout``).
 
 Every mode can guard its states (`Guard`): decode each new state, optionally project it onto the
 equation's invariants that the given frame fixes (its spec's ``project``: the mean for conservation
@@ -24,7 +25,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ups_lightning.inference.ttc import TTCConfig, ttc_step
+from ups_lightning.inference.candidates import Proposer
+from ups_lightning.inference.rewards import Reward
+from ups_lightning.inference.ttc import TTCConfig, plan, ttc_step
 from ups_lightning.pdes import PDE, get_pde
 
 log = logging.getLogger("ups_lightning.rollout")
@@ -153,36 +156,28 @@ def ensemble_rollout(sur: Surrogate, u0: Tensor, steps: int, members: int, corre
 
 
 @torch.no_grad()
-def ttc_rollout(sur: Surrogate, u0: Tensor, steps: int, corrector: str, cfg: TTCConfig, physics: Physics,
-                weights: Optional[Dict[str, float]] = None, include_operator: bool = True,
-                generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Any]]:
-    """TTC rollout: at each step, beam search per sample over corrector candidates, scored by the
-    equation's rewards (its spec's ``score``) of the decoded states. With `include_operator`, the uncorrected operator step
-    (a zero residual) is one of the candidates, so the search can also decline to correct.
-    Returns the frames (B, steps, X, C) and the search's cost (model evaluations per sample per step)."""
+def ttc_rollout(proposer: Proposer, u0: Tensor, steps: int, cfg: TTCConfig, reward: Reward) -> Tuple[Tensor, Dict[str, Any]]:
+    """TTC rollout from the physical frames u0 (B, X, C): at each step a per-sample beam search
+    (inference/ttc.py) over the proposer's candidate frames (inference/candidates.py; candidate 0 is
+    the plain guarded operator step), scored by ``reward`` (inference/rewards.py) from the frames
+    alone. Returns the frames (B, steps, X, C) and the search's cost (model evaluations per sample per
+    step) and how often it kept candidate 0."""
+    C = u0.shape[-1]
+    proposer.check(plan(cfg).n_first)
 
-    def propose(states: Tensor, k: int) -> Tensor:
-        z_pred = sur.step(states)
-        rep = z_pred.unsqueeze(1).expand(-1, k, *z_pred.shape[1:]).reshape(-1, *z_pred.shape[1:])
-        cand = sur.correct(rep, corrector, generator).reshape(states.shape[0], k, *states.shape[1:])
-        if include_operator:
-            cand[:, 0] = z_pred
-        return cand
+    def score(prev: Tensor, cand: Tensor) -> Tensor:
+        return reward(prev[..., :C], cand[..., :C])
 
-    def score(prev: Tensor, nxt: Tensor) -> Tensor:
-        return physics.spec.score(sur.decode(prev), sur.decode(nxt), physics.params, physics.dx,
-                                  physics.dt, weights=weights)
-
-    z = sur.encode(u0)
-    frames, evals = [], []
+    state = torch.cat([u0, u0], dim=-1)   # (current frame, the given frame the guard projects onto)
+    frames, evals, kept = [], [], []
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        z, info = ttc_step(z, propose, score, cfg)
-        z, u = sur.settle(z, u0)
-        frames.append(u)
+        state, info = ttc_step(state, proposer, score, cfg)
+        frames.append(state[..., :C])
         evals.append(info["evals"].double().mean())
+        kept.append((info["chosen"] == 0).double().mean())
         if step % 10 == 0 or step == steps:   # the search is the slow mode: say where it is
             log.info("TTC: step %d/%d of %d trajectories after %.1f s", step, steps, len(u0),
                      time.perf_counter() - start)
-    mean_evals = float(torch.stack(evals).mean()) if evals else math.nan
-    return torch.stack(frames, dim=1), {"evals_per_step": mean_evals}
+    mean = lambda v: float(torch.stack(v).mean()) if v else math.nan  # noqa: E731
+    return torch.stack(frames, dim=1), {"evals_per_step": mean(evals), "operator_step_kept": mean(kept)}

@@ -5,9 +5,10 @@ Model-agnostic: the search sees states as tensors ``(B, ...)`` and two callables
 - ``propose(states (M, ...), k) -> (M, k, ...)``: k stochastic candidate next states per state (in
   this project: operator step + k corrector samples, decoded or latent). One call costs k model
   evaluations per state; this is the unit of the budget.
-- ``score(prev (M, ...), next (M, ...)) -> (M,)``: reward of each step, higher is better (e.g. a
-  decode followed by the equation spec's `score`, `ups_lightning.pdes`). Scoring is not counted
-  as a model evaluation. NaN rewards count as -inf (never chosen).
+- ``score(prev (M, ...), cand (M, k, ...)) -> (M, k)``: reward of each candidate step from its
+  parent, higher is better (``inference/rewards.py``; a parent's candidates are scored together, so a
+  reward may share work between them, e.g. one solver run per parent). Scoring is not counted as a
+  model evaluation. NaN rewards count as -inf (never chosen).
 
 Search, for every sample independently (vectorised over the batch, never one choice for all):
 draw ``n0`` first-step candidates from the current state and score them; keep the ``W`` best as
@@ -92,9 +93,10 @@ def plan(cfg: TTCConfig) -> TTCPlan:
 def _pairs(prev: Tensor, cand: Tensor, score: Score) -> Tensor:
     """Score every candidate against its parent: prev (M, ...), cand (M, k, ...) -> (M, k)."""
     M, k = cand.shape[:2]
-    rep = prev.unsqueeze(1).expand(M, k, *prev.shape[1:]).reshape(M * k, *prev.shape[1:])
-    s = score(rep, cand.reshape(M * k, *cand.shape[2:]))
-    s = torch.as_tensor(s, device=cand.device).reshape(M, k)
+    s = torch.as_tensor(score(prev, cand), device=cand.device)
+    if s.shape != (M, k):
+        raise ValueError(f"score(prev {tuple(prev.shape)}, cand {tuple(cand.shape)}) returned {tuple(s.shape)}; "
+                         f"expected {(M, k)}")
     return torch.nan_to_num(s.to(torch.float64), nan=-torch.inf)
 
 
