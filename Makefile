@@ -7,7 +7,7 @@ STAMP    := $(VENV)/.installed
 TORCH    ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup data data-full test test-slow eval-small eval-full bench clean
+.PHONY: setup data data-full test test-slow eval-small eval-full bench study clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ eval-full: setup
 # BUDGET=<minutes per learned model>, SEEDS=<n training seeds>, BENCH_ARGS=<more overrides>; the data is made when missing
 bench: setup
 	$(BIN)/python -m ups_lightning.bench $(if $(BUDGET),budget_min=$(BUDGET)) $(if $(SEEDS),"seeds=[$(shell seq -s, 0 $$(($(SEEDS)-1)))]") $(BENCH_ARGS)
+
+# the capacity x TTC study (README "Test-time search"); BUDGET=<minutes per model>, STUDY_ARGS=<more overrides>
+study: setup
+	$(BIN)/python -m ups_lightning.study $(if $(BUDGET),budget_min=$(BUDGET)) $(STUDY_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,136 +1,210 @@
-"""`python -m ups_lightning.bench.ttc_headroom run_dir=DIR [split=val]`: why TTC gains or not.
+"""`python -m ups_lightning.bench.ttc_headroom run_dir=DIR [members=[...]] [split=val]`: can TTC gain?
 
-TTC can beat the plain rollout only if (1) its candidates contain better next states than the
-operator step and (2) its physics score finds them. This measures both on a trained run, under the
-evaluation's guard, on the validation split by default:
+TTC beats the plain rollout only if (1) its candidates hold better next states than the operator step
+and (2) its reward finds them. For one candidate set (``conf/ttc_headroom.yaml``: members, latent
+perturbations or corrector draws, ``n_candidates`` per step, candidate 0 the operator step) this
+measures, on the validation split by default:
 
-- **plain**: the guarded operator rollout;
-- **TTC score**: at each step the candidate with the best score of the equation's rewards (TTC's
-  score, the spec's ``score`` with default weights; greedy, beam 1);
-- **oracle**: the candidate nearest the true next frame (reads the future: the headroom, no method);
-- per penalty of the equation (e.g. mass, energy, tv, pde): along the plain rollout, the mean change of the one-step nRMSE
-  when that penalty alone picks the candidate, against keeping the operator step (< 0: it helps).
+- **plain**: the guarded operator rollout; **oracle**: at each step the candidate nearest the true next
+  frame (reads the future: the headroom, no method). Greedy rollouts, with nRMSE and ms/traj.
+- per reward (``rewards``: physics, consistency:CELLS, verifier): along the plain rollout, the rank
+  correlation (Spearman, per sample over its candidates) between the reward and minus the true
+  one-step error; the one-step error change when the reward picks, against keeping the operator step;
+  the share of the oracle's one-step gain that recovers; and its greedy TTC rollout (the evaluation's
+  own ``ttc_rollout``), timed as a whole;
+- beside every reward that runs a solver, that solver on its own from the same given frame.
 
-Prints a table and writes ``ttc_headroom.json`` in the Hydra run directory. Settings:
-``conf/ttc_headroom.yaml``.
+The verifier is trained here on the train split (``verifier_trajectories`` trajectories, the true errors
+of the same candidate set along the plain rollout) and saved as ``verifier.pt`` for ``ttc.reward``.
+Prints a table and writes ``ttc_headroom.json`` in the Hydra run directory.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Dict, List, Optional
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from ups_lightning.atomic import atomic_write_json
 from ups_lightning.errors import UserError, report_user_errors
-from ups_lightning.inference.rollout import Guard, Physics, Surrogate
+from ups_lightning.inference.candidates import Proposer
+from ups_lightning.inference.rewards import Reward, make_reward, train_verifier
+from ups_lightning.inference.rollout import Guard, ttc_rollout
+from ups_lightning.inference.ttc import TTCConfig
 from ups_lightning.lit.common import sample_nrmse
+
+__all__ = ["run_headroom", "candidate_errors", "rank_correlation", "parse_reward"]
+
+
+class _Oracle(Reward):
+    """Picks by the true next frame (the headroom, never a method): greedy rollouts only."""
+
+    name = "oracle"
+
+    def __init__(self, truth: Tensor) -> None:
+        self.truth, self.k = truth, 0
+
+    def score(self, prev: Tensor, cand: Tensor) -> Tensor:
+        t = self.truth[:, self.k]
+        self.k += 1
+        return -torch.stack([sample_nrmse(cand[:, j], t) for j in range(cand.shape[1])], 1)
+
+
+def rank_correlation(score: Tensor, err: Tensor) -> float:
+    """Mean over rows of Spearman(score, -err) across each row's candidates (ties by order)."""
+    def ranks(v: Tensor) -> Tensor:
+        return v.argsort(1).argsort(1).double()
+    a, b = ranks(score.double()), ranks(-err.double())
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    den = (a.pow(2).sum(1) * b.pow(2).sum(1)).sqrt()
+    ok = den > 0
+    return float(((a * b).sum(1)[ok] / den[ok]).mean()) if ok.any() else float("nan")
 
 
 @torch.no_grad()
-def headroom(sur: Surrogate, u0: Tensor, truth: Tensor, corrector: str, n_candidates: int, scale: float,
-             physics: Physics, generator: torch.Generator) -> Dict[str, Any]:
-    """The three rollouts and the per-penalty picks of the module doc, for one candidate scale."""
-    spec, rate = physics.spec, dict(params=physics.params, dx=physics.dx, dt=physics.dt)
-    steps, rows = truth.shape[1], torch.arange(u0.shape[0])
+def candidate_errors(proposer: Proposer, u0: Tensor, truth: Tensor, k: int) -> tuple:
+    """Along the plain rollout: (prev frames (T, B, X, C), candidates (T, B, k, X, C), their true
+    one-step nRMSE (T, B, k))."""
+    C = u0.shape[-1]
+    state, prevs, cands, errs = torch.cat([u0, u0], -1), [], [], []
+    for step in range(truth.shape[1]):
+        cand = proposer(state, k)
+        frames = cand[..., :C]
+        prevs.append(state[..., :C])
+        cands.append(frames)
+        errs.append(torch.stack([sample_nrmse(frames[:, j], truth[:, step]) for j in range(k)], 1))
+        state = cand[:, 0]
+    return torch.stack(prevs), torch.stack(cands), torch.stack(errs)
 
-    def candidates(z: Tensor) -> tuple:
-        z_pred = sur.step(z)
-        rep = z_pred.repeat_interleave(n_candidates, dim=0)
-        cand = rep + scale * (sur.correct(rep, corrector, generator) - rep)
-        cand = cand.reshape(u0.shape[0], n_candidates, *z_pred.shape[1:])
-        cand[:, 0] = z_pred
-        frames = torch.stack([sur.decode(cand[:, j]) for j in range(n_candidates)], dim=1)
-        return cand, frames
 
-    def errors(frames: Tensor, k: int) -> Tensor:
-        """(B, K) nRMSE of each candidate's frame as the guard reports it (projected onto the
-        invariants) against the truth. (The physics score sees the candidates as decoded, as
-        ``ttc_rollout`` scores them.)"""
-        shown = [spec.project(frames[:, j], u0) if sur.guard.invariants else frames[:, j]
-                 for j in range(n_candidates)]
-        return torch.stack([sample_nrmse(shown[j], truth[:, k]) for j in range(n_candidates)], 1)
+def parse_reward(spec: str) -> tuple:
+    """'physics' | 'verifier' | 'consistency:32' -> (name, cells)."""
+    name, _, cells = str(spec).partition(":")
+    if name == "consistency":
+        try:
+            return name, int(cells)
+        except ValueError:
+            raise UserError(f"rewards: {spec!r}: write the consistency reward as consistency:CELLS "
+                            "(e.g. consistency:32).") from None
+    return name, None
 
-    def run(pick: Callable[[Tensor, Tensor, int], Tensor]) -> Dict[str, Any]:
-        z, u_prev, errs, kept = sur.encode(u0), u0, [], []
-        for k in range(steps):
-            cand, frames = candidates(z)
-            idx = pick(u_prev, frames, k)
-            kept.append((idx == 0).double().mean())
-            z, u_prev = sur.settle(cand[rows, idx], u0)
-            errs.append(sample_nrmse(u_prev, truth[:, k]))
-        e = torch.stack(errs, dim=1).mean(0)
-        return {"nrmse": float(e.mean()), "nrmse_1": float(e[0]), "nrmse_31": float(e[-1]),
-                "operator_step_kept": float(torch.stack(kept).mean())}
 
-    def by_score(u_prev: Tensor, frames: Tensor, k: int) -> Tensor:
-        s = torch.stack([spec.score(u_prev, frames[:, j], **rate) for j in range(n_candidates)], 1)
-        return s.argmax(1)
-
-    def by_truth(u_prev: Tensor, frames: Tensor, k: int) -> Tensor:
-        return errors(frames, k).argmin(1)
-
-    out = {"plain": run(lambda u, f, k: torch.zeros(len(u), dtype=torch.long)),
-           "ttc_score": run(by_score), "oracle": run(by_truth)}
-
-    # each penalty alone, along the plain rollout: does its pick beat the operator step?
-    change = {p: [] for p in spec.penalties}
-    z = sur.encode(u0)
-    u_prev = u0
-    for k in range(steps):
-        cand, frames = candidates(z)
-        err = errors(frames, k)
-        pens = [spec.rewards(u_prev, frames[:, j], **rate) for j in range(n_candidates)]
-        for p in spec.penalties:
-            idx = torch.stack([pen[p] for pen in pens], 1).argmin(1)
-            change[p].append(float((err[rows, idx] - err[:, 0]).mean()))
-        z, u_prev = sur.settle(cand[:, 0], u0)
-    out["penalty_pick_change"] = {p: sum(v) / len(v) for p, v in change.items()}
-    return out
+def _rollout_row(proposer: Proposer, u0: Tensor, truth: Tensor, k: int, reward: Reward) -> Dict[str, Any]:
+    start = time.perf_counter()
+    pred, info = ttc_rollout(proposer, u0, truth.shape[1], TTCConfig(n_candidates=k, beam_width=1), reward)
+    wall = time.perf_counter() - start
+    e = torch.stack([sample_nrmse(pred[:, s], truth[:, s]) for s in range(truth.shape[1])], 1).mean(0)
+    return {"nrmse": float(e.mean()), "nrmse_1": float(e[0]), "nrmse_31": float(e[-1]),
+            "operator_step_kept": info["operator_step_kept"], "ms_per_traj": 1000.0 * wall / len(u0)}
 
 
 def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
+    from ups_lightning.bench.solver_sweep import solve_on_grid
     from ups_lightning.evaluation import (build_surrogate, check_fits_model, eval_data, eval_member, file_physics,
-                                       load_run, rollout_frames)
+                                          load_run, rollout_frames, save_verifier)
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    if int(cfg.n_candidates) < 2:
+    k = int(cfg.n_candidates)
+    if k < 2:
         raise UserError(f"n_candidates={cfg.n_candidates}: the search needs the operator step and at least "
-                        "one corrector candidate (n_candidates >= 2).")
+                        "one more candidate (n_candidates >= 2).")
+    rewards = [parse_reward(r) for r in cfg.rewards]
     train_cfg, _, module = load_run(Path(cfg.run_dir))
     member = eval_member(train_cfg, None)
-    view = eval_data(member, None, cfg.split)
-    check_fits_model(view, train_cfg, module)
+    views = {s: eval_data(member, None, s) for s in (cfg.split, "train")}
+    for v in views.values():
+        check_fits_model(v, train_cfg, module)
+    view = views[cfg.split]
     physics = file_physics(view, member)
-    sur = build_surrogate(train_cfg, module, view, physics, Guard(reencode=True, invariants=True))
-    if cfg.corrector not in sur.correctors:
-        raise UserError(f"corrector={cfg.corrector}: {cfg.run_dir} has {list(sur.correctors) or 'no'} "
-                        "corrector stage(s); train them with stage=all.")
-    u0, truth = rollout_frames(view.fields, int(train_cfg.data.initial_step))
-    result: Dict[str, Any] = {"run_dir": str(cfg.run_dir), "split": cfg.split, "corrector": cfg.corrector,
-                              "n_candidates": int(cfg.n_candidates), "n": len(u0), "scales": {}}
+    guard = Guard(reencode=True, invariants=True)
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    print(f"TTC headroom: {cfg.run_dir}, {cfg.split} split ({len(u0)} trajectories), {cfg.corrector} corrector, "
-          f"{cfg.n_candidates} candidates per step (candidate 0: the operator step), guarded rollouts")
-    print(f"{'scale':>6} {'rollout':>10} {'nRMSE':>8} {'@1':>8} {'@31':>8} {'operator kept':>14}")
-    for scale in cfg.scales:
-        r = headroom(sur, u0, truth, cfg.corrector, int(cfg.n_candidates), float(scale), physics, gen)
-        result["scales"][str(scale)] = r
-        for name in ("plain", "ttc_score", "oracle"):
-            m = r[name]
-            print(f"{float(scale):>6g} {name:>10} {m['nrmse']:>8.4f} {m['nrmse_1']:>8.4f} {m['nrmse_31']:>8.4f} "
-                  f"{m['operator_step_kept']:>14.2f}")
-        print("       one-step nRMSE change when one penalty picks (vs the operator step): " + ", ".join(
-            f"{p} {v:+.4f}" for p, v in r["penalty_pick_change"].items()))
+
+    def proposer_for(v) -> Proposer:
+        members = [build_surrogate(train_cfg, module, v, physics, guard)]
+        for path in cfg.members:
+            m_cfg, _, m_module = load_run(Path(path))
+            check_fits_model(v, m_cfg, m_module)
+            members.append(build_surrogate(m_cfg, m_module, v, physics, guard))
+        p = Proposer(members, perturb=float(cfg.perturb), corrector=cfg.corrector,
+                     corrector_scale=float(cfg.corrector_scale), generator=gen)
+        p.check(k)
+        return p
+
+    n_given = int(train_cfg.data.initial_step)
+    u0, truth = rollout_frames(view.fields, n_given)
+    proposer = proposer_for(view)
+    result: Dict[str, Any] = {"run_dir": str(cfg.run_dir), "members": list(cfg.members), "split": cfg.split,
+                              "n": len(u0), "n_candidates": k, "perturb": float(cfg.perturb),
+                              "corrector": cfg.corrector, "corrector_scale": float(cfg.corrector_scale),
+                              "threads": torch.get_num_threads(), "rewards": {}}
+    print(f"TTC headroom: {cfg.run_dir} + {len(cfg.members)} member(s), {cfg.split} split ({len(u0)} "
+          f"trajectories), {k} candidates per step (perturb {cfg.perturb}, corrector {cfg.corrector}), "
+          f"{torch.get_num_threads()} threads")
+
+    verifier = None
+    if any(name == "verifier" for name, _ in rewards):
+        tv = views["train"]
+        n_v = min(int(cfg.verifier_trajectories), len(tv.fields))
+        tu0, ttruth = rollout_frames(tv.fields[:n_v], n_given)
+        start = time.perf_counter()
+        p, c, e = candidate_errors(proposer_for(tv), tu0, ttruth, k)
+        verifier = train_verifier(p.unsqueeze(2).expand_as(c).reshape(-1, *c.shape[-2:]),
+                                  c.reshape(-1, *c.shape[-2:]), e.reshape(-1), steps=int(cfg.verifier_steps),
+                                  seed=int(cfg.seed))
+        result["verifier_train_s"] = time.perf_counter() - start
+        print(f"verifier: trained on {e.numel()} candidates of {n_v} train trajectories in "
+              f"{result['verifier_train_s']:.0f} s")
+
+    prev, cand, err = candidate_errors(proposer, u0, truth, k)
+    oracle_gain = float((err.min(-1).values - err[..., 0]).mean())
+    result["plain"] = _rollout_row(proposer, u0, truth, 1, _Oracle(truth))   # one candidate: the plain rollout
+    result["oracle"] = _rollout_row(proposer, u0, truth, k, _Oracle(truth))
+    result["oracle"]["one_step_change"] = oracle_gain
+    print(f"{'reward':>16} {'spearman':>9} {'1-step chg':>11} {'share':>7} {'nRMSE':>8} {'@1':>8} {'@31':>8} "
+          f"{'kept':>6} {'ms/traj':>9}")
+    for name in ("plain", "oracle"):
+        r = result[name]
+        print(f"{name:>16} {'':>9} {r.get('one_step_change', 0.0):>+11.4f} {'':>7} {r['nrmse']:>8.4f} "
+              f"{r['nrmse_1']:>8.4f} {r['nrmse_31']:>8.4f} {r['operator_step_kept']:>6.2f} {r['ms_per_traj']:>9.2f}")
+    t_rel = np.asarray(view.meta.t[n_given - 1:], dtype=np.float64) - float(view.meta.t[n_given - 1])
+    rows_b = torch.arange(err.shape[1])
+    for (name, cells), label in zip(rewards, cfg.rewards):
+        reward = make_reward(name, physics, cells=cells, verifier=verifier,
+                             weights=OmegaConf.to_container(cfg.weights))
+        s = torch.stack([reward(prev[t], cand[t]) for t in range(len(prev))])      # (T, B, k)
+        pick = s.argmax(-1)
+        change = float(torch.stack([err[t, rows_b, pick[t]] - err[t, :, 0] for t in range(len(err))]).mean())
+        row = {"spearman": rank_correlation(s.flatten(0, 1), err.flatten(0, 1)), "one_step_change": change,
+               "share_of_oracle": change / oracle_gain if oracle_gain < 0 else float("nan"),
+               **_rollout_row(proposer, u0, truth, k, reward)}
+        if reward.solver_cells:
+            sol, wall = solve_on_grid(u0.double().numpy(), reward.solver_cells, physics.pde, physics.params, t_rel,
+                                      physics.domain_length)
+            e = torch.stack([sample_nrmse(torch.from_numpy(sol[:, t]).float(), truth[:, t])
+                             for t in range(truth.shape[1])], 1)
+            row["solver_alone"] = {"cells": reward.solver_cells, "nrmse": float(e.mean()),
+                                   "ms_per_traj": 1000.0 * wall / len(u0)}
+        result["rewards"][str(label)] = row
+        print(f"{str(label):>16} {row['spearman']:>9.3f} {change:>+11.4f} {row['share_of_oracle']:>7.2f} "
+              f"{row['nrmse']:>8.4f} {row['nrmse_1']:>8.4f} {row['nrmse_31']:>8.4f} "
+              f"{row['operator_step_kept']:>6.2f} {row['ms_per_traj']:>9.2f}")
+        if "solver_alone" in row:
+            sa = row["solver_alone"]
+            print(f"{'':>16} the solver alone on {sa['cells']} cells: nRMSE {sa['nrmse']:.4f}, "
+                  f"{sa['ms_per_traj']:.2f} ms/traj")
     if HydraConfig.initialized():
-        out = Path(HydraConfig.get().runtime.output_dir) / "ttc_headroom.json"
-        atomic_write_json(out, result)
-        print(f"wrote {out}")
+        out = Path(HydraConfig.get().runtime.output_dir)
+        atomic_write_json(out / "ttc_headroom.json", result)
+        if verifier is not None:
+            save_verifier(verifier, out / "verifier.pt")
+        print(f"wrote {out / 'ttc_headroom.json'}")
     return result
 
 

@@ -392,11 +392,14 @@ class PointDecoder(nn.Module):
         bias = self.attn_bias(x)
         for blk in self.blocks:
             q = blk(q, ctx, attn_bias=bias)
-        qf = torch.cat([self.head_norm(q), ff.expand(B, -1, -1)], dim=-1)
-        out = self.head(qf) if not self.local_head else self._local_head(z, x, qf)
+        qn = self.head_norm(q)
+        if self.local_head:
+            out = self._local_head(z, x, qn, ff)
+        else:
+            out = self.head(torch.cat([qn, ff.expand(B, -1, -1)], dim=-1))
         return out.reshape(B, *layout, self.out_channels)
 
-    def _local_head(self, z: Tensor, x: Tensor, qf: Tensor) -> Tensor:
+    def _local_head(self, z: Tensor, x: Tensor, qn: Tensor, ff: Tensor) -> Tensor:
         # the 2^d tokens whose centres bracket x each expand the field in the local basis of the offset
         # from their centre (coefficients = MLP(token, query) + Linear(token)); the expansions are
         # blended with (bi)linear weights that sum to one (linear per axis when overlap = 1)
@@ -407,7 +410,11 @@ class PointDecoder(nn.Module):
             j0 = torch.floor(s)
             w1 = ((s - j0 - 0.5) / self.overlap + 0.5).clamp(0, 1).unsqueeze(-1)  # weight of the right token
             axes.append((s, j0, w1))
-        hq = self.head_q(qf)  # (B, Q, hidden)
+        # head_q of [qn, ff] as two products: the Fourier part depends on the grid only, so it is
+        # computed once per grid (batch 1) instead of once per sample (the decode is the rollout's
+        # largest cost)
+        wq, d_q = self.head_q.weight, qn.shape[-1]
+        hq = F.linear(qn, wq[:, :d_q]) + F.linear(ff, wq[:, d_q:], self.head_q.bias)  # (B, Q, hidden)
         tok = torch.cat([self.head_tok(z), self.head_skip(z)], dim=-1)  # (B, N, hidden + C * K)
         H = hq.shape[-1]
         out = 0.0
@@ -424,7 +431,10 @@ class PointDecoder(nn.Module):
             rel = torch.cat(rels, dim=-1) if len(rels) > 1 else rels[0]  # (B|1, Q, d)
             arg = (rel.unsqueeze(-1) * self.rel_freqs).flatten(-2)  # (B|1, Q, d * n_rel)
             phi = torch.cat([rel, arg.sin(), arg.cos()], dim=-1)
-            t = torch.gather(tok, 1, j.expand(B, -1).unsqueeze(-1).expand(-1, -1, tok.shape[-1]))
+            if j.shape[0] == 1:   # queries shared by the batch: one index for every sample
+                t = tok.index_select(1, j[0])
+            else:
+                t = torch.gather(tok, 1, j.expand(B, -1).unsqueeze(-1).expand(-1, -1, tok.shape[-1]))
             coef = self.head(t[..., :H] + hq + self.head_rel(phi)) + t[..., H:]
             basis = torch.cat([torch.ones_like(rel[..., :1]), phi], dim=-1).unsqueeze(-2)  # (B|1, Q, 1, K)
             y = (coef.view(*coef.shape[:-1], self.out_channels, self.n_basis) * basis).sum(-1)
