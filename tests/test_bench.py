@@ -410,25 +410,34 @@ def test_bench_with_ours_on_smoke_data(smoke_data, tmp_path):
         assert {r["split"] for r in csv.DictReader(fh)} == {"test"}
 
 
-def test_ttc_headroom_measures_candidates_against_plain_and_oracle(smoke_run, tmp_path):
+def test_ttc_headroom_measures_each_reward_against_plain_and_oracle(smoke_run, tmp_path):
     from omegaconf import OmegaConf
 
-    from ups_lightning.bench.ttc_headroom import run_headroom
+    from ups_lightning.bench.ttc_headroom import rank_correlation, run_headroom
     from ups_lightning.errors import UserError
 
     cfg, _ = smoke_run
-    hcfg = OmegaConf.create(dict(run_dir=cfg.run_dir, split="test", corrector="student", n_candidates=3,
-                                 scales=[0.0, 1.0], seed=0, num_threads=None))
-    r = run_headroom(hcfg)["scales"]
-    # scale 0: every candidate is the operator step, so every pick is the plain rollout
-    same = r["0.0"]
-    assert same["ttc_score"]["nrmse"] == same["plain"]["nrmse"] == same["oracle"]["nrmse"]
-    assert same["plain"]["operator_step_kept"] == 1.0
-    assert all(v == 0.0 for v in same["penalty_pick_change"].values())
-    # real candidates: the oracle's first step is never worse than the operator step, and it uses them
-    real = r["1.0"]
-    assert real["oracle"]["nrmse_1"] <= real["plain"]["nrmse_1"]
-    assert real["oracle"]["operator_step_kept"] < 1.0
-    assert real["plain"]["nrmse"] == pytest.approx(same["plain"]["nrmse"], rel=1e-6)
+    hcfg = OmegaConf.create(dict(run_dir=cfg.run_dir, members=[], split="test", n_candidates=3, perturb=0.0,
+                                 corrector="student", corrector_scale=1.0, mean=False,
+                                 rewards=["physics", "consistency:16", "verifier"],
+                                 weights={"mass": 1.0}, verifier_trajectories=8, verifier_steps=20, seed=0,
+                                 num_threads=None))
+    r = run_headroom(hcfg)
+    # the oracle's first step is never worse than the operator step, and it uses the other candidates
+    assert r["oracle"]["nrmse_1"] <= r["plain"]["nrmse_1"] and r["oracle"]["operator_step_kept"] < 1.0
+    assert r["plain"]["operator_step_kept"] == 1.0 and r["oracle"]["one_step_change"] <= 0.0
+    for name, row in r["rewards"].items():
+        assert -1.0 <= row["spearman"] <= 1.0 and row["one_step_change"] >= r["oracle"]["one_step_change"] - 1e-9
+        assert row["nrmse"] >= 0.0 and row["ms_per_traj"] > 0.0
+    # a reward that runs a solver has that solver on its own beside it
+    assert r["rewards"]["consistency:16"]["solver_alone"]["cells"] == 16
+    assert "solver_alone" not in r["rewards"]["physics"]
+    # the rank correlation itself: a reward ordered as the errors is 1, the reverse -1
+    err = torch.tensor([[0.1, 0.2, 0.3], [0.3, 0.1, 0.2]])
+    assert rank_correlation(-err, err) == pytest.approx(1.0) and rank_correlation(err, err) == pytest.approx(-1.0)
     with pytest.raises(UserError, match="n_candidates"):
         run_headroom(OmegaConf.merge(hcfg, {"n_candidates": 1}))
+    with pytest.raises(UserError, match="ttc.n_candidates=3"):   # extra candidates that can only repeat
+        run_headroom(OmegaConf.merge(hcfg, {"corrector": None}))
+    with pytest.raises(UserError, match="consistency:CELLS"):
+        run_headroom(OmegaConf.merge(hcfg, {"rewards": ["consistency"]}))

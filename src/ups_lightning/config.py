@@ -437,6 +437,7 @@ class TTCCandidates:
     perturb: float = MISSING  # latent noise scale of the extra draws
     corrector: Optional[str] = MISSING  # student | teacher: the extra draws are corrector samples
     corrector_scale: float = MISSING
+    mean: bool = MISSING  # the last candidate is the members' mean step
 
 
 @dataclass

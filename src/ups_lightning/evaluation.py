@@ -220,7 +220,8 @@ def build_search(ttc: DictConfig, sur: Surrogate, physics: Physics, view_of: Any
         extra_params += sum(p.numel() for part in ("autoencoder", "operator") if hasattr(m_module, part)
                             for p in getattr(m_module, part).parameters())
     proposer = Proposer(members, perturb=float(ttc.candidates.perturb), corrector=ttc.candidates.corrector,
-                        corrector_scale=float(ttc.candidates.corrector_scale), generator=generator)
+                        corrector_scale=float(ttc.candidates.corrector_scale), mean=bool(ttc.candidates.mean),
+                        generator=generator)
     verifier = load_verifier(ttc.reward.verifier) if ttc.reward.name == "verifier" and ttc.reward.verifier else None
     weights = OmegaConf.to_container(ttc.reward.weights)
     reward = make_reward(ttc.reward.name, physics, cells=ttc.reward.cells, weights=weights, verifier=verifier)

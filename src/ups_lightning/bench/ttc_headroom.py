@@ -133,7 +133,7 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
             check_fits_model(v, m_cfg, m_module)
             members.append(build_surrogate(m_cfg, m_module, v, physics, guard))
         p = Proposer(members, perturb=float(cfg.perturb), corrector=cfg.corrector,
-                     corrector_scale=float(cfg.corrector_scale), generator=gen)
+                     corrector_scale=float(cfg.corrector_scale), mean=bool(cfg.mean), generator=gen)
         p.check(k)
         return p
 

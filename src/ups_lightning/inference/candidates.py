@@ -9,6 +9,9 @@ with different autoencoders can propose for the same state. Candidate ``i`` of `
 - draw >= 1: that step moved by latent noise of scale ``perturb`` (in normalised latent units), or
   by the stochastic corrector's residual sample scaled by ``corrector_scale`` when ``corrector`` is set.
 
+With ``mean``, the last candidate is instead the mean of the members' operator steps (the ensemble
+mean, projected like the others): no model evaluation of its own.
+
 Members are independently trained pipelines (other seeds of the same configuration): an operator
 ensemble. Their parameters count towards the search's model size (``n_params``).
 """
@@ -29,7 +32,8 @@ class Proposer:
     given frame (channels concatenated), so the guard's projection travels with every beam."""
 
     def __init__(self, members: Sequence, perturb: float = 0.0, corrector: Optional[str] = None,
-                 corrector_scale: float = 1.0, generator: Optional[torch.Generator] = None) -> None:
+                 corrector_scale: float = 1.0, mean: bool = False,
+                 generator: Optional[torch.Generator] = None) -> None:
         if not members:
             raise ValueError("Proposer needs at least one member")
         if perturb < 0 or corrector_scale < 0:
@@ -42,6 +46,9 @@ class Proposer:
                                 "or use candidates that need no corrector (members, perturb).")
         self.members: List = list(members)
         self.perturb, self.corrector, self.corrector_scale = float(perturb), corrector, float(corrector_scale)
+        self.mean = bool(mean)
+        if self.mean and len(members) < 2:
+            raise UserError("ttc.candidates.mean=true needs at least 2 members (ttc.candidates.members).")
         self.generator = generator
 
     @property
@@ -49,7 +56,10 @@ class Proposer:
         return self.perturb > 0 or self.corrector is not None
 
     def check(self, k: int) -> None:
-        if k > len(self.members) and not self.stochastic:
+        if self.mean and k < len(self.members) + 1:
+            raise UserError(f"ttc.n_candidates={k}: with ttc.candidates.mean=true the search needs every member's "
+                            f"step and the mean, n_candidates >= {len(self.members) + 1}.")
+        if k > len(self.members) + self.mean and not self.stochastic:
             raise UserError(f"ttc.n_candidates={k} but only {len(self.members)} member(s) and no stochastic "
                             "draws: the extra candidates would repeat the operator steps. Set "
                             "ttc.candidates.perturb > 0, a corrector, more members, or fewer candidates.")
@@ -77,8 +87,11 @@ class Proposer:
         u, given = states[..., :C], states[..., C:]
         n = len(self.members)
         out = torch.empty(states.shape[0], k, *u.shape[1:], dtype=u.dtype)
+        drawn = k - 1 if self.mean else k
         for j, sur in enumerate(self.members):
-            idx = list(range(j, k, n))
+            idx = list(range(j, drawn, n))
             if idx:
                 out[:, idx] = self._draws(sur, u, given, len(idx)).to(u.dtype)
+        if self.mean:   # the members' operator steps are candidates 0..n-1; each is already projected
+            out[:, -1] = out[:, :n].mean(dim=1)
         return torch.cat([out, given.unsqueeze(1).expand(-1, k, *given.shape[1:])], dim=-1)
