@@ -64,7 +64,8 @@ def check_config(cfg: DictConfig) -> None:
             fail("rewards", "physics or consistency:CELLS entries (the verifier is measured by bench.ttc_headroom)")
 
 
-def _train(cfg: DictConfig, size: str, seed: int, out: Path) -> Path:
+def _train(cfg: DictConfig, size: str, seed: int, out: Path) -> tuple:
+    """(run directory, whether every stage beat its trivial reference) of one size and seed."""
     from ups_lightning.training import run as train
 
     run_dir = out / "runs" / f"{size}-seed{seed}"
@@ -73,8 +74,8 @@ def _train(cfg: DictConfig, size: str, seed: int, out: Path) -> Path:
                                     "stage=autoencoder_operator", f"run_dir={run_dir}", "callbacks.progress_bar=none",
                                     *[f"stages.{k}.max_minutes={budget * v:.6g}" for k, v in cfg.shares.items()],
                                     *cfg.train_overrides])
-    train(tcfg)
-    return run_dir
+    records = train(tcfg)
+    return run_dir, all(r.get("learned") is not False for r in records.values())
 
 
 class _Size:
@@ -157,11 +158,13 @@ def run_study(cfg: DictConfig) -> Dict[str, Any]:
     solver_rows: Dict[int, Dict[str, Any]] = {}
     batch = int(cfg.eval_batch_size)
     for size in cfg.sizes:
-        runs = []
+        runs, learned = [], 0
         for seed in cfg.seeds:
             log.info("study: training %s seed %d (%g min), %.0f s into the study", size, seed, cfg.budget_min,
                      time.time() - start)
-            runs.append(_train(cfg, size, int(seed), out))
+            run_dir, ok = _train(cfg, size, int(seed), out)
+            runs.append(run_dir)
+            learned += ok
         torch.set_num_threads(threads)   # training may have changed it; every figure is timed alike
         sz = _Size(runs, cfg.n_test)
         plain = [_plain(sz.splits["test"], k, batch) for k in range(len(runs))]
@@ -170,7 +173,7 @@ def run_study(cfg: DictConfig) -> Dict[str, Any]:
         rows.append({"size": size, "method": "plain", "budget": 1, "params": sz.params,
                      "nrmse": float(np.mean(errs)), "nrmse_std": float(np.std(errs, ddof=1)) if len(errs) > 1 else 0.0,
                      "val_nrmse": float(np.mean(val_plain)), "ms_per_traj": float(np.mean([p[1] for p in plain])),
-                     "reward": "", "seeds": len(errs)})
+                     "reward": "", "seeds": len(errs), "learned": learned})
         log.info("study: %s plain test nRMSE %.4f +- %.4f", size, rows[-1]["nrmse"], rows[-1]["nrmse_std"])
         for b in cfg.budgets:
             val = {r: _ttc(sz.splits["val"], b, r, batch)[0] for r in cfg.rewards}   # choose on validation ...
@@ -195,7 +198,7 @@ def _f4(v: Any) -> str:
     return format_cell(v, "{:.4f}")
 
 
-COLUMNS = ("size", "method", "params", "nrmse", "nrmse_std", "val_nrmse", "ms_per_traj", "reward", "seeds")
+COLUMNS = ("size", "method", "params", "nrmse", "nrmse_std", "val_nrmse", "ms_per_traj", "reward", "seeds", "learned")
 
 
 def _write(out: Path, cfg: DictConfig, s: Dict[str, Any]) -> None:
@@ -209,14 +212,16 @@ def _write(out: Path, cfg: DictConfig, s: Dict[str, Any]) -> None:
              f"{torch.get_num_threads()} torch threads; {s['seconds']:.0f} s in all", "",
              "Test split. plain: mean +- std over the seeds. ttc-b: the search over b seeds' operator steps, its "
              "reward chosen on the validation split (val nRMSE of every reward in the last column). solver: the "
-             "reward's solver on its own, from the same given frame.", "",
-             "| size | method | params | nRMSE | val nRMSE | ms/traj | reward | val nRMSE by reward |",
-             "|---|---|---:|---:|---:|---:|---|---|"]
+             "reward's solver on its own, from the same given frame. seeds learned: seeds whose autoencoder and "
+             "operator both beat their trivial references (the mean field; persistence).", "",
+             "| size | method | params | nRMSE | val nRMSE | ms/traj | reward | val nRMSE by reward | seeds learned |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         pm = _f4(r["nrmse"]) + (f" ± {_f4(r['nrmse_std'])}" if math.isfinite(r["nrmse_std"]) else "")
         by = ", ".join(f"{k} {v}" for k, v in r.get("val_by_reward", {}).items())
         lines.append(f"| {r['size']} | {r['method']} | {r['params']:,} | {pm} | {_f4(r['val_nrmse'])} | "
-                     f"{r['ms_per_traj']:.2f} | {r['reward']} | {by} |")
+                     f"{r['ms_per_traj']:.2f} | {r['reward']} | {by} | "
+                     f"{str(r['learned']) + ' of ' + str(r['seeds']) if 'learned' in r else ''} |")
     lines += ["", _verdict(rows), "", "![nRMSE against parameters and inference cost](study.png)", ""]
     atomic_write_text(out / "study.md", "\n".join(lines))
     _plot(out / "study.png", rows)
