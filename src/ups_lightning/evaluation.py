@@ -205,23 +205,32 @@ def save_verifier(net: Any, path: Path) -> None:
                        "state_dict": net.state_dict()}, path)
 
 
-def build_search(ttc: DictConfig, sur: Surrogate, physics: Physics, view_of: Any,
-                 generator: Optional[torch.Generator] = None) -> tuple:
-    """(proposer, reward, parameters of the extra members) of the TTC settings ``ttc`` for the
-    surrogate ``sur``: each member run is loaded through the verified chain and must fit the data."""
+def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: Any,
+                   generator: Optional[torch.Generator] = None) -> tuple:
+    """(proposer, parameters of the extra members) of TTC candidate settings (``ttc.candidates``: members,
+    perturb, corrector, corrector_scale, mean) around ``sur``; each member run is loaded through the
+    verified chain and must fit the data."""
     from ups_lightning.inference.candidates import Proposer
-    from ups_lightning.inference.rewards import make_reward
 
     members, extra_params = [sur], 0
-    for path in ttc.candidates.members:
+    for path in candidates.members:
         m_cfg, _, m_module = load_run(Path(path))
         check_fits_model(view_of, m_cfg, m_module)
         members.append(build_surrogate(m_cfg, m_module, view_of, physics, sur.guard))
         extra_params += sum(p.numel() for part in ("autoencoder", "operator") if hasattr(m_module, part)
                             for p in getattr(m_module, part).parameters())
-    proposer = Proposer(members, perturb=float(ttc.candidates.perturb), corrector=ttc.candidates.corrector,
-                        corrector_scale=float(ttc.candidates.corrector_scale), mean=bool(ttc.candidates.mean),
+    proposer = Proposer(members, perturb=float(candidates.perturb), corrector=candidates.corrector,
+                        corrector_scale=float(candidates.corrector_scale), mean=bool(candidates.mean),
                         generator=generator)
+    return proposer, extra_params
+
+
+def build_search(ttc: DictConfig, sur: Surrogate, physics: Physics, view_of: Any,
+                 generator: Optional[torch.Generator] = None) -> tuple:
+    """(proposer, reward, parameters of the extra members) of the TTC settings ``ttc``."""
+    from ups_lightning.inference.rewards import make_reward
+
+    proposer, extra_params = build_proposer(ttc.candidates, sur, physics, view_of, generator)
     verifier = load_verifier(ttc.reward.verifier) if ttc.reward.name == "verifier" and ttc.reward.verifier else None
     weights = OmegaConf.to_container(ttc.reward.weights)
     reward = make_reward(ttc.reward.name, physics, cells=ttc.reward.cells, weights=weights, verifier=verifier)

@@ -15,7 +15,8 @@ Fairness (README "Test-time search"):
 - a reward that runs a solver has that solver on its own (same grid, from the same given frame)
   reported beside it in the table and on the cost plot.
 
-Writes ``study.csv``, ``study.md`` and ``study.png`` (nRMSE against parameters and against ms per
+Trained models of the same settings are reused (finished stages are skipped), so a second run only
+re-evaluates. Writes ``study.csv``, ``study.json``, ``study.md`` and ``study.png`` (nRMSE against parameters and against ms per
 trajectory: one curve plain, one per TTC budget) into ``out_dir``.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ups_lightning.atomic import atomic_write_text
+from ups_lightning.atomic import atomic_write_json, atomic_write_text
 from ups_lightning.config import compose_config
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.tables import format_cell, write_csv
@@ -174,12 +175,14 @@ def run_study(cfg: DictConfig) -> Dict[str, Any]:
                      "nrmse": float(np.mean(errs)), "nrmse_std": float(np.std(errs, ddof=1)) if len(errs) > 1 else 0.0,
                      "val_nrmse": float(np.mean(val_plain)), "ms_per_traj": float(np.mean([p[1] for p in plain])),
                      "reward": "", "seeds": len(errs), "learned": learned})
-        log.info("study: %s plain test nRMSE %.4f +- %.4f", size, rows[-1]["nrmse"], rows[-1]["nrmse_std"])
+        rows_plain = rows[-1]
+        log.info("study: %s plain test nRMSE %.4f +- %.4f", size, rows_plain["nrmse"], rows_plain["nrmse_std"])
         for b in cfg.budgets:
             val = {r: _ttc(sz.splits["val"], b, r, batch)[0] for r in cfg.rewards}   # choose on validation ...
             chosen = min(val, key=lambda r: val[r] if math.isfinite(val[r]) else math.inf)
             err, ms, cells = _ttc(sz.splits["test"], b, chosen, batch)               # ... score test once
             rows.append({"size": size, "method": f"ttc-{b}", "budget": b, "params": b * sz.params, "nrmse": err,
+                         "gain": 1.0 - err / rows_plain["nrmse"], "cost_ratio": ms / rows_plain["ms_per_traj"],
                          "nrmse_std": math.nan, "val_nrmse": val[chosen], "ms_per_traj": ms, "reward": chosen,
                          "val_by_reward": {r: round(v, 4) for r, v in val.items()}, "seeds": b})
             log.info("study: %s TTC-%d (%s, chosen on val) test nRMSE %.4f, %.1f ms/traj", size, b, chosen, err, ms)
@@ -198,7 +201,8 @@ def _f4(v: Any) -> str:
     return format_cell(v, "{:.4f}")
 
 
-COLUMNS = ("size", "method", "params", "nrmse", "nrmse_std", "val_nrmse", "ms_per_traj", "reward", "seeds", "learned")
+COLUMNS = ("size", "method", "params", "nrmse", "nrmse_std", "val_nrmse", "ms_per_traj", "gain", "cost_ratio",
+           "reward", "seeds", "learned")
 
 
 def _write(out: Path, cfg: DictConfig, s: Dict[str, Any]) -> None:
@@ -207,6 +211,7 @@ def _write(out: Path, cfg: DictConfig, s: Dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = s["rows"]
     write_csv(out / "study.csv", [{k: r.get(k) for k in COLUMNS} for r in rows], COLUMNS)
+    atomic_write_json(out / "study.json", {"settings": OmegaConf.to_container(cfg), **s})
     lines = [f"# Capacity x TTC study: {cfg.protocol}, {cfg.budget_min:g} min per model (autoencoder + operator), "
              f"seeds {list(cfg.seeds)}; git {git_commit()}; {time.strftime('%Y-%m-%d %H:%M')}; "
              f"{torch.get_num_threads()} torch threads; {s['seconds']:.0f} s in all", "",
@@ -214,13 +219,15 @@ def _write(out: Path, cfg: DictConfig, s: Dict[str, Any]) -> None:
              "reward chosen on the validation split (val nRMSE of every reward in the last column). solver: the "
              "reward's solver on its own, from the same given frame. seeds learned: seeds whose autoencoder and "
              "operator both beat their trivial references (the mean field; persistence).", "",
-             "| size | method | params | nRMSE | val nRMSE | ms/traj | reward | val nRMSE by reward | seeds learned |",
-             "|---|---|---:|---:|---:|---:|---|---|---:|"]
+             "| size | method | params | nRMSE | below plain | val nRMSE | ms/traj | × plain cost | reward | val nRMSE by reward | seeds learned |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         pm = _f4(r["nrmse"]) + (f" ± {_f4(r['nrmse_std'])}" if math.isfinite(r["nrmse_std"]) else "")
         by = ", ".join(f"{k} {v}" for k, v in r.get("val_by_reward", {}).items())
-        lines.append(f"| {r['size']} | {r['method']} | {r['params']:,} | {pm} | {_f4(r['val_nrmse'])} | "
-                     f"{r['ms_per_traj']:.2f} | {r['reward']} | {by} | "
+        gain = f"{100 * r['gain']:.0f}%" if "gain" in r else ""
+        ratio = f"{r['cost_ratio']:.2f}" if "cost_ratio" in r else ""
+        lines.append(f"| {r['size']} | {r['method']} | {r['params']:,} | {pm} | {gain} | {_f4(r['val_nrmse'])} | "
+                     f"{r['ms_per_traj']:.2f} | {ratio} | {r['reward']} | {by} | "
                      f"{str(r['learned']) + ' of ' + str(r['seeds']) if 'learned' in r else ''} |")
     lines += ["", _verdict(rows), "", "![nRMSE against parameters and inference cost](study.png)", ""]
     atomic_write_text(out / "study.md", "\n".join(lines))
@@ -229,19 +236,24 @@ def _write(out: Path, cfg: DictConfig, s: Dict[str, Any]) -> None:
 
 
 def _verdict(rows: List[Dict[str, Any]]) -> str:
-    """Does a smaller model with search beat a larger plain one at no more inference cost?"""
+    """Does a smaller model with search beat a larger plain one at no more inference cost? Only
+    plain sizes whose every seed learned are compared (an untrained large model proves nothing)."""
     plain = [r for r in rows if r["method"] == "plain"]
+    learned = [p for p in plain if p.get("learned") == p["seeds"]]
+    skipped = [p["size"] for p in plain if p not in learned]
+    note = (f" Not compared: {', '.join(skipped)} plain, where some seeds did not beat their trivial reference "
+            "in the budget (raise budget_min)." if skipped else "")
     found = []
     for t in (r for r in rows if r["method"].startswith("ttc")):
-        for p in plain:
-            if p["params"] > t["params"] / t["budget"] and t["ms_per_traj"] <= p["ms_per_traj"] and t["nrmse"] < p["nrmse"] - 2 * p["nrmse_std"]:
+        for p in learned:
+            if (p["params"] > t["params"] / t["budget"] and t["ms_per_traj"] <= p["ms_per_traj"]
+                    and t["nrmse"] < p["nrmse"] - 2 * p["nrmse_std"]):
                 found.append(f"{t['size']} {t['method']} ({_f4(t['nrmse'])}, {t['ms_per_traj']:.1f} ms) beats "
-                             f"{p['size']} plain ({_f4(p['nrmse'])} ± {_f4(p['nrmse_std'])}, "
-                             f"{p['ms_per_traj']:.1f} ms)")
+                             f"{p['size']} plain ({_f4(p['nrmse'])} ± {_f4(p['nrmse_std'])}, {p['ms_per_traj']:.1f} ms)")
     if not found:
-        return ("**Verdict:** no smaller model with search beats a larger plain model at equal or lower inference cost "
-                "by more than two standard deviations of the plain seeds.")
-    return "**Verdict:** search stands in for capacity here: " + "; ".join(found) + "."
+        return ("**Verdict:** no smaller model with search beats a larger plain model that learned, at equal or "
+                "lower inference cost, by more than two standard deviations of the plain seeds." + note)
+    return "**Verdict:** search stands in for capacity here: " + "; ".join(found) + "." + note
 
 
 def _plot(path: Path, rows: List[Dict[str, Any]]) -> None:

@@ -106,8 +106,8 @@ def _rollout_row(proposer: Proposer, u0: Tensor, truth: Tensor, k: int, reward: 
 
 def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
     from ups_lightning.bench.solver_sweep import solve_on_grid
-    from ups_lightning.evaluation import (build_surrogate, check_fits_model, eval_data, eval_member, file_physics,
-                                          load_run, rollout_frames, save_verifier)
+    from ups_lightning.evaluation import (build_proposer, build_surrogate, check_fits_model, eval_data, eval_member,
+                                          file_physics, load_run, rollout_frames, save_verifier)
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -127,13 +127,7 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
     gen = torch.Generator().manual_seed(int(cfg.seed))
 
     def proposer_for(v) -> Proposer:
-        members = [build_surrogate(train_cfg, module, v, physics, guard)]
-        for path in cfg.members:
-            m_cfg, _, m_module = load_run(Path(path))
-            check_fits_model(v, m_cfg, m_module)
-            members.append(build_surrogate(m_cfg, m_module, v, physics, guard))
-        p = Proposer(members, perturb=float(cfg.perturb), corrector=cfg.corrector,
-                     corrector_scale=float(cfg.corrector_scale), mean=bool(cfg.mean), generator=gen)
+        p, _ = build_proposer(cfg, build_surrogate(train_cfg, module, v, physics, guard), physics, v, gen)
         p.check(k)
         return p
 
