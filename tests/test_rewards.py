@@ -88,7 +88,7 @@ def test_a_verifier_trained_on_known_errors_ranks_the_exact_state_first():
             cands.append(c)
             prevs.append(prev)
             errs.append(sample_nrmse(c, exact))
-    net = train_verifier(torch.cat(prevs), torch.cat(cands), torch.cat(errs), steps=300, seed=0)
+    net = train_verifier(torch.cat(prevs), torch.cat(cands), torch.cat(errs), steps=150, seed=0)
     r = make_reward("verifier", PHYSICS, verifier=net)
     p2, e2 = _frames(8, seed=100)     # held-out initial conditions
     s = r(p2, _candidates(p2, e2))

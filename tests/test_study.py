@@ -18,6 +18,7 @@ def _cfg(tmp_path, smoke_data, **over):
     return OmegaConf.merge(cfg, over)
 
 
+@pytest.mark.slow   # trains two models end to end (about 25 s); the verdict and settings tests below are fast
 def test_study_writes_table_and_plot_with_the_reward_chosen_on_validation(tmp_path, smoke_data):
     from ups_lightning.study import run_study
 
