@@ -181,30 +181,6 @@ def build_surrogate(train_cfg: DictConfig, module: Any, data: Any, physics: Phys
                      student_steps=train_cfg.stages.distill.student_steps, guard=guard, pde=physics.spec)
 
 
-def load_verifier(path: str):
-    """A verifier saved by ``save_verifier`` (weights only: loading never runs code)."""
-    from ups_lightning.inference.rewards import Verifier
-
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        net = Verifier(int(blob["channels"]), 0.0, 1.0, width=int(blob["width"]))
-        net.load_state_dict(blob["state_dict"])
-    except FileNotFoundError:
-        raise UserError(f"ttc.reward.verifier={path}: no such file (bench.ttc_headroom and the study write "
-                        "verifier.pt).") from None
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UserError(f"ttc.reward.verifier={path}: not a verifier this version can load ({type(exc).__name__}: "
-                        f"{exc}). Retrain it with python -m ups_lightning.bench.ttc_headroom.") from None
-    return net.eval()
-
-
-def save_verifier(net: Any, path: Path) -> None:
-    from ups_lightning.atomic import atomic_torch_save
-
-    atomic_torch_save({"channels": net.net[0].in_channels // 3, "width": net.net[0].out_channels,
-                       "state_dict": net.state_dict()}, path)
-
-
 def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: Any,
                    generator: Optional[torch.Generator] = None) -> tuple:
     """(proposer, parameters of the extra members) of TTC candidate settings (``ttc.candidates``: members,
@@ -228,7 +204,7 @@ def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: A
 def build_search(ttc: DictConfig, sur: Surrogate, physics: Physics, view_of: Any,
                  generator: Optional[torch.Generator] = None) -> tuple:
     """(proposer, reward, parameters of the extra members) of the TTC settings ``ttc``."""
-    from ups_lightning.inference.rewards import make_reward
+    from ups_lightning.inference.rewards import load_verifier, make_reward
 
     proposer, extra_params = build_proposer(ttc.candidates, sur, physics, view_of, generator)
     verifier = load_verifier(ttc.reward.verifier) if ttc.reward.name == "verifier" and ttc.reward.verifier else None

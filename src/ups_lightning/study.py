@@ -56,8 +56,7 @@ def check_config(cfg: DictConfig) -> None:
                         "step per seed)")
     if not cfg.rewards:
         fail("rewards", "a list of rewards, e.g. [physics, 'consistency:32']")
-    from ups_lightning.bench.ttc_headroom import parse_reward
-    from ups_lightning.inference.rewards import REWARDS
+    from ups_lightning.inference.rewards import REWARDS, parse_reward
 
     for r in cfg.rewards:
         name, _ = parse_reward(r)
@@ -128,9 +127,8 @@ def _plain(s: Dict[str, Any], k: int, batch: int) -> tuple:
 
 
 def _ttc(s: Dict[str, Any], b: int, reward_spec: str, batch: int) -> tuple:
-    from ups_lightning.bench.ttc_headroom import parse_reward
     from ups_lightning.inference.candidates import Proposer
-    from ups_lightning.inference.rewards import make_reward
+    from ups_lightning.inference.rewards import make_reward, parse_reward
     from ups_lightning.inference.rollout import ttc_rollout
     from ups_lightning.inference.ttc import TTCConfig
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 import hydra
 import numpy as np
@@ -34,12 +34,12 @@ from torch import Tensor
 from ups_lightning.atomic import atomic_write_json
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.inference.candidates import Proposer
-from ups_lightning.inference.rewards import Reward, make_reward, train_verifier
+from ups_lightning.inference.rewards import Reward, make_reward, parse_reward, save_verifier, train_verifier
 from ups_lightning.inference.rollout import Guard, ttc_rollout
 from ups_lightning.inference.ttc import TTCConfig
 from ups_lightning.lit.common import sample_nrmse
 
-__all__ = ["run_headroom", "candidate_errors", "rank_correlation", "parse_reward"]
+__all__ = ["run_headroom", "candidate_errors", "rank_correlation"]
 
 
 class _Oracle(Reward):
@@ -83,18 +83,6 @@ def candidate_errors(proposer: Proposer, u0: Tensor, truth: Tensor, k: int) -> t
     return torch.stack(prevs), torch.stack(cands), torch.stack(errs)
 
 
-def parse_reward(spec: str) -> tuple:
-    """'physics' | 'verifier' | 'consistency:32' -> (name, cells)."""
-    name, _, cells = str(spec).partition(":")
-    if name == "consistency":
-        try:
-            return name, int(cells)
-        except ValueError:
-            raise UserError(f"rewards: {spec!r}: write the consistency reward as consistency:CELLS "
-                            "(e.g. consistency:32).") from None
-    return name, None
-
-
 def _rollout_row(proposer: Proposer, u0: Tensor, truth: Tensor, k: int, reward: Reward) -> Dict[str, Any]:
     start = time.perf_counter()
     pred, info = ttc_rollout(proposer, u0, truth.shape[1], TTCConfig(n_candidates=k, beam_width=1), reward)
@@ -107,7 +95,7 @@ def _rollout_row(proposer: Proposer, u0: Tensor, truth: Tensor, k: int, reward: 
 def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
     from ups_lightning.bench.solver_sweep import solve_on_grid
     from ups_lightning.evaluation import (build_proposer, build_surrogate, check_fits_model, eval_data, eval_member,
-                                          file_physics, load_run, rollout_frames, save_verifier)
+                                          file_physics, load_run, rollout_frames)
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ups_lightning.atomic import atomic_torch_save
 from ups_lightning.errors import UserError
 
 __all__ = ["Reward", "PhysicsReward", "ConsistencyReward", "VerifierReward", "Verifier", "make_reward",
-           "REWARDS", "train_verifier"]
+           "REWARDS", "train_verifier", "save_verifier", "load_verifier", "parse_reward"]
 
 REWARDS = ("physics", "consistency", "verifier")
 
@@ -168,6 +169,39 @@ def train_verifier(prev: Tensor, cand: Tensor, err: Tensor, steps: int = 400, lr
         if log and (step + 1) % 100 == 0:
             log(f"verifier: step {step + 1}/{steps}, loss {float(loss):.4f}")
     return net.eval()
+
+
+def parse_reward(spec: str) -> tuple:
+    """'physics' | 'verifier' | 'consistency:32' -> (name, cells)."""
+    name, _, cells = str(spec).partition(":")
+    if name == "consistency":
+        try:
+            return name, int(cells)
+        except ValueError:
+            raise UserError(f"rewards: {spec!r}: write the consistency reward as consistency:CELLS "
+                            "(e.g. consistency:32).") from None
+    return name, None
+
+
+def load_verifier(path: str) -> Verifier:
+    """A verifier saved by ``save_verifier`` (weights only: loading never runs code)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        net = Verifier(int(blob["channels"]), 0.0, 1.0, width=int(blob["width"]))
+        net.load_state_dict(blob["state_dict"])
+    except FileNotFoundError:
+        raise UserError(f"ttc.reward.verifier={path}: no such file (bench.ttc_headroom and the study write "
+                        "verifier.pt).") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"ttc.reward.verifier={path}: not a verifier this version can load ({type(exc).__name__}: "
+                        f"{exc}). Retrain it with python -m ups_lightning.bench.ttc_headroom.") from None
+    return net.eval()
+
+
+def save_verifier(net: Verifier, path) -> None:
+    """The verifier's sizes and weights (no code), atomically."""
+    atomic_torch_save({"channels": net.net[0].in_channels // 3, "width": net.net[0].out_channels,
+                       "state_dict": net.state_dict()}, path)
 
 
 def make_reward(name: str, physics, cells: Optional[int] = None, weights=None,
