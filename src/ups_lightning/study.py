@@ -79,30 +79,31 @@ def _train(cfg: DictConfig, size: str, seed: int, out: Path) -> tuple:
 
 
 class _Size:
-    """One size's trained seeds as surrogates on the val and test splits."""
+    """One size's trained seeds as surrogates on the val and test splits (each run loaded once, each
+    split read once: the seeds share the protocol's data)."""
 
     def __init__(self, run_dirs: List[Path], n_test: Any) -> None:
         from ups_lightning.evaluation import (build_surrogate, check_fits_model, eval_data, eval_member,
                                               file_physics, load_run, rollout_frames)
         from ups_lightning.inference.rollout import Guard
 
+        runs = [load_run(rd) for rd in run_dirs]
+        train_cfg, _, module = runs[0]
+        self.params = sum(p.numel() for part in ("autoencoder", "operator") for p in getattr(module, part).parameters())
+        member = eval_member(train_cfg, None)
+        n_given = int(train_cfg.data.initial_step)
+        guard = Guard(reencode=True, invariants=True)
         self.splits: Dict[str, Any] = {}
-        self.params = None
         for split in ("val", "test"):
+            view = eval_data(member, None, split)
+            physics = file_physics(view, member)
             surs = []
-            for rd in run_dirs:
-                train_cfg, _, module = load_run(rd)
-                member = eval_member(train_cfg, None)
-                view = eval_data(member, None, split)
-                check_fits_model(view, train_cfg, module)
-                physics = file_physics(view, member)
-                surs.append(build_surrogate(train_cfg, module, view, physics, Guard(reencode=True, invariants=True)))
-                self.params = sum(p.numel() for part in ("autoencoder", "operator")
-                                  for p in getattr(module, part).parameters())
+            for cfg_k, _, module_k in runs:
+                check_fits_model(view, cfg_k, module_k)
+                surs.append(build_surrogate(cfg_k, module_k, view, physics, guard))
             fields = view.fields if n_test is None or split == "val" else view.fields[: int(n_test)]
-            u0, truth = rollout_frames(fields, int(train_cfg.data.initial_step))
+            u0, truth = rollout_frames(fields, n_given)
             t = np.asarray(view.meta.t, dtype=np.float64)
-            n_given = int(train_cfg.data.initial_step)
             self.splits[split] = dict(surs=surs, u0=u0, truth=truth, physics=physics, t_rel=t[n_given - 1:] - t[n_given - 1])
 
 

@@ -179,5 +179,8 @@ def ttc_rollout(proposer: Proposer, u0: Tensor, steps: int, cfg: TTCConfig, rewa
         if step % 10 == 0 or step == steps:   # the search is the slow mode: say where it is
             log.info("TTC: step %d/%d of %d trajectories after %.1f s", step, steps, len(u0),
                      time.perf_counter() - start)
-    mean = lambda v: float(torch.stack(v).mean()) if v else math.nan  # noqa: E731
-    return torch.stack(frames, dim=1), {"evals_per_step": mean(evals), "operator_step_kept": mean(kept)}
+    return torch.stack(frames, dim=1), {"evals_per_step": _mean(evals), "operator_step_kept": _mean(kept)}
+
+
+def _mean(values: list) -> float:
+    return float(torch.stack(values).mean()) if values else math.nan
