@@ -98,6 +98,33 @@ def test_a_verifier_trained_on_known_errors_ranks_the_exact_state_first():
     assert spec.name == "burgers1d"
 
 
+def test_a_saved_verifier_loads_as_weights_and_bad_files_are_one_error(tmp_path):
+    from ups_lightning.inference.rewards import Verifier, load_verifier, save_verifier
+
+    net = Verifier(1, 0.1, 0.5).eval()
+    save_verifier(net, tmp_path / "verifier.pt")
+    back = load_verifier(str(tmp_path / "verifier.pt"))
+    prev, cand = torch.randn(2, NX, 1), torch.randn(2, NX, 1)
+    torch.testing.assert_close(back(prev, cand), net(prev, cand))
+    with pytest.raises(UserError, match=r"ttc.reward.verifier=.*missing.pt: no such file"):
+        load_verifier(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"ttc.reward.verifier=.*junk.pt: not a verifier this version can load"):
+        load_verifier(str(tmp_path / "junk.pt"))
+
+
+def test_candidate_settings_that_cannot_work_are_one_error_naming_the_setting():
+    from ups_lightning.inference.candidates import Proposer
+
+    with pytest.raises(UserError, match="ttc.candidates.mean=true needs at least 2 members"):
+        Proposer([object()], mean=True)
+    with pytest.raises(UserError, match="ttc.candidates: perturb"):
+        Proposer([object()], perturb=-1.0)
+    two = Proposer([object(), object()], mean=True)
+    with pytest.raises(UserError, match="ttc.n_candidates=2: .*n_candidates >= 3"):
+        two.check(2)
+
+
 def test_no_reward_reads_the_truth(smoke_run, tmp_path):
     """TTC's frames are the same whatever the frames it is scored against: the future of the scored
     file replaced by noise changes the score, never the search."""
