@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "src" / "ups_lightning" / "conf"
 SCRIPTS = ("ups-train", "ups-evaluate", "ups-generate", "ups-inspect", "ups-compare", "ups-bench",
-           "ups-ttc-headroom", "ups-pipeline", "ups-report", "ups-proxy", "ups-study")
+           "ups-ttc-headroom", "ups-pipeline", "ups-report", "ups-proxy", "ups-study", "ups-throughput")
 
 
 def _pip(*args: str, cwd: Path) -> None:

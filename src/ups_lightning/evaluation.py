@@ -35,6 +35,7 @@ from ups_lightning.eval import leaderboard as lb
 from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench, nrmse_per_frame
 from ups_lightning.inference.rollout import Guard, Physics, Surrogate, ensemble_rollout, rollout, ttc_rollout
 from ups_lightning.inference.ttc import TTCConfig
+from ups_lightning.runtime import configure_cpu
 
 log = logging.getLogger("ups_lightning.evaluation")
 
@@ -241,8 +242,7 @@ def evaluate(cfg: DictConfig) -> Any:
     with data.path=FILE, gives its row; a mixed run without data.path scores each equation's file and
     gives {equation: row}."""
     cfg = validate_eval_config(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    configure_cpu(cfg.num_threads, "num_threads")
     run_dir = Path(cfg.run_dir)
     train_cfg, records, module = load_run(run_dir, cfg.upto)
     members = member_configs(train_cfg.data)

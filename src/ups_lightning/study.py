@@ -151,7 +151,9 @@ def _solver_alone(s: Dict[str, Any], cells: int) -> tuple:
 
 def run_study(cfg: DictConfig) -> Dict[str, Any]:
     check_config(cfg)
-    threads = int(cfg.threads or os.cpu_count() or 1)
+    from ups_lightning.runtime import configure_cpu
+
+    threads = configure_cpu(cfg.threads, "threads")   # the idle cores now, as training picks them
     out = Path(cfg.out_dir)
     start = time.time()
     rows: List[Dict[str, Any]] = []

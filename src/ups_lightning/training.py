@@ -38,13 +38,13 @@ from ups_lightning.errors import UserError
 from ups_lightning.lit.callbacks import EMA, NonFiniteLossStop, RNGState
 from ups_lightning.lit.common import StageModule
 from ups_lightning.lit.stages import STAGE_MODULES
+from ups_lightning.runtime import configure_cpu, free_cores, set_num_threads  # noqa: F401 (re-exported)
 
 log = logging.getLogger("ups_lightning.training")
 
 PROGRESS_BARS = {"rich": cb.RichProgressBar, "tqdm": cb.TQDMProgressBar, "none": None}
 ATTEMPTS = ".attempts"   # stages in training, one directory per stage and config hash
 LOCK = ".lock"           # held while a process trains in the run directory
-_TORCH_DEFAULT_THREADS = torch.get_num_threads()   # before anything here changes it
 
 
 def finished_record(cfg: DictConfig, name: str, config_hash: str) -> Optional[tuple]:
@@ -351,7 +351,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Dict[str,
     finished leaves no directory behind. `overrides` (the command line's) make the suggested
     commands keep the user's settings."""
     cfg = validate_train_config(cfg)
-    set_num_threads(cfg.trainer.num_threads)
+    configure_cpu(cfg.trainer.num_threads, "trainer.num_threads")
     fix = preflight(cfg, overrides)
     run_dir = Path(cfg.run_dir)
     fresh = not run_dir.exists() or not any(run_dir.iterdir())
@@ -388,43 +388,6 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Dict[str,
         handler.close()
         if isinstance(lock, FileLock):
             lock.release()
-
-
-def free_cores(window_s: float = 0.25) -> int:
-    """Cores idle right now: this process's usable cores minus the busy share of all cores over
-    ``window_s`` seconds (Linux /proc/stat; elsewhere the usable cores)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-    def ticks() -> Optional[tuple]:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)   # total, idle + iowait
-    a = ticks()
-    time.sleep(window_s)
-    b = ticks()
-    if a is None or b is None or b[0] <= a[0]:
-        return usable
-    busy = (1.0 - (b[1] - a[1]) / (b[0] - a[0])) * (os.cpu_count() or usable)
-    return max(1, min(usable, round(usable - busy)))
-
-
-def set_num_threads(requested: Optional[int]) -> int:
-    """torch's intra-op threads: ``requested``, or (null) as many as cores are idle now, at most
-    torch's default. Threads on busy cores collapse (a rollout measured 55x slower when another
-    process shared the two cores), so a shared machine gets fewer threads. Logged."""
-    if requested:
-        torch.set_num_threads(int(requested))
-        log.info("torch threads: %d (trainer.num_threads)", requested)
-        return int(requested)
-    default = _TORCH_DEFAULT_THREADS
-    free = free_cores() if default > 1 else 1
-    n = max(1, min(default, free))
-    torch.set_num_threads(n)
-    log.info("torch threads: %d (%d cores idle of %d, torch default %d; set trainer.num_threads to fix it)",
-             n, free, os.cpu_count() or 1, default)
-    return n
 
 
 def _launching_process() -> bool:

@@ -446,10 +446,10 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
     from ups_lightning.bench.solver_sweep import sweep
     from ups_lightning.errors import UserError
     from ups_lightning.evaluation import git_commit
-    from ups_lightning.training import set_num_threads
+    from ups_lightning.runtime import configure_cpu
 
     checked = check_config(cfg)
-    threads = set_num_threads(checked["threads"])
+    threads = configure_cpu(checked["threads"], "threads")
     checked["threads"] = threads            # every method and evaluation runs with the same count
     load_start = os.getloadavg()
     t0 = time.perf_counter()

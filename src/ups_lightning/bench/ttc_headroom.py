@@ -97,8 +97,9 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
     from ups_lightning.evaluation import (build_proposer, build_surrogate, check_fits_model, eval_data, eval_member,
                                           file_physics, load_run, rollout_frames)
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    from ups_lightning.runtime import configure_cpu
+
+    configure_cpu(cfg.num_threads, "num_threads")
     k = int(cfg.n_candidates)
     if k < 2:
         raise UserError(f"n_candidates={cfg.n_candidates}: the search needs the operator step and at least "

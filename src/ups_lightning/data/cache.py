@@ -100,7 +100,7 @@ def build_or_load_latent_cache(
     view: Any,
     x: torch.Tensor,
     cache_dir: Path,
-    batch_frames: int = 512,
+    batch_frames: int = 256,
 ) -> LatentCache:
     """Load the cache for this (encoder, data) pair, or encode every frame of every split once."""
     fingerprint = hashlib.sha256(
@@ -120,7 +120,9 @@ def build_or_load_latent_cache(
         fields = torch.from_numpy(view.normalizer.normalize(view.read(split))).float()
         n, t = fields.shape[:2]
         frames = fields.reshape(n * t, *fields.shape[2:])
-        chunks = [autoencoder.encode(frames[i : i + batch_frames], x) for i in range(0, len(frames), batch_frames)]
+        with torch.no_grad():   # the frozen encoder: no graph to keep
+            chunks = [autoencoder.encode(frames[i : i + batch_frames], x)
+                      for i in range(0, len(frames), batch_frames)]
         z[split] = torch.cat(chunks).reshape(n, t, *chunks[0].shape[1:])
         u[split] = fields
         log.info("latent cache: encoded %s (%d frames) after %.1f s", split, n * t, time.perf_counter() - start)

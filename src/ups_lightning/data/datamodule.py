@@ -195,7 +195,8 @@ class FrameDataModule(L.LightningDataModule):
     def _loader(self, frames: torch.Tensor, shuffle: bool) -> DataLoader:
         return DataLoader(
             _TensorItems({"u": frames}), batch_size=self.batch_size, sampler=_sampler(len(frames), shuffle),
-            generator=_own_generator(), num_workers=self.data_cfg.num_workers, drop_last=shuffle and len(frames) > self.batch_size,
+            generator=_own_generator(), num_workers=self.data_cfg.num_workers, collate_fn=_as_batch,
+            drop_last=shuffle and len(frames) > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -235,6 +236,9 @@ def _own_generator() -> torch.Generator:
 
 
 class _TensorItems(Dataset):
+    """Rows of in-memory tensors. A batch is indexed from them in one call (``__getitems__``, which
+    torch's DataLoader prefers to per-item reads + collation): the same batch, several times cheaper."""
+
     def __init__(self, tensors: Dict[str, torch.Tensor]) -> None:
         self.tensors = tensors
         self.n = len(next(iter(tensors.values())))
@@ -245,23 +249,48 @@ class _TensorItems(Dataset):
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tensors.items()}
 
+    def __getitems__(self, indices: list) -> Dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v.index_select(0, idx) for k, v in self.tensors.items()}
+
 
 class _Windows(Dataset):
     """Windows of `steps + 1` consecutive frames (latent and physical) starting at the given times,
-    with their trajectory's conditioning vector."""
+    with their trajectory's conditioning vector; a batch is one advanced-indexing call per tensor
+    (``__getitems__``), not a stack of per-window slices."""
 
     def __init__(self, z: torch.Tensor, u: torch.Tensor, cond: torch.Tensor, starts: np.ndarray,
                  steps: int) -> None:
         self.z, self.u, self.cond, self.steps = z, u, cond, steps
-        self.index = [(i, int(t)) for i in range(z.shape[0]) for t in starts]
+        starts = torch.as_tensor(np.asarray(starts, dtype=np.int64))
+        self.traj = torch.arange(z.shape[0]).repeat_interleave(len(starts))   # window k: trajectory ...
+        self.start = starts.repeat(z.shape[0])                                # ... and first frame
+        self.offsets = torch.arange(steps + 1)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.traj)
 
     def __getitem__(self, k: int) -> Dict[str, torch.Tensor]:
-        i, t = self.index[k]
+        i, t = int(self.traj[k]), int(self.start[k])
         sl = slice(t, t + self.steps + 1)
         return {"z": self.z[i, sl], "u": self.u[i, sl], "cond": self.cond[i]}
+
+    def __getitems__(self, ks: list) -> Dict[str, torch.Tensor]:
+        ks = torch.as_tensor(ks, dtype=torch.long)
+        i = self.traj[ks]
+        flat = (i * self.z.shape[1] + self.start[ks])[:, None] + self.offsets   # (B, steps + 1) frame rows
+        return {"z": _rows(self.z, flat), "u": _rows(self.u, flat), "cond": self.cond.index_select(0, i)}
+
+
+def _rows(a: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``a (n, T, ...)`` at the frames ``flat (B, S)`` of ``a.flatten(0, 1)`` -> ``(B, S, ...)``
+    (index_select copies whole frames: several times faster than 2-index advanced indexing)."""
+    return a.flatten(0, 1).index_select(0, flat.reshape(-1)).view(*flat.shape, *a.shape[2:])
+
+
+def _as_batch(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """collate_fn of the datasets above: ``__getitems__`` already returns the batch."""
+    return batch
 
 
 class LatentDataModule(L.LightningDataModule):
@@ -281,9 +310,11 @@ class LatentDataModule(L.LightningDataModule):
         starts = np.arange(self.cache.n_t - self.steps)
         ds = _Windows(self.cache.z["train"], self.cache.u["train"], self.cond["train"], starts, self.steps)
         return DataLoader(ds, batch_size=self.batch_size, sampler=_sampler(len(ds), shuffle),
-                          generator=_own_generator(), num_workers=self.num_workers, drop_last=shuffle and len(ds) > self.batch_size)
+                          generator=_own_generator(), num_workers=self.num_workers, collate_fn=_as_batch,
+                          drop_last=shuffle and len(ds) > self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         starts = evenly_spaced(self.cache.n_t - 1, self.val_pairs)
         ds = _Windows(self.cache.z["val"], self.cache.u["val"], self.cond["val"], starts, 1)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=_as_batch)

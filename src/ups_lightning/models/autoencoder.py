@@ -384,6 +384,9 @@ class PointDecoder(nn.Module):
         B = z.shape[0]
         if z.dim() != 3 or z.shape[1:] != (self.n_tokens, self.dim):
             raise ValueError(f"decode: z must be (B, {self.n_tokens}, {self.dim}), got {tuple(z.shape)}.")
+        plan = self._cached_plan(x, batched)
+        if plan is not None:
+            return self.decode_planned(z, plan)
         x, layout = self._queries(x, B, batched)
         x = (x - torch.floor(x)).to(z.dtype)  # periodic; (B|1, Q, d)
         ff = self.fourier(x).flatten(-2)  # (B|1, Q, d * 2F)
@@ -399,25 +402,17 @@ class PointDecoder(nn.Module):
             out = self.head(torch.cat([qn, ff.expand(B, -1, -1)], dim=-1))
         return out.reshape(B, *layout, self.out_channels)
 
-    def _local_head(self, z: Tensor, x: Tensor, qn: Tensor, ff: Tensor) -> Tensor:
-        # the 2^d tokens whose centres bracket x each expand the field in the local basis of the offset
-        # from their centre (coefficients = MLP(token, query) + Linear(token)); the expansions are
-        # blended with (bi)linear weights that sum to one (linear per axis when overlap = 1)
-        B = z.shape[0]
+    def _corners(self, x: Tensor):
+        """For each of the ``2^d`` tokens whose centres bracket the queries ``x (B|1, Q, d)``: its
+        row-major index ``j (B|1, Q)``, its (bi)linear blend weight ``w (B|1, Q, 1)`` (the weights of
+        a query sum to one; linear per axis when overlap = 1) and the local basis ``phi (B|1, Q,
+        K - 1)`` of the query's offset from that token's centre (in token spacings, in (-1, 1])."""
         axes = []
         for k, g in enumerate(self.grid):
             s = x[..., k] * g - 0.5  # position in token-centre units
             j0 = torch.floor(s)
             w1 = ((s - j0 - 0.5) / self.overlap + 0.5).clamp(0, 1).unsqueeze(-1)  # weight of the right token
             axes.append((s, j0, w1))
-        # head_q of [qn, ff] as two products: the Fourier part depends on the grid only, so it is
-        # computed once per grid (batch 1) instead of once per sample (the decode is the rollout's
-        # largest cost)
-        wq, d_q = self.head_q.weight, qn.shape[-1]
-        hq = F.linear(qn, wq[:, :d_q]) + F.linear(ff, wq[:, d_q:], self.head_q.bias)  # (B, Q, hidden)
-        tok = torch.cat([self.head_tok(z), self.head_skip(z)], dim=-1)  # (B, N, hidden + C * K)
-        H = hq.shape[-1]
-        out = 0.0
         for corner in itertools.product((0, 1), repeat=len(self.grid)):
             j = None
             w = None
@@ -430,16 +425,141 @@ class PointDecoder(nn.Module):
                 w = wk if w is None else w * wk
             rel = torch.cat(rels, dim=-1) if len(rels) > 1 else rels[0]  # (B|1, Q, d)
             arg = (rel.unsqueeze(-1) * self.rel_freqs).flatten(-2)  # (B|1, Q, d * n_rel)
-            phi = torch.cat([rel, arg.sin(), arg.cos()], dim=-1)
+            yield j, w, torch.cat([rel, arg.sin(), arg.cos()], dim=-1)
+
+    def _local_head(self, z: Tensor, x: Tensor, qn: Tensor, ff: Tensor) -> Tensor:
+        # the 2^d tokens whose centres bracket x each expand the field in the local basis of the offset
+        # from their centre (coefficients = MLP(token, query) + Linear(token)); the expansions are
+        # blended with (bi)linear weights that sum to one
+        B = z.shape[0]
+        # head_q of [qn, ff] as two products: the Fourier part depends on the grid only
+        wq, d_q = self.head_q.weight, qn.shape[-1]
+        hq = F.linear(qn, wq[:, :d_q]) + F.linear(ff, wq[:, d_q:], self.head_q.bias)  # (B, Q, hidden)
+        tok = torch.cat([self.head_tok(z), self.head_skip(z)], dim=-1)  # (B, N, hidden + C * K)
+        H = hq.shape[-1]
+        out = 0.0
+        for j, w, phi in self._corners(x):
             if j.shape[0] == 1:   # queries shared by the batch: one index for every sample
                 t = tok.index_select(1, j[0])
             else:
                 t = torch.gather(tok, 1, j.expand(B, -1).unsqueeze(-1).expand(-1, -1, tok.shape[-1]))
             coef = self.head(t[..., :H] + hq + self.head_rel(phi)) + t[..., H:]
-            basis = torch.cat([torch.ones_like(rel[..., :1]), phi], dim=-1).unsqueeze(-2)  # (B|1, Q, 1, K)
+            basis = torch.cat([torch.ones_like(phi[..., :1]), phi], dim=-1).unsqueeze(-2)  # (B|1, Q, 1, K)
             y = (coef.view(*coef.shape[:-1], self.out_channels, self.n_basis) * basis).sum(-1)
             out = out + w * y
         return out
+
+    # --- decoding on a fixed grid ----------------------------------------------------------------
+    #: decode shared queries through a cached :meth:`plan` where no gradient reaches the decoder's
+    #: weights (evaluation, rollouts, the latent stages' frozen decoder); False: always the direct path
+    fast_decode: bool = True
+
+    def _cached_plan(self, x: Tensor, batched: Optional[bool]) -> Optional["DecodePlan"]:
+        """The plan of queries ``x`` if the fast path applies (shared queries, weights frozen or no
+        grad), rebuilt when ``x`` or any weight changed (tensor versions count in-place edits)."""
+        if not self.fast_decode or not self._shared(x, batched):
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return None
+        key = (x.data_ptr(), tuple(x.shape), x.dtype, x.device, x._version, batched,
+               tuple(p._version for p in self.parameters()), tuple(p.data_ptr() for p in self.parameters()))
+        cached = self.__dict__.get("_plan")
+        if cached is None or cached[0] != key:
+            cached = (key, self.plan(x, batched))
+            self.__dict__["_plan"] = cached   # not a buffer: never saved, never moved
+        return cached[1]
+
+    def _shared(self, x: Tensor, batched: Optional[bool]) -> bool:
+        """Whether queries ``x`` are one set for the whole batch (module doc's layouts)."""
+        if self.spatial_dims == 1:
+            return x.dim() == 1 and batched is not True
+        if x.dim() == 2:
+            return not batched
+        if x.dim() == 3:
+            grid_like = self.spatial_shape is not None and tuple(x.shape[:2]) == self.spatial_shape
+            return batched is False or (batched is None and grid_like)
+        return False
+
+    @torch.no_grad()
+    def plan(self, x: Tensor, batched: Optional[bool] = None) -> "DecodePlan":
+        """Everything the decode of queries ``x`` shared by the batch (``(Q,)`` in 1D, ``(Q, 2)`` or
+        ``(H', W', 2)`` in 2D) computes from ``x`` alone, done once: ``decode_planned(z, plan)``
+        then equals ``forward(z, x)`` within float rounding at a fraction of its cost (a rollout
+        decodes on one grid at every step). The plan holds this decoder's weights as they are now:
+        make a new one after they change."""
+        if not self._shared(x, batched):
+            raise ValueError(f"plan: needs queries shared by the batch, got {tuple(x.shape)}.")
+        xq, layout = self._queries(x, 1, False if x.dim() == 3 else batched)
+        if xq.shape[0] != 1:
+            raise ValueError(f"plan: needs queries shared by the batch, got {tuple(x.shape)}.")
+        dtype = self.query[0].weight.dtype
+        xq = (xq - torch.floor(xq)).to(dtype)
+        ff = self.fourier(xq).flatten(-2)  # (1, Q, d * 2F)
+        q0 = self.query(ff)
+        bias = self.attn_bias(xq)
+        plan = DecodePlan(x=x, layout=layout, q0=q0, bias=bias,
+                          q_heads=self.blocks[0].prepare_queries(q0) if len(self.blocks) else None)
+        if not self.local_head:
+            plan.ff = ff
+            return plan
+        d_q = self.dim
+        wq = self.head_q.weight
+        grid_part = F.linear(ff[0], wq[:, d_q:], self.head_q.bias)  # (Q, hidden)
+        last = self.head[-1]  # Linear(hidden, C * K): folded into the basis below
+        W = last.weight.view(self.out_channels, self.n_basis, -1)  # (C, K, hidden)
+        b = last.bias.view(self.out_channels, self.n_basis)
+        idx, pre, w_eff, b_eff, skip = [], [], [], [], []
+        n_tok = self.n_tokens
+        for j, w, phi in self._corners(xq):
+            j, w, phi = j[0], w[0], phi[0]  # (Q,), (Q, 1), (Q, K - 1)
+            basis = torch.cat([torch.ones_like(phi[:, :1]), phi], dim=-1)  # (Q, K)
+            wb = w * basis  # blend weight folded into the basis
+            idx.append(j)
+            pre.append(grid_part + self.head_rel(phi))
+            w_eff.append(torch.einsum("qk,ckh->qch", wb, W))  # (Q, C, hidden)
+            b_eff.append(wb @ b.T)  # (Q, C)
+            # the linear token -> coefficient path as one (N * K, Q) matrix per corner
+            sel = F.one_hot(j, n_tok).to(dtype)  # (Q, N)
+            skip.append(torch.einsum("qn,qk->nkq", sel, wb).reshape(n_tok * self.n_basis, -1))
+        plan.index = torch.cat(idx)                          # (n_c * Q,)
+        plan.pre = torch.stack(pre).unsqueeze(0)             # (1, n_c, Q, hidden)
+        plan.w_eff = torch.cat(w_eff)                        # (n_c * Q, C, hidden)
+        plan.b_eff = torch.stack(b_eff).sum(0)               # (Q, C)
+        plan.skip = torch.stack(skip).sum(0)                 # (N * K, Q)
+        plan.n_corners = len(idx)
+        return plan
+
+    def decode_planned(self, z: Tensor, plan: "DecodePlan") -> Tensor:
+        """``forward(z, plan.x)`` from a :meth:`plan` of the queries (the fast path of a rollout)."""
+        B = z.shape[0]
+        if z.dim() != 3 or z.shape[1:] != (self.n_tokens, self.dim):
+            raise ValueError(f"decode: z must be (B, {self.n_tokens}, {self.dim}), got {tuple(z.shape)}.")
+        ctx = z + self.token_pos
+        q = plan.q0.expand(B, -1, -1)
+        for i, blk in enumerate(self.blocks):
+            q = blk(q, ctx, attn_bias=plan.bias, q_heads=plan.q_heads if i == 0 else None)
+        qn = self.head_norm(q)
+        if not self.local_head:
+            out = self.head(torch.cat([qn, plan.ff.expand(B, -1, -1)], dim=-1))
+            return out.reshape(B, *plan.layout, self.out_channels)
+        C, K, Q = self.out_channels, self.n_basis, qn.shape[1]
+        hq = F.linear(qn, self.head_q.weight[:, : self.dim])  # (B, Q, hidden)
+        n_c = plan.n_corners
+        tok = self.head_tok(z).index_select(1, plan.index).view(B, n_c, Q, -1)  # (B, n_c, Q, hidden)
+        g = self.head[:-1](tok + hq.unsqueeze(1) + plan.pre)  # GELU, Linear, GELU
+        y = torch.einsum("bph,pch->bpc", g.view(B, n_c * Q, -1), plan.w_eff)  # (B, n_c * Q, C)
+        y = y.view(B, n_c, Q, C).sum(1) + plan.b_eff
+        skip = self.head_skip(z).view(B, self.n_tokens, C, K).transpose(1, 2).reshape(B, C, -1)
+        y = y + (skip @ plan.skip).transpose(1, 2)  # (B, Q, C)
+        return y.reshape(B, *plan.layout, C)
+
+
+class DecodePlan:
+    """The grid-only features of a :class:`PointDecoder` on fixed queries (:meth:`PointDecoder.plan`)."""
+
+    def __init__(self, x: Tensor, layout: Tuple[int, ...], q0: Tensor, bias: Optional[Tensor],
+                 q_heads: Optional[Tensor]) -> None:
+        self.x, self.layout, self.q0, self.bias, self.q_heads = x, layout, q0, bias, q_heads
 
 
 class Autoencoder(nn.Module):

@@ -66,12 +66,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.to(dtype)
+        # torch's fused kernel (one pass instead of five; the decode and the operator call it often)
+        w = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), (self.dim,), w, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, affine={self.weight is not None}"
@@ -123,9 +120,22 @@ class Attention(nn.Module):
         k = self.k_norm(k).transpose(1, 2)
         return q, k, v.transpose(1, 2)
 
+    def queries(self, x: Tensor) -> Tensor:
+        """Normalised queries (B, heads, L, head_dim) of ``x`` alone (a decoder's fixed grid)."""
+        B, L, _ = x.shape
+        return self.q_norm(self.to_q(x).view(B, L, self.heads, self.head_dim)).transpose(1, 2)
+
     def forward(self, x: Tensor, context: Optional[Tensor] = None,
-                attn_bias: Optional[Tensor] = None) -> Tensor:
-        q, k, v = self.qkv(x, context)
+                attn_bias: Optional[Tensor] = None, q: Optional[Tensor] = None) -> Tensor:
+        """``q``: this layer's :meth:`queries` of ``x`` when already known (broadcast over the batch)."""
+        if q is None:
+            q, k, v = self.qkv(x, context)
+        else:
+            context = x if context is None else context
+            B, S = context.shape[:2]
+            k, v = self.to_kv(context).view(B, S, 2, self.heads, self.head_dim).unbind(2)
+            k, v = self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+            q = q.expand(B, -1, -1, -1)
         use_flash = (
             self._flash_fn is not None
             and attn_bias is None
@@ -242,8 +252,15 @@ class CrossAttentionBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.mlp = MLP(dim, hidden)
 
-    def forward(self, x: Tensor, context: Tensor, attn_bias: Optional[Tensor] = None) -> Tensor:
-        x = x + self.attn(self.norm_q(x), self.norm_ctx(context), attn_bias=attn_bias)
+    def prepare_queries(self, x: Tensor) -> Tensor:
+        """The attention queries of ``x`` (B|1, L, dim), for ``forward(..., q_heads=)`` when the same
+        ``x`` meets many contexts (a decoder's grid queries)."""
+        return self.attn.queries(self.norm_q(x))
+
+    def forward(self, x: Tensor, context: Tensor, attn_bias: Optional[Tensor] = None,
+                q_heads: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.norm_q(x) if q_heads is None else x, self.norm_ctx(context),
+                          attn_bias=attn_bias, q=q_heads)
         return x + self.mlp(self.norm2(x))
 
 

@@ -1,0 +1,360 @@
+"""`python -m ups_lightning.bench.throughput [smoke=true] [sizes=[...]] [train_stages=[...]]`: how much of
+this machine training and rollouts use (issue 20).
+
+Measured in one process, one configuration after another, on synthetic data of the small sets'
+shapes (256 cells, 1 channel, 41 frames; the speed of a step does not depend on the values):
+
+- **the machine's peak**: an ``n x n`` matmul in float32 and bfloat16 (best of 5), in the same run;
+- **training**, per stage (autoencoder, operator, diffusion, distill) x model size x precision x
+  batch scale: each stage's own LightningModule and DataLoader under a Lightning Trainer, as training
+  runs them (logging, optimizer, the stage's batch size from ``conf/stages``); per step: the FLOPs
+  of forward + backward (``torch.utils.flop_counter``: matmuls, convolutions, attention), the median
+  step time, samples per second over the whole loop (data loading included), achieved GFLOP/s and
+  its share of the float32 peak. ``compile=true`` adds a torch.compile run and reports its compile
+  time (the first steps) apart;
+- **inference**: a guarded plain rollout (``evaluate``'s default guard: re-encode + the equation's
+  projection) of ``rollout.trajectories`` Burgers trajectories batched, ``rollout.steps`` steps, in
+  ms per trajectory split into operator step, decode, guard (projection), encode and the
+  consistency reward (``ttc=ensemble``'s, scored on one candidate per step); the whole rollout on
+  the fast path (the decoder's cached grid plan) against the direct path, alternating; and the
+  ``ttc=ensemble`` search over ``rollout.ttc_members`` members.
+
+The torch thread count and how busy the cores were before and after are printed with the figures:
+a figure taken on busy cores is not a figure of this machine (the report says so). Writes ``out``
+(JSON, atomically).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from ups_lightning.atomic import atomic_write_json
+from ups_lightning.errors import UserError, report_user_errors
+
+log = logging.getLogger("ups_lightning.throughput")
+
+__all__ = ["matmul_peak", "train_throughput", "rollout_breakdown", "run_throughput"]
+
+CELLS, FRAMES, PDE, PARAMS, DT = 256, 41, "burgers1d", {"nu": 0.001}, 0.05   # the small sets' shapes
+SMOKE = dict(sizes=["dim8"], warmup_steps=1, steps=2, peak_size=256,
+             rollout=dict(sizes=["dim8"], trajectories=4, steps=3, repeats=1, reward_cells=16, ttc_members=2))
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an ``n x n`` matmul in ``dtype``: the best of ``repeats`` after a warm-up."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+# --- training -------------------------------------------------------------------------------------
+class _StepTimer(L.Callback):
+    """Times each training step (batch start to batch end: forward, backward, optimizer) after
+    ``warmup``; counts one step's FLOPs (untimed, the step after warm-up)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.flop_step = warmup, warmup
+        self.step_s: List[float] = []
+        self.first_s: List[float] = []
+        self.ends: List[float] = []
+        self.flops = 0
+        self._counter: Optional[FlopCounterMode] = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == self.flop_step:
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        took = time.perf_counter() - self._t0
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops = int(self._counter.get_total_flops())
+            self._counter = None
+        elif batch_idx < self.warmup:
+            self.first_s.append(took)
+        else:
+            self.step_s.append(took)
+            self.ends.append(time.perf_counter())
+
+
+def _synthetic_loader(name: str, contract: Any, model_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
+                      batch_size: int, n_batches: int) -> DataLoader:
+    """The stage's own dataset class over random tensors of the small sets' shapes."""
+    from ups_lightning.data.datamodule import _as_batch, _TensorItems, _Windows
+
+    g = torch.Generator().manual_seed(0)
+    C = contract.n_channels
+    if name == "autoencoder":
+        ds = _TensorItems({"u": torch.randn(batch_size * n_batches, CELLS, C, generator=g)})
+    else:
+        steps = stages_cfg["operator"]["rollout_steps"] if name == "operator" else 1
+        n_traj = max(1, -(-batch_size * n_batches // (FRAMES - steps)))
+        z = torch.randn(n_traj, FRAMES, model_cfg["n_tokens"], model_cfg["dim"], generator=g)
+        u = torch.randn(n_traj, FRAMES, CELLS, C, generator=g)
+        cond = torch.randn(n_traj, contract.cond_dim, generator=g)
+        ds = _Windows(z, u, cond, np.arange(FRAMES - steps), steps)
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=_as_batch,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def train_throughput(size: str, name: str, precision: str = "32-true", batch_scale: float = 1.0,
+                     compile: bool = False, warmup: int = 3, steps: int = 20) -> Dict[str, Any]:
+    """One stage x size x precision x batch scale (module doc): a dict of its figures."""
+    from ups_lightning.config import compose_config, stage_optim
+    from ups_lightning.data.contract import DataContract
+    from ups_lightning.lit.stages import STAGE_MODULES
+    from ups_lightning.training import compile_networks
+
+    cfg = compose_config("train", [f"model={size}"])
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    stages_cfg = OmegaConf.to_container(cfg.stages, resolve=True)
+    batch = max(1, int(round(stages_cfg[name]["batch_size"] * batch_scale)))
+    contract = DataContract((PDE,), (CELLS,), 1)
+    torch.manual_seed(0)
+    module = STAGE_MODULES[name](model_cfg, stage_optim(cfg, name), stages_cfg, contract.to_dict())
+    module.x.copy_((torch.arange(CELLS) + 0.5) / CELLS)
+    if compile:
+        compile_networks(module)
+    total = warmup + 1 + steps
+    loader = _synthetic_loader(name, contract, model_cfg, stages_cfg, batch, total)
+    timer = _StepTimer(warmup)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=total, max_epochs=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[timer])
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    wall = time.perf_counter() - start
+    step = statistics.median(timer.step_s) if timer.step_s else float("nan")
+    loop = (timer.ends[-1] - timer.ends[0]) / (len(timer.ends) - 1) if len(timer.ends) > 1 else step
+    params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"size": size, "stage": name, "precision": precision, "compile": compile, "batch": batch,
+            "trainable_params": params, "gflop_per_step": timer.flops / 1e9, "step_ms": 1000 * step,
+            "loop_ms": 1000 * loop, "samples_per_s": batch / loop, "gflops": timer.flops / step / 1e9,
+            "first_steps_s": sum(timer.first_s), "wall_s": wall}
+
+
+# --- inference ------------------------------------------------------------------------------------
+def _random_pipeline(size: str, seed: int) -> Any:
+    """An operator-stage module of ``size`` with random weights (the zero-initialised output heads
+    too, so every layer computes), on the small sets' grid."""
+    from ups_lightning.config import compose_config, stage_optim
+    from ups_lightning.data.contract import DataContract
+    from ups_lightning.lit.stages import OperatorModule
+
+    cfg = compose_config("train", [f"model={size}"])
+    torch.manual_seed(seed)
+    module = OperatorModule(OmegaConf.to_container(cfg.model, resolve=True), stage_optim(cfg, "operator"),
+                            OmegaConf.to_container(cfg.stages, resolve=True),
+                            DataContract((PDE,), (CELLS,), 1).to_dict())
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim >= 2 and not p.abs().sum():
+                p.normal_(0.0, 0.02)
+        module.x.copy_((torch.arange(CELLS) + 0.5) / CELLS)
+    return module.eval()
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def rollout_breakdown(size: str, trajectories: int = 128, steps: int = 31, repeats: int = 3,
+                      reward_cells: int = 32, ttc_members: int = 3, seed: int = 0) -> Dict[str, Any]:
+    """ms per trajectory of a guarded plain rollout by part, the whole rollout on the fast and the
+    direct decode path, and the ``ttc=ensemble`` search (module doc)."""
+    from ups_lightning.inference.candidates import Proposer
+    from ups_lightning.inference.rewards import make_reward
+    from ups_lightning.inference.rollout import Guard, Physics, Surrogate, rollout, ttc_rollout
+    from ups_lightning.inference.ttc import TTCConfig
+    from ups_lightning.pdes import get_pde
+
+    spec = get_pde(PDE)
+    physics = Physics(pde=PDE, params=PARAMS, dx=1.0 / CELLS, dt=DT, domain_length=1.0)
+    u0 = torch.from_numpy(spec.initial_conditions(np.arange(trajectories) + 10_000, CELLS)).float()
+
+    def surrogate(k: int) -> Surrogate:
+        module = _random_pipeline(size, seed + k)
+        cond = module.contract.conditioning(PDE, PARAMS, DT)
+        return Surrogate(module, module.x.clone(), cond, guard=Guard(reencode=True, invariants=True), pde=spec)
+
+    sur = surrogate(0)
+    reward = make_reward("consistency", physics, cells=reward_cells)
+    parts = {"operator_step": 0.0, "decode": 0.0, "guard": 0.0, "encode": 0.0, "reward": 0.0}
+    with torch.no_grad():
+        rollout(sur, u0[:2], 1)   # first-call allocations and the decode plan, not timed
+
+        def lap(key: str, fn):
+            start = time.perf_counter()
+            out = fn()
+            parts[key] += time.perf_counter() - start
+            return out
+
+        z, prev = sur.encode(u0), u0
+        for _ in range(steps):
+            z = lap("operator_step", lambda: sur.step(z))
+            u = lap("decode", lambda: sur.decode(z))
+            u = lap("guard", lambda: sur.pde.project(u, u0))
+            lap("reward", lambda: reward(prev, u.unsqueeze(1)))
+            z = lap("encode", lambda: sur.encode(u))
+            prev = u
+        fast, direct = [], []
+        decoder = sur.m.autoencoder.decoder
+        for _ in range(repeats):   # A B A B: the two paths see the same machine
+            fast.append(_median_ms(lambda: rollout(sur, u0, steps), 1))
+            decoder.fast_decode = False
+            try:
+                direct.append(_median_ms(lambda: rollout(sur, u0, steps), 1))
+            finally:
+                decoder.fast_decode = True
+        members = [sur] + [surrogate(k) for k in range(1, ttc_members)]
+        proposer = Proposer(members)
+        cfg = TTCConfig(n_candidates=ttc_members, beam_width=1, horizon=1, budget=None)
+        ttc_ms = _median_ms(lambda: ttc_rollout(proposer, u0, steps, cfg, reward), max(1, repeats - 1))
+    per_traj = {k: 1000 * v / trajectories for k, v in parts.items()}
+    return {"size": size, "trajectories": trajectories, "steps": steps,
+            "parts_ms_per_traj": per_traj,
+            "rollout_ms_per_traj": statistics.median(fast) / trajectories,
+            "rollout_direct_ms_per_traj": statistics.median(direct) / trajectories,
+            "ttc_ensemble_ms_per_traj": ttc_ms / trajectories, "ttc_members": ttc_members,
+            "reward_cells": reward_cells}
+
+
+# --- the command ----------------------------------------------------------------------------------
+def _machine(threads: int, busy_before: Optional[float]) -> Dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from ups_lightning.evaluation import git_commit
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "threads": threads, "busy_cores_before": busy_before, "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def check_config(cfg: DictConfig) -> Dict[str, Any]:
+    """The settings to run, smoke mode applied; a UserError naming a bad one."""
+    from ups_lightning.lit.stages import STAGE_MODULES
+
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.pop("hydra", None)
+    if settings["smoke"]:
+        for k, v in SMOKE.items():
+            settings[k] = {**settings[k], **v} if isinstance(v, dict) else v
+    bad = [s for s in settings["train_stages"] if s not in STAGE_MODULES]
+    if bad:
+        raise UserError(f"throughput: train_stages={bad} are not stages; choose from {list(STAGE_MODULES)}.")
+    for key in ("warmup_steps", "steps", "peak_size"):
+        if not isinstance(settings[key], int) or settings[key] < 1:
+            raise UserError(f"throughput: {key}={settings[key]!r} must be an integer >= 1.")
+    if any(not isinstance(s, (int, float)) or s <= 0 for s in settings["batch_scales"]):
+        raise UserError(f"throughput: batch_scales={settings['batch_scales']} must be positive numbers.")
+    from ups_lightning import CONF_DIR
+
+    known = {p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml")}
+    for size in list(settings["sizes"]) + list(settings["rollout"]["sizes"]):
+        if size not in known:
+            raise UserError(f"throughput: size {size!r} is not a model config; choose from {sorted(known)}.")
+    return settings
+
+
+def run_throughput(cfg: DictConfig, say=print) -> Dict[str, Any]:
+    from ups_lightning.runtime import busy_cores, configure_cpu
+
+    s = check_config(cfg)
+    busy_before = busy_cores(0.5)
+    threads = configure_cpu(s["threads"], "threads")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    result: Dict[str, Any] = {"command": "python -m ups_lightning.bench.throughput "
+                              + " ".join(sys.argv[1:]), "settings": s,
+                              "machine": _machine(threads, busy_before)}
+    peak32 = matmul_peak(torch.float32, s["peak_size"])
+    peak16 = matmul_peak(torch.bfloat16, s["peak_size"])
+    result["peak_gflops"] = {"float32": peak32, "bfloat16": peak16}
+    say(f"machine: {result['machine']['cpu']}, {threads} torch threads, {busy_before if busy_before is not None else '?'}"
+        f" cores busy before; peak ({s['peak_size']}^2 matmul): float32 {peak32:.0f} GFLOP/s, bfloat16 "
+        f"{peak16:.0f} GFLOP/s")
+    rows = []
+    say("\n| stage | size | precision | compile | batch | GFLOP/step | step ms | samples/s | GFLOP/s | % fp32 peak |")
+    say("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for name in s["train_stages"]:
+        for size in s["sizes"]:
+            for precision in s["precisions"]:
+                for scale in s["batch_scales"]:
+                    for comp in ([False, True] if s["compile"] else [False]):
+                        r = train_throughput(size, name, precision, scale, comp, s["warmup_steps"], s["steps"])
+                        r["share_of_fp32_peak"] = r["gflops"] / peak32
+                        rows.append(r)
+                        say(f"| {name} | {size} | {precision} | {'yes' if comp else 'no'} | {r['batch']} | "
+                            f"{r['gflop_per_step']:.3f} | {r['step_ms']:.1f} | {r['samples_per_s']:.0f} | "
+                            f"{r['gflops']:.1f} | {100 * r['share_of_fp32_peak']:.0f}% |"
+                            + (f" (compile + first steps {r['first_steps_s']:.0f} s)" if comp else ""))
+    result["training"] = rows
+    ro = s["rollout"]
+    result["rollout"] = []
+    for size in ro["sizes"]:
+        r = rollout_breakdown(size, ro["trajectories"], ro["steps"], ro["repeats"], ro["reward_cells"],
+                              ro["ttc_members"], s["seed"])
+        result["rollout"].append(r)
+        p = r["parts_ms_per_traj"]
+        say(f"\nrollout {size}: {ro['trajectories']} trajectories x {ro['steps']} steps, guarded (re-encode + "
+            f"projection), ms per trajectory:")
+        say("| operator step | decode | guard | encode | reward (consistency, "
+            f"{ro['reward_cells']} cells) | plain rollout | direct decode path | ttc=ensemble ({ro['ttc_members']}) |")
+        say("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        say(f"| {p['operator_step']:.2f} | {p['decode']:.2f} | {p['guard']:.3f} | {p['encode']:.2f} | "
+            f"{p['reward']:.2f} | {r['rollout_ms_per_traj']:.2f} | {r['rollout_direct_ms_per_traj']:.2f} | "
+            f"{r['ttc_ensemble_ms_per_traj']:.2f} |")
+    busy_after = busy_cores(0.5)
+    result["machine"]["busy_cores_after"] = busy_after
+    # this process is idle while it samples, so anything busy is another process
+    busy = max(b for b in (busy_before, busy_after) if b is not None) if (busy_before, busy_after) != (None, None) else None
+    if busy is not None and busy > 0.3:
+        result["warning"] = (f"{busy:.1f} cores were busy outside this benchmark: its figures are not this "
+                             "machine's. Rerun with nothing else running.")
+        say(f"\nWARNING: {result['warning']}")
+    out = Path(s["out"])
+    atomic_write_json(out, result)
+    say(f"\nwrote {out}")
+    return result
+
+
+@hydra.main(config_path="pkg://ups_lightning.conf", config_name="throughput", version_base="1.3")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    run_throughput(cfg)
+
+
+if __name__ == "__main__":
+    main()
