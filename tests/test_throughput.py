@@ -32,6 +32,7 @@ def test_smoke_run_reports_every_stage_and_the_rollout(tmp_path):
     (ro,) = result["rollout"]
     assert set(ro["parts_ms_per_traj"]) == {"operator_step", "decode", "guard", "encode", "reward"}
     assert ro["rollout_ms_per_traj"] > 0 and ro["ttc_ensemble_ms_per_traj"] > 0
+    assert all(v > 0 for v in ro["parts_mflop_per_traj"].values()) and 0 < ro["share_of_fp32_peak"]
     assert any("% fp32 peak" in line for line in lines) and any("ttc=ensemble" in line for line in lines)
 
 

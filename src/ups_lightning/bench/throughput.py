@@ -224,6 +224,12 @@ def rollout_breakdown(size: str, trajectories: int = 128, steps: int = 31, repea
             lap("reward", lambda: reward(prev, u.unsqueeze(1)))
             z = lap("encode", lambda: sur.encode(u))
             prev = u
+        counted = {}
+        for key, fn in (("operator_step", lambda: sur.step(z)), ("decode", lambda: sur.decode(z)),
+                        ("encode", lambda: sur.encode(u))):
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            counted[key] = counter.get_total_flops() * steps / trajectories   # FLOPs per trajectory
         fast, direct = [], []
         decoder = sur.m.autoencoder.decoder
         for _ in range(repeats):   # A B A B: the two paths see the same machine
@@ -239,7 +245,7 @@ def rollout_breakdown(size: str, trajectories: int = 128, steps: int = 31, repea
         ttc_ms = _median_ms(lambda: ttc_rollout(proposer, u0, steps, cfg, reward), max(1, repeats - 1))
     per_traj = {k: 1000 * v / trajectories for k, v in parts.items()}
     return {"size": size, "trajectories": trajectories, "steps": steps,
-            "parts_ms_per_traj": per_traj,
+            "parts_ms_per_traj": per_traj, "parts_mflop_per_traj": {k: v / 1e6 for k, v in counted.items()},
             "rollout_ms_per_traj": statistics.median(fast) / trajectories,
             "rollout_direct_ms_per_traj": statistics.median(direct) / trajectories,
             "ttc_ensemble_ms_per_traj": ttc_ms / trajectories, "ttc_members": ttc_members,
@@ -336,6 +342,13 @@ def run_throughput(cfg: DictConfig, say=print) -> Dict[str, Any]:
         say(f"| {p['operator_step']:.2f} | {p['decode']:.2f} | {p['guard']:.3f} | {p['encode']:.2f} | "
             f"{p['reward']:.2f} | {r['rollout_ms_per_traj']:.2f} | {r['rollout_direct_ms_per_traj']:.2f} | "
             f"{r['ttc_ensemble_ms_per_traj']:.2f} |")
+        f = r["parts_mflop_per_traj"]
+        floor = sum(f.values()) / 1e3 / peak32 * 1e3   # ms per trajectory at the float32 peak
+        r["ms_per_traj_at_fp32_peak"] = floor
+        r["share_of_fp32_peak"] = floor / r["rollout_ms_per_traj"]
+        say(f"FLOPs per trajectory (matmul/conv/attention): operator {f['operator_step']:.0f} M, decode "
+            f"{f['decode']:.0f} M, encode {f['encode']:.0f} M: {floor:.2f} ms at the float32 peak, so the "
+            f"plain rollout runs at {100 * r['share_of_fp32_peak']:.0f}% of it")
     busy_after = busy_cores(0.5)
     result["machine"]["busy_cores_after"] = busy_after
     # this process is idle while it samples, so anything busy is another process
