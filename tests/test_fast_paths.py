@@ -24,6 +24,7 @@ def _random_ae(C, shape, n_tokens, decoder_depth=1, local_head=True, seed=0):
     with torch.no_grad():   # the zero-initialised layers too: every term of the decode must count
         for p in ae.parameters():
             p.add_(0.1 * torch.randn_like(p))
+            p.requires_grad_(False)   # frozen, as a latent stage holds it: the decoder may cache its plan
     return ae
 
 
@@ -68,16 +69,37 @@ def test_plan_follows_weight_and_grid_changes():
 
 def test_training_the_decoder_takes_the_direct_path_and_gets_gradients():
     ae = _random_ae(1, (64,), 8).train()
+    for p in ae.parameters():
+        p.requires_grad_(True)
     x, z = _grid((64,)), torch.randn(3, 8, 16)
     ae.decode(z, x).pow(2).mean().backward()
     assert "_plan" not in ae.decoder.__dict__
     assert ae.decoder.query[0].weight.grad is not None and ae.decoder.query[0].weight.grad.abs().sum() > 0
 
 
-def test_frozen_decoder_plans_and_passes_gradients_to_the_latents():
+def test_a_trainable_decoder_never_decodes_stale_weights():
+    """Validation of the autoencoder stage decodes under no_grad between optimizer steps. A fused
+    AdamW step changes the weights without bumping their tensor versions, so a plan cached then
+    would decode the old weights: a trainable decoder must not cache one."""
     ae = _random_ae(1, (64,), 8)
     for p in ae.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(True)
+    x, z = _grid((64,)), torch.randn(3, 8, 16)
+    opt = torch.optim.AdamW(ae.parameters(), lr=0.05, fused=True)
+    with torch.no_grad():
+        before = ae.decode(z, x)
+    ae.decode(z, x).pow(2).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after = ae.decode(z, x)
+        ae.decoder.fast_decode = False
+        direct = ae.decode(z, x)
+    assert "_plan" not in ae.decoder.__dict__
+    assert not torch.allclose(after, before) and torch.equal(after, direct)
+
+
+def test_frozen_decoder_plans_and_passes_gradients_to_the_latents():
+    ae = _random_ae(1, (64,), 8)
     x = _grid((64,))
     z = torch.randn(3, 8, 16, requires_grad=True)
     ae.decode(z, x).pow(2).mean().backward()
@@ -143,7 +165,7 @@ def test_guarded_rollout_fast_and_direct_paths_agree(smoke_run):
     decoder = module.autoencoder.decoder
     fast = rollout(sur, u0, steps)
     fast_ens = ensemble_rollout(sur, u0, steps, 2, "student", generator=torch.Generator().manual_seed(0))
-    assert "_plan" in decoder.__dict__
+    assert sur._plan is not None   # the rollout decoded through its plan of the grid
     decoder.fast_decode = False
     try:
         direct = rollout(sur, u0, steps)

@@ -75,6 +75,7 @@ class Surrogate:
         if guard.invariants and pde is None:
             raise ValueError("Guard(invariants=True) needs the equation's spec (pde=)")
         self.pde = pde
+        self._plan = None   # the decoder's plan of the grid x, made at the first decode
 
     @property
     def correctors(self) -> Tuple[str, ...]:
@@ -97,8 +98,16 @@ class Surrogate:
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
-        """Normalised latents (B, N, D) -> physical frames (B, X, C) on the evaluation grid."""
-        un = self.m.autoencoder.decode(z * self.m.latent_std + self.m.latent_mean, self.x)
+        """Normalised latents (B, N, D) -> physical frames (B, X, C) on the evaluation grid, through
+        the decoder's plan of that grid (made once: the weights do not change during inference)."""
+        decoder = self.m.autoencoder.decoder
+        zl = z * self.m.latent_std + self.m.latent_mean
+        if decoder.fast_decode and decoder._shared(self.x, None):
+            if self._plan is None:
+                self._plan = decoder.plan(self.x)
+            un = decoder.decode_planned(zl, self._plan)
+        else:
+            un = self.m.autoencoder.decode(zl, self.x)
         return un * self.m.field_std + self.m.field_mean
 
     @torch.no_grad()

@@ -450,16 +450,18 @@ class PointDecoder(nn.Module):
         return out
 
     # --- decoding on a fixed grid ----------------------------------------------------------------
-    #: decode shared queries through a cached :meth:`plan` where no gradient reaches the decoder's
-    #: weights (evaluation, rollouts, the latent stages' frozen decoder); False: always the direct path
+    #: decode shared queries through a cached :meth:`plan` when every weight is frozen (the latent
+    #: stages' decoder); False: always the direct path. Rollouts hold their own plan (inference/rollout.py)
     fast_decode: bool = True
 
     def _cached_plan(self, x: Tensor, batched: Optional[bool]) -> Optional["DecodePlan"]:
-        """The plan of queries ``x`` if the fast path applies (shared queries, weights frozen or no
-        grad), rebuilt when ``x`` or any weight changed (tensor versions count in-place edits)."""
+        """The plan of queries ``x`` if the fast path applies (shared queries, every weight frozen),
+        rebuilt when ``x`` or a weight changed (tensor versions count in-place edits such as
+        load_state_dict). A trainable decoder never caches: an optimizer may update weights without
+        bumping their version (fused AdamW does not), and a stale plan would decode old weights."""
         if not self.fast_decode or not self._shared(x, batched):
             return None
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if any(p.requires_grad for p in self.parameters()):
             return None
         key = (x.data_ptr(), tuple(x.shape), x.dtype, x.device, x._version, batched,
                tuple(p._version for p in self.parameters()), tuple(p.data_ptr() for p in self.parameters()))
