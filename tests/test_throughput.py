@@ -39,13 +39,14 @@ def test_smoke_run_reports_every_stage_and_the_rollout(tmp_path):
 def test_operator_flops_grow_with_the_batch(tmp_path):
     from ups_lightning.bench.throughput import train_throughput
 
-    one = train_throughput("dim8", "operator", batch_scale=0.25, warmup=1, steps=1)
-    two = train_throughput("dim8", "operator", batch_scale=0.5, warmup=1, steps=1)
+    one = train_throughput("dim8", "operator", "burgers1d", batch_scale=0.25, warmup=1, steps=1)
+    two = train_throughput("dim8", "operator", "burgers1d", batch_scale=0.5, warmup=1, steps=1)
     assert two["batch"] == 2 * one["batch"]
     assert two["gflop_per_step"] == pytest.approx(2 * one["gflop_per_step"], rel=0.01)
 
 
 @pytest.mark.parametrize("override,match", [("train_stages=[decoder]", "not stages"), ("steps=0", "steps=0"),
+                                            ("pde=heat2d", "not an equation"),
                                             ("sizes=[dim7]", "not a model config"),
                                             ("batch_scales=[0]", "batch_scales")])
 def test_bad_settings_are_one_error(tmp_path, override, match):

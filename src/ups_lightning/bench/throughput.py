@@ -13,7 +13,7 @@ shapes (256 cells, 1 channel, 41 frames; the speed of a step does not depend on 
   its share of the float32 peak. ``compile=true`` adds a torch.compile run and reports its compile
   time (the first steps) apart;
 - **inference**: a guarded plain rollout (``evaluate``'s default guard: re-encode + the equation's
-  projection) of ``rollout.trajectories`` Burgers trajectories batched, ``rollout.steps`` steps, in
+  projection) of ``rollout.trajectories`` trajectories of ``pde`` batched, ``rollout.steps`` steps, in
   ms per trajectory split into operator step, decode, guard (projection), encode and the
   consistency reward (``ttc=ensemble``'s, scored on one candidate per step); the whole rollout on
   the fast path (the decoder's cached grid plan) against the direct path, alternating; and the
@@ -44,12 +44,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ups_lightning.atomic import atomic_write_json
 from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.pdes import get_pde, registered
 
 log = logging.getLogger("ups_lightning.throughput")
 
 __all__ = ["matmul_peak", "train_throughput", "rollout_breakdown", "run_throughput"]
 
-CELLS, FRAMES, PDE, PARAMS, DT = 256, 41, "burgers1d", {"nu": 0.001}, 0.05   # the small sets' shapes
+CELLS, FRAMES, DT = 256, 41, 0.05   # the small sets' grid, frames and frame step
 SMOKE = dict(sizes=["dim8"], warmup_steps=1, steps=2, peak_size=256,
              rollout=dict(sizes=["dim8"], trajectories=4, steps=3, repeats=1, reward_cells=16, ttc_members=2))
 
@@ -118,9 +119,10 @@ def _synthetic_loader(name: str, contract: Any, model_cfg: Dict[str, Any], stage
                       generator=torch.Generator().manual_seed(0))
 
 
-def train_throughput(size: str, name: str, precision: str = "32-true", batch_scale: float = 1.0,
+def train_throughput(size: str, name: str, pde: str, precision: str = "32-true", batch_scale: float = 1.0,
                      compile: bool = False, warmup: int = 3, steps: int = 20) -> Dict[str, Any]:
-    """One stage x size x precision x batch scale (module doc): a dict of its figures."""
+    """One stage x size x precision x batch scale on data of equation ``pde`` (module doc): a dict of
+    its figures."""
     from ups_lightning.config import compose_config, stage_optim
     from ups_lightning.data.contract import DataContract
     from ups_lightning.lit.stages import STAGE_MODULES
@@ -130,7 +132,7 @@ def train_throughput(size: str, name: str, precision: str = "32-true", batch_sca
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     stages_cfg = OmegaConf.to_container(cfg.stages, resolve=True)
     batch = max(1, int(round(stages_cfg[name]["batch_size"] * batch_scale)))
-    contract = DataContract((PDE,), (CELLS,), 1)
+    contract = DataContract((pde,), (CELLS,), get_pde(pde).n_channels)
     torch.manual_seed(0)
     module = STAGE_MODULES[name](model_cfg, stage_optim(cfg, name), stages_cfg, contract.to_dict())
     module.x.copy_((torch.arange(CELLS) + 0.5) / CELLS)
@@ -156,7 +158,7 @@ def train_throughput(size: str, name: str, precision: str = "32-true", batch_sca
 
 
 # --- inference ------------------------------------------------------------------------------------
-def _random_pipeline(size: str, seed: int) -> Any:
+def _random_pipeline(size: str, seed: int, pde: str) -> Any:
     """An operator-stage module of ``size`` with random weights (the zero-initialised output heads
     too, so every layer computes), on the small sets' grid."""
     from ups_lightning.config import compose_config, stage_optim
@@ -167,7 +169,7 @@ def _random_pipeline(size: str, seed: int) -> Any:
     torch.manual_seed(seed)
     module = OperatorModule(OmegaConf.to_container(cfg.model, resolve=True), stage_optim(cfg, "operator"),
                             OmegaConf.to_container(cfg.stages, resolve=True),
-                            DataContract((PDE,), (CELLS,), 1).to_dict())
+                            DataContract((pde,), (CELLS,), get_pde(pde).n_channels).to_dict())
     with torch.no_grad():
         for p in module.parameters():
             if p.ndim >= 2 and not p.abs().sum():
@@ -185,7 +187,7 @@ def _median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def rollout_breakdown(size: str, trajectories: int = 128, steps: int = 31, repeats: int = 3,
+def rollout_breakdown(size: str, pde: str, trajectories: int = 128, steps: int = 31, repeats: int = 3,
                       reward_cells: int = 32, ttc_members: int = 3, seed: int = 0) -> Dict[str, Any]:
     """ms per trajectory of a guarded plain rollout by part, the whole rollout on the fast and the
     direct decode path, and the ``ttc=ensemble`` search (module doc)."""
@@ -193,15 +195,14 @@ def rollout_breakdown(size: str, trajectories: int = 128, steps: int = 31, repea
     from ups_lightning.inference.rewards import make_reward
     from ups_lightning.inference.rollout import Guard, Physics, Surrogate, rollout, ttc_rollout
     from ups_lightning.inference.ttc import TTCConfig
-    from ups_lightning.pdes import get_pde
-
-    spec = get_pde(PDE)
-    physics = Physics(pde=PDE, params=PARAMS, dx=1.0 / CELLS, dt=DT, domain_length=1.0)
+    spec = get_pde(pde)
+    params = spec.default_params()
+    physics = Physics(pde=pde, params=params, dx=1.0 / CELLS, dt=DT, domain_length=1.0)
     u0 = torch.from_numpy(spec.initial_conditions(np.arange(trajectories) + 10_000, CELLS)).float()
 
     def surrogate(k: int) -> Surrogate:
-        module = _random_pipeline(size, seed + k)
-        cond = module.contract.conditioning(PDE, PARAMS, DT)
+        module = _random_pipeline(size, seed + k, pde)
+        cond = module.contract.conditioning(pde, params, DT)
         return Surrogate(module, module.x.clone(), cond, guard=Guard(reencode=True, invariants=True), pde=spec)
 
     sur = surrogate(0)
@@ -278,6 +279,8 @@ def check_config(cfg: DictConfig) -> Dict[str, Any]:
     if settings["smoke"]:
         for k, v in SMOKE.items():
             settings[k] = {**settings[k], **v} if isinstance(v, dict) else v
+    if settings["pde"] not in registered():
+        raise UserError(f"throughput: pde={settings['pde']!r} is not an equation; choose from {sorted(registered())}.")
     bad = [s for s in settings["train_stages"] if s not in STAGE_MODULES]
     if bad:
         raise UserError(f"throughput: train_stages={bad} are not stages; choose from {list(STAGE_MODULES)}.")
@@ -319,7 +322,8 @@ def run_throughput(cfg: DictConfig, say=print) -> Dict[str, Any]:
             for precision in s["precisions"]:
                 for scale in s["batch_scales"]:
                     for comp in ([False, True] if s["compile"] else [False]):
-                        r = train_throughput(size, name, precision, scale, comp, s["warmup_steps"], s["steps"])
+                        r = train_throughput(size, name, s["pde"], precision, scale, comp, s["warmup_steps"],
+                                             s["steps"])
                         r["share_of_fp32_peak"] = r["gflops"] / peak32
                         rows.append(r)
                         say(f"| {name} | {size} | {precision} | {'yes' if comp else 'no'} | {r['batch']} | "
@@ -330,7 +334,7 @@ def run_throughput(cfg: DictConfig, say=print) -> Dict[str, Any]:
     ro = s["rollout"]
     result["rollout"] = []
     for size in ro["sizes"]:
-        r = rollout_breakdown(size, ro["trajectories"], ro["steps"], ro["repeats"], ro["reward_cells"],
+        r = rollout_breakdown(size, s["pde"], ro["trajectories"], ro["steps"], ro["repeats"], ro["reward_cells"],
                               ro["ttc_members"], s["seed"])
         result["rollout"].append(r)
         p = r["parts_ms_per_traj"]
