@@ -399,8 +399,11 @@ def test_bench_with_ours_on_smoke_data(smoke_data, tmp_path):
                      f"leaderboard={tmp_path / 'lb.csv'}", f"html={tmp_path / 'lb.html'}")
     out = run_bench(cfg, say=lambda *a: None)
     trials = out["results"]["ours"]["trials"]
-    # the learning-rate trials share the first trial's autoencoder, bit for bit
-    ae = [Path(t["run_dir"]) / "autoencoder" / "done.json" for t in trials]
+    # the learning-rate trials share the first trial's autoencoder, bit for bit (the later trials hold
+    # it by reference: stage_dir resolves where it lives)
+    from ups_lightning.artifacts import stage_dir
+
+    ae = [stage_dir(t["run_dir"], "autoencoder") / "done.json" for t in trials]
     import json
     assert len({json.loads(p.read_text())["ckpt_sha256"] for p in ae}) == 1
     runs = out["results"]["ours"]["runs"]

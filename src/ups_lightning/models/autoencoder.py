@@ -56,6 +56,13 @@ Query layouts of ``decode(z, x)`` (the output keeps the layout of x, channels la
   x is read as a shared grid when ``x.shape[:2]`` is the model's ``spatial_shape`` or when its
   leading size is neither 1 nor B, and as per-sample points otherwise.
 
+Decoding on a fixed grid (every rollout step, every latent stage's validation): ``PointDecoder.plan(x)``
+computes once all that depends on the query points alone (Fourier features, the query MLP, the first
+block's attention queries, the local bias, the bracketing tokens and blend weights, the local basis,
+the head's grid half), and folds the head's last Linear and the linear token path into the blended
+basis; ``decode_planned(z, plan)`` then equals ``forward(z, x)`` within float rounding. A frozen
+decoder caches its plan itself; rollouts hold theirs (``inference/rollout.py``).
+
 Design measured on PDEBench-like shock-forming frames (viscosity 0.001, 256 cells, 41 frames, shocks one or two
 cells wide), dim 64, 300 steps of batch 96 with 96 random query points per field, relative L2 on
 held-out trajectories: cross-attention + MLP head 6.2%; + bilinear local-basis head 4.0%; + linear
@@ -557,11 +564,22 @@ class PointDecoder(nn.Module):
 
 
 class DecodePlan:
-    """The grid-only features of a :class:`PointDecoder` on fixed queries (:meth:`PointDecoder.plan`)."""
+    """The grid-only features of a :class:`PointDecoder` on fixed queries (:meth:`PointDecoder.plan`):
+    the queries and their layout, the first block's query MLP output and attention queries, the local
+    bias; with the local head, per bracketing token (corner) of every query: its token index, the
+    head's grid half of its first layer, and its last layer and the linear token path folded into
+    the blended local basis."""
 
     def __init__(self, x: Tensor, layout: Tuple[int, ...], q0: Tensor, bias: Optional[Tensor],
                  q_heads: Optional[Tensor]) -> None:
         self.x, self.layout, self.q0, self.bias, self.q_heads = x, layout, q0, bias, q_heads
+        self.ff: Optional[Tensor] = None      # without the local head: the Fourier features (1, Q, F)
+        self.n_corners = 0
+        self.index: Optional[Tensor] = None   # (n_c * Q,) token of each (corner, query)
+        self.pre: Optional[Tensor] = None     # (1, n_c, Q, hidden)
+        self.w_eff: Optional[Tensor] = None   # (n_c * Q, C, hidden)
+        self.b_eff: Optional[Tensor] = None   # (Q, C)
+        self.skip: Optional[Tensor] = None    # (N * K, Q)
 
 
 class Autoencoder(nn.Module):
