@@ -38,7 +38,7 @@ from ups_lightning.errors import UserError
 from ups_lightning.lit.callbacks import EMA, NonFiniteLossStop, RNGState
 from ups_lightning.lit.common import StageModule
 from ups_lightning.lit.stages import STAGE_MODULES
-from ups_lightning.runtime import configure_cpu, free_cores, set_num_threads  # noqa: F401 (re-exported)
+from ups_lightning.runtime import configure_cpu
 
 log = logging.getLogger("ups_lightning.training")
 
