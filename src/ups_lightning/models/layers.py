@@ -111,19 +111,18 @@ class Attention(nn.Module):
 
     def qkv(self, x: Tensor, context: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised q, k, v of shape (B, heads, L|S, head_dim)."""
-        context = x if context is None else context
-        B, L, _ = x.shape
-        S = context.shape[1]
-        q = self.to_q(x).view(B, L, self.heads, self.head_dim)
-        k, v = self.to_kv(context).view(B, S, 2, self.heads, self.head_dim).unbind(2)
-        q = self.q_norm(q).transpose(1, 2)
-        k = self.k_norm(k).transpose(1, 2)
-        return q, k, v.transpose(1, 2)
+        return (self.queries(x), *self.keys_values(x if context is None else context))
 
     def queries(self, x: Tensor) -> Tensor:
-        """Normalised queries (B, heads, L, head_dim) of ``x`` alone (a decoder's fixed grid)."""
+        """Normalised queries (B, heads, L, head_dim) of ``x`` (alone: a decoder's fixed grid)."""
         B, L, _ = x.shape
         return self.q_norm(self.to_q(x).view(B, L, self.heads, self.head_dim)).transpose(1, 2)
+
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised keys and values (B, heads, S, head_dim) of ``context``."""
+        B, S, _ = context.shape
+        k, v = self.to_kv(context).view(B, S, 2, self.heads, self.head_dim).unbind(2)
+        return self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None,
                 attn_bias: Optional[Tensor] = None, q: Optional[Tensor] = None) -> Tensor:
@@ -131,11 +130,8 @@ class Attention(nn.Module):
         if q is None:
             q, k, v = self.qkv(x, context)
         else:
-            context = x if context is None else context
-            B, S = context.shape[:2]
-            k, v = self.to_kv(context).view(B, S, 2, self.heads, self.head_dim).unbind(2)
-            k, v = self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
-            q = q.expand(B, -1, -1, -1)
+            k, v = self.keys_values(x if context is None else context)
+            q = q.expand(k.shape[0], -1, -1, -1)
         use_flash = (
             self._flash_fn is not None
             and attn_bias is None
