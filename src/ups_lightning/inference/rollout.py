@@ -102,7 +102,7 @@ class Surrogate:
         the decoder's plan of that grid (made once: the weights do not change during inference)."""
         decoder = self.m.autoencoder.decoder
         zl = z * self.m.latent_std + self.m.latent_mean
-        if decoder.fast_decode and decoder._shared(self.x, None):
+        if decoder.fast_decode and decoder.shares_queries(self.x):
             if self._plan is None:
                 self._plan = decoder.plan(self.x)
             un = decoder.decode_planned(zl, self._plan)

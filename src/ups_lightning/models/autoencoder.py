@@ -466,7 +466,7 @@ class PointDecoder(nn.Module):
         rebuilt when ``x`` or a weight changed (tensor versions count in-place edits such as
         load_state_dict). A trainable decoder never caches: an optimizer may update weights without
         bumping their version (fused AdamW does not), and a stale plan would decode old weights."""
-        if not self.fast_decode or not self._shared(x, batched):
+        if not self.fast_decode or not self.shares_queries(x, batched):
             return None
         if any(p.requires_grad for p in self.parameters()):
             return None
@@ -478,7 +478,7 @@ class PointDecoder(nn.Module):
             self.__dict__["_plan"] = cached   # not a buffer: never saved, never moved
         return cached[1]
 
-    def _shared(self, x: Tensor, batched: Optional[bool]) -> bool:
+    def shares_queries(self, x: Tensor, batched: Optional[bool] = None) -> bool:
         """Whether queries ``x`` are one set for the whole batch (module doc's layouts)."""
         if self.spatial_dims == 1:
             return x.dim() == 1 and batched is not True
@@ -496,11 +496,9 @@ class PointDecoder(nn.Module):
         then equals ``forward(z, x)`` within float rounding at a fraction of its cost (a rollout
         decodes on one grid at every step). The plan holds this decoder's weights as they are now:
         make a new one after they change."""
-        if not self._shared(x, batched):
+        if not self.shares_queries(x, batched):
             raise ValueError(f"plan: needs queries shared by the batch, got {tuple(x.shape)}.")
-        xq, layout = self._queries(x, 1, False if x.dim() == 3 else batched)
-        if xq.shape[0] != 1:
-            raise ValueError(f"plan: needs queries shared by the batch, got {tuple(x.shape)}.")
+        xq, layout = self._queries(x, 1, False if x.dim() == 3 else batched)   # (1, Q, d)
         dtype = self.query[0].weight.dtype
         xq = (xq - torch.floor(xq)).to(dtype)
         ff = self.fourier(xq).flatten(-2)  # (1, Q, d * 2F)
