@@ -119,23 +119,31 @@ def _synthetic_loader(name: str, contract: Any, model_cfg: Dict[str, Any], stage
                       generator=torch.Generator().manual_seed(0))
 
 
+def _stage(size: str, name: str, pde: str, seed: int) -> tuple:
+    """(module, model settings, stages' settings, data contract) of stage ``name`` at ``size``, built
+    as training builds it (``training._stage_module``), on the small sets' grid of equation ``pde``."""
+    from ups_lightning.config import compose_config
+    from ups_lightning.data.contract import DataContract
+    from ups_lightning.training import _stage_module
+
+    cfg = compose_config("train", [f"model={size}"])
+    contract = DataContract((pde,), (CELLS,), get_pde(pde).n_channels)
+    torch.manual_seed(seed)
+    module = _stage_module(cfg, name, contract)
+    with torch.no_grad():
+        module.x.copy_((torch.arange(CELLS) + 0.5) / CELLS)
+    return (module, OmegaConf.to_container(cfg.model, resolve=True),
+            OmegaConf.to_container(cfg.stages, resolve=True), contract)
+
+
 def train_throughput(size: str, name: str, pde: str, precision: str = "32-true", batch_scale: float = 1.0,
                      compile: bool = False, warmup: int = 3, steps: int = 20) -> Dict[str, Any]:
     """One stage x size x precision x batch scale on data of equation ``pde`` (module doc): a dict of
     its figures."""
-    from ups_lightning.config import compose_config, stage_optim
-    from ups_lightning.data.contract import DataContract
-    from ups_lightning.lit.stages import STAGE_MODULES
     from ups_lightning.training import compile_networks
 
-    cfg = compose_config("train", [f"model={size}"])
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    stages_cfg = OmegaConf.to_container(cfg.stages, resolve=True)
+    module, model_cfg, stages_cfg, contract = _stage(size, name, pde, seed=0)
     batch = max(1, int(round(stages_cfg[name]["batch_size"] * batch_scale)))
-    contract = DataContract((pde,), (CELLS,), get_pde(pde).n_channels)
-    torch.manual_seed(0)
-    module = STAGE_MODULES[name](model_cfg, stage_optim(cfg, name), stages_cfg, contract.to_dict())
-    module.x.copy_((torch.arange(CELLS) + 0.5) / CELLS)
     if compile:
         compile_networks(module)
     total = warmup + 1 + steps
@@ -161,20 +169,11 @@ def train_throughput(size: str, name: str, pde: str, precision: str = "32-true",
 def _random_pipeline(size: str, seed: int, pde: str) -> Any:
     """An operator-stage module of ``size`` with random weights (the zero-initialised output heads
     too, so every layer computes), on the small sets' grid."""
-    from ups_lightning.config import compose_config, stage_optim
-    from ups_lightning.data.contract import DataContract
-    from ups_lightning.lit.stages import OperatorModule
-
-    cfg = compose_config("train", [f"model={size}"])
-    torch.manual_seed(seed)
-    module = OperatorModule(OmegaConf.to_container(cfg.model, resolve=True), stage_optim(cfg, "operator"),
-                            OmegaConf.to_container(cfg.stages, resolve=True),
-                            DataContract((pde,), (CELLS,), get_pde(pde).n_channels).to_dict())
+    module = _stage(size, "operator", pde, seed)[0]
     with torch.no_grad():
         for p in module.parameters():
             if p.ndim >= 2 and not p.abs().sum():
                 p.normal_(0.0, 0.02)
-        module.x.copy_((torch.arange(CELLS) + 0.5) / CELLS)
     return module.eval()
 
 
