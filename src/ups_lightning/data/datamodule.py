@@ -256,8 +256,8 @@ class _TensorItems(Dataset):
 
 class _Windows(Dataset):
     """Windows of `steps + 1` consecutive frames (latent and physical) starting at the given times,
-    with their trajectory's conditioning vector; a batch is one advanced-indexing call per tensor
-    (``__getitems__``), not a stack of per-window slices."""
+    with their trajectory's conditioning vector; a batch is one ``index_select`` of whole frames per
+    tensor (``__getitems__``), not a stack of per-window slices."""
 
     def __init__(self, z: torch.Tensor, u: torch.Tensor, cond: torch.Tensor, starts: np.ndarray,
                  steps: int) -> None:

@@ -82,7 +82,8 @@ class ScheduledAdamW:
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim_cfg["weight_decay"]},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr, betas=tuple(self.optim_cfg["betas"]), **_adamw_impl(self.optim_cfg, decay + no_decay, self.trainer.precision),
+            lr=self.lr, betas=tuple(self.optim_cfg["betas"]),
+            **_adamw_impl(self.optim_cfg, decay + no_decay, self.trainer.precision),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         settings = dict(total=total, warmup_ratio=self.optim_cfg["warmup_ratio"],
