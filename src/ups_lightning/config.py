@@ -153,7 +153,7 @@ class TrainerConfig:
     num_nodes: int = MISSING
     strategy: str = MISSING
     precision: str = MISSING
-    compile: bool = MISSING
+    compile: Any = MISSING  # true | false | [stage names]: torch.compile those stages' trainable networks
     deterministic: bool = MISSING
     log_every_n_steps: int = MISSING
     limit_train_batches: Any = MISSING
@@ -309,6 +309,11 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
                             "lightning.pytorch.callbacks.EarlyStopping), or be null to switch it off.")
     if merged.callbacks.progress_bar not in ("rich", "tqdm", "none"):
         raise UserError(f"callbacks.progress_bar={merged.callbacks.progress_bar!r}: expected rich, tqdm or none.")
+    compiled = merged.trainer.compile
+    if not (isinstance(compiled, bool) or (OmegaConf.is_list(compiled)
+                                          and all(c in STAGE_ORDER for c in compiled))):
+        raise UserError(f"trainer.compile={compiled!r}: expected true (every stage), false (none) or a list "
+                        f"of stage names from {list(STAGE_ORDER)}, e.g. trainer.compile=[operator].")
     if merged.stages.distill.student_steps not in (1, 2):
         raise UserError(f"stages.distill.student_steps={merged.stages.distill.student_steps}: expected 1 or 2.")
     _check_complete(merged, "training")
@@ -460,6 +465,13 @@ class TTCSettings:
 
 
 @dataclass
+class BaselinesConfig:
+    enabled: bool = MISSING  # beside a TTC row: the rivals without search (inference/baselines.py)
+    hybrid_weights: List[float] = MISSING  # the solver hybrid's blend weights, one chosen on validation
+    hybrid_weight: Optional[float] = MISSING  # a fixed blend weight instead (no validation pass)
+
+
+@dataclass
 class EvaluateConfig:
     run_dir: str = MISSING
     upto: Optional[str] = MISSING  # evaluate the chain up to this stage (None: the last finished)
@@ -470,6 +482,7 @@ class EvaluateConfig:
     ensemble_members: int = MISSING
     guard: GuardConfig = field(default_factory=GuardConfig)
     ttc: TTCSettings = field(default_factory=TTCSettings)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     batch_size: int = MISSING
     n_show: int = MISSING
     seed: int = MISSING
@@ -530,4 +543,11 @@ def validate_eval_config(cfg: DictConfig) -> DictConfig:
         raise UserError(f"ttc.candidates.corrector={merged.ttc.candidates.corrector!r}: expected null, student "
                         "or teacher.")
     check_ranges(merged, EVAL_RANGES)
+    weights = list(merged.baselines.hybrid_weights) + (
+        [] if merged.baselines.hybrid_weight is None else [merged.baselines.hybrid_weight])
+    if not weights or not all(math.isfinite(w) and 0.0 <= w <= 1.0 for w in weights):
+        raise UserError(f"baselines.hybrid_weights={list(merged.baselines.hybrid_weights)}, baselines.hybrid_weight="
+                        f"{merged.baselines.hybrid_weight}: the solver hybrid's blend weights must lie in [0, 1] "
+                        "(1: the coarse solve replaces each new frame's cell averages; 0: the plain rollout), "
+                        "and at least one must be given.")
     return merged

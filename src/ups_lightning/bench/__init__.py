@@ -174,7 +174,10 @@ def compose_train_config(cfg: Any, checked: Dict[str, Any], run_dir: Path, seed:
     budget = budget_min or checked["budget_min"]
     overrides = [f"experiment={cfg.experiment}", f"data={cfg.data.name}", f"model={cfg.model.name}",
                  f"run_dir={run_dir}", f"seed={seed}", "callbacks.progress_bar=none", "stage=operator",
-                 f"stages.operator.relative_loss={str(checked['relative_loss']).lower()}"]
+                 f"stages.operator.relative_loss={str(checked['relative_loss']).lower()}",
+                 # the peers train eager: compiling ours alone would give it more steps in the same
+                 # clock than the benchmark gives them (a train_overrides entry can still turn it on)
+                 "trainer.compile=false"]
     overrides += [f"stages.{k}.max_minutes={budget * checked['shares'][k]:.6g}" for k in STAGE_SHARES]
     if operator_lr is not None:
         overrides.append(f"stages.operator.lr={operator_lr:g}")

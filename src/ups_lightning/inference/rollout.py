@@ -76,6 +76,7 @@ class Surrogate:
             raise ValueError("Guard(invariants=True) needs the equation's spec (pde=)")
         self.pde = pde
         self._plan = None   # the decoder's plan of the grid x, made at the first decode
+        self._conditioning: dict = {}   # the operator's prepared conditioning per batch size
 
     @property
     def correctors(self) -> Tuple[str, ...]:
@@ -112,7 +113,10 @@ class Surrogate:
 
     @torch.no_grad()
     def step(self, z: Tensor) -> Tensor:
-        return self.m.operator(z, self._cond(z.shape[0]))
+        n = z.shape[0]
+        if n not in self._conditioning:   # the same for every step of a rollout of n states
+            self._conditioning[n] = self.m.operator.condition(self._cond(n))
+        return self.m.operator(z, self._conditioning[n])
 
     @torch.no_grad()
     def settle(self, z: Tensor, given: Tensor) -> Tuple[Tensor, Tensor]:

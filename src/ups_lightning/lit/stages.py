@@ -124,11 +124,13 @@ class OperatorModule(_LatentStage):
         self.operator = build_operator(model_cfg, self.contract)
         self.val_recon = MeanMetric()
 
-    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
+        """``cond``: raw (B, cond_dim) or the operator's prepared ``Conditioning``."""
         return self.operator(z, cond)
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        z, u, cond = batch["z"], batch["u"], batch["cond"]
+        z, u = batch["z"], batch["u"]
+        cond = self.operator.condition(batch["cond"])   # once for the whole unroll
         steps = z.shape[1] - 1
         state = z[:, 0]
         if self.settings["noise_std"] > 0:

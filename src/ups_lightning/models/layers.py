@@ -178,8 +178,14 @@ class MLP(nn.Module):
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """AdaLN modulation of (B, L, D) by per-sample (B, D) shift and scale."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """AdaLN modulation of (B, L, D) by per-sample (B, D) shift and scale (one fused multiply-add
+    over the tokens: a training step is bound by its number of operations, issue 20)."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """The AdaLN-Zero residual ``x + gate * y`` with a per-sample (B, D) gate, in one operation."""
+    return torch.addcmul(x, gate.unsqueeze(1), y)
 
 
 class TransformerBlock(nn.Module):
@@ -215,15 +221,19 @@ class TransformerBlock(nn.Module):
             self.ada = None
 
     def forward(self, x: Tensor, cond: Optional[Tensor] = None,
-                attn_bias: Optional[Tensor] = None) -> Tensor:
+                attn_bias: Optional[Tensor] = None, ada: Optional[Tensor] = None) -> Tensor:
+        """``ada``: this block's ``self.ada(cond)`` when already known (a rollout or an unrolled
+        training step conditions every step on the same ``cond``); ``cond`` is then not read."""
         if self.ada is None:
             x = x + self.attn(self.norm1(x), attn_bias=attn_bias)
             return x + self.mlp(self.norm2(x))
-        if cond is None:
-            raise ValueError("TransformerBlock was built with cond_dim but called without cond.")
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(cond).chunk(6, dim=-1)
-        x = x + g1.unsqueeze(1) * self.attn(modulate(self.norm1(x), sh1, sc1), attn_bias=attn_bias)
-        return x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        if ada is None:
+            if cond is None:
+                raise ValueError("TransformerBlock was built with cond_dim but called without cond.")
+            ada = self.ada(cond)
+        sh1, sc1, g1, sh2, sc2, g2 = ada.chunk(6, dim=-1)
+        x = gated(x, g1, self.attn(modulate(self.norm1(x), sh1, sc1), attn_bias=attn_bias))
+        return gated(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2)))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -273,8 +283,9 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        shift, scale = self.ada(cond).chunk(2, dim=-1)
+    def forward(self, x: Tensor, cond: Optional[Tensor] = None, ada: Optional[Tensor] = None) -> Tensor:
+        """``ada``: ``self.ada(cond)`` when already known (as for :class:`TransformerBlock`)."""
+        shift, scale = (self.ada(cond) if ada is None else ada).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 

@@ -18,7 +18,7 @@ With ``levels=0`` it is a plain stack of ``depth`` blocks. ``n_tokens`` must be 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,14 @@ class TokenUp(nn.Module):
         B, M, D = x.shape
         up = self.proj(x).reshape(B, 2 * M, D)
         return self.fuse(torch.cat([up, skip], dim=-1))
+
+
+class Conditioning(NamedTuple):
+    """What the operator computes from ``cond`` alone: every block's AdaLN modulation and the head's,
+    in the order the blocks run. Made once by :meth:`PDETransformer.condition` where many steps share
+    one ``cond`` (an unrolled training step, a rollout), it is passed in ``cond``'s place."""
+    blocks: List[Tensor]
+    final: Tensor
 
 
 class PDETransformer(nn.Module):
@@ -96,25 +104,34 @@ class PDETransformer(nn.Module):
         self.up_blocks = nn.ModuleList(block() for _ in range(levels))
         self.final = FinalLayer(dim, dim, dim)  # last Linear zero-initialised: identity at init
 
-    def delta(self, z: Tensor, cond: Tensor) -> Tensor:
-        """The update f(z, cond) alone, shape (B, N, D)."""
+    def _blocks_in_order(self) -> List[nn.Module]:
+        return [*self.down_blocks, *self.mid_blocks, *(self.up_blocks[l] for l in reversed(range(self.levels)))]
+
+    def condition(self, cond: Tensor) -> Conditioning:
+        """The modulations of conditioning vectors ``cond`` (B, cond_dim), for :meth:`delta`."""
+        c = self.cond_embed(cond)
+        return Conditioning([blk.ada(c) for blk in self._blocks_in_order()], self.final.ada(c))
+
+    def delta(self, z: Tensor, cond: Union[Tensor, Conditioning]) -> Tensor:
+        """The update f(z, cond) alone, shape (B, N, D); ``cond`` raw (B, cond_dim) or prepared."""
         if z.dim() != 3 or z.shape[1] != self.n_tokens or z.shape[2] != self.dim:
             raise ValueError(f"PDETransformer: z must be (B, {self.n_tokens}, {self.dim}), got {tuple(z.shape)}.")
-        c = self.cond_embed(cond)
+        mods = cond if isinstance(cond, Conditioning) else self.condition(cond)
+        ada = iter(mods.blocks)
         h = self.in_proj(z) + self.pos[0]
         skips = []
         for l in range(self.levels):
-            h = self.down_blocks[l](h, c)
+            h = self.down_blocks[l](h, ada=next(ada))
             skips.append(h)
             h = self.downs[l](h) + self.pos[l + 1]
         for blk in self.mid_blocks:
-            h = blk(h, c)
+            h = blk(h, ada=next(ada))
         for l in reversed(range(self.levels)):
             h = self.ups[l](h, skips[l])
-            h = self.up_blocks[l](h, c)
-        return self.final(h, c)
+            h = self.up_blocks[l](h, ada=next(ada))
+        return self.final(h, ada=mods.final)
 
-    def forward(self, z: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, z: Tensor, cond: Union[Tensor, Conditioning]) -> Tensor:
         """One step: ``z + f(z, cond)``."""
         return z + self.delta(z, cond)
 
