@@ -40,7 +40,9 @@ def test_evaluation_row_has_the_contracted_columns(smoke_run, tmp_path):
                 "nrmse_10 nrmse_pdebench persistence_nrmse solver_nrmse solver_ms_per_traj "
                 "rollout_ms_per_traj crmse brmse max_err frmse_low frmse_mid frmse_high mass_drift "
                 "energy_increase tv_increase correlation_horizon crps spread_skill coverage_50 coverage_90 ece "
-                "ttc_gain_nrmse ttc_cost_ratio peak_rss_mb").split()
+                "ttc_gain_nrmse ttc_cost_ratio peak_rss_mb "
+                "candidates_mean_nrmse solver_hybrid_nrmse solver_32_nrmse ttc_best_baseline "
+                "ttc_gain_beyond_baselines solver_hybrid_weight").split()
     with open(tmp_path / "lb.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1
@@ -52,6 +54,12 @@ def test_evaluation_row_has_the_contracted_columns(smoke_run, tmp_path):
     assert json.loads(row["pde_params"]) == json.loads(rows[0]["pde_params"]) == {"nu": 0.001}
     # TTC draws 2 candidates per step: its evaluations per step are counted, not assumed
     assert row["ttc_evals_per_step"] == pytest.approx(2.0)
+    # beside it, its rivals without search; the hybrid's blend weight was chosen on validation
+    assert row["solver_hybrid_weight"] in (0.25, 0.5, 0.75, 1.0)
+    assert row["solver_hybrid_weight_chosen_on"].startswith("val")
+    rivals = {k: row[f"{k}_nrmse"] for k in ("candidates_mean", "solver_hybrid", "solver_32")}
+    assert row["ttc_best_baseline"] == min(rivals, key=rivals.get)
+    assert row["ttc_gain_beyond_baselines"] == pytest.approx(min(rivals.values()) - row["nrmse"])
     # the PDEBench figure counts the given frames as zero error, so it is smaller than ours
     assert row["nrmse_pdebench"] < row["nrmse"]
     html = (tmp_path / "lb.html").read_text()

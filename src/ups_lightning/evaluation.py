@@ -237,6 +237,56 @@ def _batched(what: str, fn: Callable[[torch.Tensor], torch.Tensor], u0: torch.Te
     return torch.cat(out, dim=dim)
 
 
+def _ttc_baselines(cfg: DictConfig, sur: Surrogate, proposer: Any, reward: Any, tcfg: TTCConfig, u0: torch.Tensor,
+                   steps: int, preds: Dict[str, torch.Tensor], walls: Dict[str, float], extra: Dict[str, Any],
+                   member: DictConfig, n_given: int) -> None:
+    """The rows beside a TTC row (inference/baselines.py): its candidates averaged, its members'
+    rollouts averaged (two or more members), and the solver hybrid on its reward's solver (a
+    consistency reward), whose blend weight is chosen on the validation split unless fixed."""
+    from ups_lightning.inference import baselines as bl
+    from ups_lightning.inference.ttc import plan
+
+    B, k = cfg.batch_size, plan(tcfg).n_first
+    preds["candidates_mean"], walls["candidates_mean"] = _timed("candidates' mean", lambda: _batched(
+        "candidates' mean", lambda u: bl.candidates_mean_rollout(proposer, u, steps, k), u0, B))
+    if len(proposer.members) > 1:
+        extra_s = _timed("members' rollouts", lambda: _batched(
+            "members' rollouts", lambda u: bl.members_mean_rollout(proposer.members[1:], u, steps), u0, B))
+        # the first member's rollout is the operator row: its time counts once more, its frames are reused
+        n_more = len(proposer.members) - 1
+        preds["members_mean"] = (preds["operator"] + n_more * extra_s[0]) / len(proposer.members)
+        walls["members_mean"] = walls["operator"] + extra_s[1]
+    if not reward.solver_cells:
+        return
+    cells = reward.solver_cells
+
+    def hybrid(weight: float, u: torch.Tensor, n_steps: int = steps) -> torch.Tensor:
+        return bl.solver_hybrid_rollout(sur, u, n_steps, reward.solve, cells, weight)
+
+    weight = cfg.baselines.hybrid_weight
+    extra["solver_hybrid_weight_chosen_on"] = "setting (baselines.hybrid_weight)"
+    if weight is None:   # chosen on validation, never on the scored split
+        try:
+            val = eval_data(member, cfg.data.path, "val")
+        except UserError as exc:
+            log.warning("solver hybrid skipped: its blend weight is chosen on the validation split, and %s "
+                        "Set baselines.hybrid_weight to a fixed weight instead.", exc)
+            return
+        v0, v_truth = rollout_frames(val.fields, n_given)
+
+        def val_nrmse(w: float) -> float:
+            pred = _batched("solver hybrid (validation)", lambda u: hybrid(w, u, v_truth.shape[1]), v0, B)
+            return float(nrmse_per_frame(pred, v_truth).mean())
+
+        weight, scores = bl.choose_weight(val_nrmse, list(cfg.baselines.hybrid_weights))
+        extra["solver_hybrid_weight_chosen_on"] = f"val ({len(v0)} trajectories)"
+        extra["solver_hybrid_val_nrmse"] = json.dumps(scores)
+        log.info("solver hybrid: blend weight %.2f chosen on validation (nRMSE by weight: %s)", weight, scores)
+    extra["solver_hybrid_weight"] = float(weight)
+    preds["solver_hybrid"], walls["solver_hybrid"] = _timed("solver hybrid", lambda: _batched(
+        "solver hybrid", lambda u: hybrid(float(weight), u), u0, B))
+
+
 def evaluate(cfg: DictConfig) -> Any:
     """Score a finished run (one leaderboard row per scored file). A single-equation run, or any run
     with data.path=FILE, gives its row; a mixed run without data.path scores each equation's file and
@@ -314,6 +364,8 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
             sol, walls[f"solver_{n_c}"] = solve_on_grid(u0.double().numpy(), n_c, physics.pde, physics.params,
                                                         t_rel, physics.domain_length)
             preds[f"solver_{n_c}"] = torch.from_numpy(sol).float()
+        if cfg.baselines.enabled:
+            _ttc_baselines(cfg, sur, proposer, reward, tcfg, u0, steps, preds, walls, extra, member, n_given)
 
     metrics: Dict[str, Dict[str, float]] = {}
     for name, pred in preds.items():
@@ -385,8 +437,14 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
             row[k] = metrics["ensemble"][k]
     row["solver_ms_per_traj"] = metrics["solver"]["ms_per_traj"]
     if "ttc" in metrics:
+        from ups_lightning.inference.baselines import BASELINES, credited_gain
+
         row["ttc_gain_nrmse"] = metrics["operator"]["nrmse"] - metrics["ttc"]["nrmse"]
         row["ttc_cost_ratio"] = metrics["ttc"]["ms_per_traj"] / max(metrics["operator"]["ms_per_traj"], 1e-9)
+        rivals = {k: metrics[k]["nrmse"] for k in metrics if k in BASELINES or k.startswith("solver_")}
+        best, gain = credited_gain(metrics["ttc"]["nrmse"], rivals)
+        row["ttc_best_baseline"] = best or "none"
+        row["ttc_gain_beyond_baselines"] = gain     # the search's own gain: > 0 only if it beats them all
     row.update(extra)
     for name, rec in records.items():
         if rec:
@@ -420,6 +478,10 @@ def _print_table(metrics: Dict[str, Dict[str, float]], headline: str, row: Dict[
                       f"{m['nrmse_31']:.4f}", f"{m['crmse']:.2e}", f"{m['correlation_horizon']:.1f}",
                       f"{m['ms_per_traj']:.2f}")
     Console().print(table)
+    if "ttc_best_baseline" in row and row["ttc_best_baseline"] != "none":
+        gain = row["ttc_gain_beyond_baselines"]
+        print(f"TTC beyond the best baseline without search ({row['ttc_best_baseline']}): nRMSE gain {gain:+.4f}"
+              + ("" if gain > 0 else " -- the search is not credited with any gain of its own"))
 
 
 def _record(cfg: DictConfig, row: Dict[str, Any]) -> None:
