@@ -471,7 +471,8 @@ def _write_artifacts(run_dir: Path, run_id: str, preds: Dict[str, torch.Tensor],
 def _print_table(metrics: Dict[str, Dict[str, float]], headline: str, row: Dict[str, Any]) -> None:
     table = Table(title=f"{row['model']} on {Path(row['data_path']).name} [{row['split']}, {row['n_test']} "
                         f"trajectories, {row['steps']} steps]  headline: {headline}")
-    for col in ("method", "nRMSE", "@1", "@10", "@31", "cRMSE", "corr. horizon", "ms/traj"):
+    table.add_column("method", justify="right", no_wrap=True, min_width=max(len(m) for m in metrics))
+    for col in ("nRMSE", "@1", "@10", "@31", "cRMSE", "corr. horizon", "ms/traj"):
         table.add_column(col, justify="right")
     for name, m in metrics.items():
         table.add_row(name, f"{m['nrmse']:.4f}", f"{m['nrmse_1']:.4f}", f"{m['nrmse_10']:.4f}",

@@ -36,7 +36,7 @@ from ups_lightning.config import STAGE_ORDER, stage_optim, validate_train_config
 from ups_lightning.data.cache import build_or_load_latent_cache
 from ups_lightning.data.datamodule import FrameDataModule, LatentDataModule, open_run_data, unit_coords
 from ups_lightning.errors import UserError
-from ups_lightning.lit.callbacks import EMA, NonFiniteLossStop, RNGState
+from ups_lightning.lit.callbacks import EMA, EagerValidation, NonFiniteLossStop, RNGState
 from ups_lightning.lit.common import StageModule
 from ups_lightning.lit.stages import STAGE_MODULES
 from ups_lightning.runtime import configure_cpu
@@ -112,6 +112,8 @@ def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
                   if isinstance(spec, DictConfig) and "_target_" in spec]
     if optim["ema"]["enabled"]:
         callbacks.append(EMA(decay=optim["ema"]["decay"]))
+    if compiles(cfg.trainer.compile, name):
+        callbacks.append(EagerValidation())
     bar = PROGRESS_BARS[cfg.callbacks.progress_bar]
     if bar is not None:
         callbacks.append(bar())

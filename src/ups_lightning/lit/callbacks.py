@@ -77,3 +77,15 @@ class RNGState(Callback):
         random.setstate(state["python"])
         n = state["numpy"]
         np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+
+
+class EagerValidation(Callback):
+    """Validation (and the sanity check before training) runs the compiled networks eager: its batches
+    come in other shapes and another grad mode than training's, and compiling a graph for each would
+    cost tens of seconds of a stage's clock (the sanity check's outside it) for a few batches."""
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        torch.compiler.set_stance("force_eager")
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        torch.compiler.set_stance("default")
