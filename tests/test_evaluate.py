@@ -34,7 +34,8 @@ def _surrogate_inputs(cfg, module):
 
 def test_evaluation_row_has_the_contracted_columns(smoke_run, tmp_path):
     cfg, _ = smoke_run
-    row = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=default", "ttc.n_candidates=2"))
+    row = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=default", "ttc.n_candidates=2",
+                            "corrector_rows=true"))
     required = ("run_id run_dir data_path pde pde_params git_commit config_hash label model params ttc "
                 "nrmse nrmse_1 "
                 "nrmse_10 nrmse_pdebench persistence_nrmse solver_nrmse solver_ms_per_traj "
@@ -179,3 +180,24 @@ def test_ttc_with_the_operator_as_its_only_candidate_is_the_plain_rollout(smoke_
     with pytest.raises(UserError, match="ttc.n_candidates=2"):
         ttc_rollout(Proposer([sur]), u0, 3, TTCConfig(n_candidates=2, beam_width=1), reward)
     assert not torch.allclose(with_corrections, only_operator)
+
+
+def test_corrector_rows_only_for_a_corrector_that_learned():
+    from ups_lightning.evaluation import _scored_corrector
+
+    learned = {"distill": {"learned": True}, "diffusion": {"learned": False}}
+    assert _scored_corrector("auto", "student", learned) == "student"
+    assert _scored_corrector("auto", "teacher", learned) is None        # its stage did not beat doing nothing
+    assert _scored_corrector(True, "teacher", learned) == "teacher"      # asked for: scored anyway
+    assert _scored_corrector(False, "student", learned) is None
+    assert _scored_corrector("auto", "student", {"distill": {"learned": None}}) == "student"  # unknown: scored
+    assert _scored_corrector("auto", None, learned) is None
+
+
+def test_a_member_named_twice_or_the_run_itself_is_refused(smoke_run, tmp_path):
+    cfg, _ = smoke_run
+    run = Path(cfg.run_dir)
+    for members in (f"[{run}]", f"[{tmp_path / 'b'},{tmp_path / 'b'}]"):
+        with pytest.raises(UserError, match="more than once"):
+            evaluate(eval_cfg(run, tmp_path, "ttc=ensemble", f"ttc.candidates.members={members}"))
+    assert not (tmp_path / "lb.csv").exists()

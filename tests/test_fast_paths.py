@@ -175,3 +175,44 @@ def test_guarded_rollout_fast_and_direct_paths_agree(smoke_run):
     assert fast.shape == (len(u0), steps, data.meta.n_x, 1) and torch.isfinite(fast).all()
     torch.testing.assert_close(fast, direct, rtol=1e-4, atol=1e-4 * float(direct.abs().max()))
     torch.testing.assert_close(fast_ens, direct_ens, rtol=1e-4, atol=1e-4 * float(direct.abs().max()))
+
+
+def test_prepared_conditioning_and_fused_adaln_are_the_formula():
+    """The operator with its conditioning made once (the unroll's and rollout's path) gives what the
+    raw-cond call gives, and that is the AdaLN formula with separate multiply and add."""
+    import ups_lightning.models.layers as layers
+    from ups_lightning.models.operator import PDETransformer
+
+    torch.manual_seed(0)
+    op = PDETransformer(dim=16, n_tokens=8, depth=3, heads=2, cond_dim=3, levels=1)
+    with torch.no_grad():   # non-zero AdaLN and head weights, so every modulation and gate acts
+        for p in op.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    z, cond = torch.randn(4, 8, 16), torch.randn(4, 3)
+    raw = op(z, cond)
+    torch.testing.assert_close(op(z, op.condition(cond)), raw, rtol=0, atol=0)
+    fused = (layers.modulate, layers.gated)
+    try:
+        layers.modulate = lambda x, shift, scale: x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        layers.gated = lambda x, g, y: x + g.unsqueeze(1) * y
+        separate = op(z, cond)
+    finally:
+        layers.modulate, layers.gated = fused
+    torch.testing.assert_close(raw, separate, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(raw, z)   # the test is not of the identity map
+
+
+def test_compile_setting_is_a_switch_or_a_list_of_stages(tmp_path):
+    from conftest import smoke_cfg
+
+    from ups_lightning.config import validate_train_config
+    from ups_lightning.errors import UserError
+    from ups_lightning.training import compiles
+
+    assert compiles(True, "autoencoder") and not compiles(False, "operator")
+    assert compiles(["operator"], "operator") and not compiles(["operator"], "autoencoder")
+    cfg = smoke_cfg(tmp_path, "trainer.compile=[operator,diffusion]")
+    assert list(validate_train_config(cfg).trainer.compile) == ["operator", "diffusion"]
+    for bad in ("[opertor]", "maybe"):
+        with pytest.raises(UserError, match="trainer.compile"):
+            validate_train_config(smoke_cfg(tmp_path, f"trainer.compile={bad}"))

@@ -478,6 +478,7 @@ class EvaluateConfig:
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     split: Optional[str] = MISSING  # train | val | test | all (None: test, or all for a foreign file)
     corrector: str = MISSING
+    corrector_rows: Any = MISSING  # auto (only when the corrector's stage learned) | true | false
     correct_every: int = MISSING
     ensemble_members: int = MISSING
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -525,6 +526,9 @@ def validate_eval_config(cfg: DictConfig) -> DictConfig:
         raise UserError(f"split={merged.split!r}: expected one of {list(EVAL_SPLITS)} (all: every row of the file).")
     if merged.corrector not in ("student", "teacher"):
         raise UserError(f"corrector={merged.corrector!r}: expected student or teacher.")
+    if merged.corrector_rows not in ("auto", True, False):
+        raise UserError(f"corrector_rows={merged.corrector_rows!r}: expected auto (score the corrected and "
+                        "ensemble rows only when the corrector's stage learned), true or false.")
     from ups_lightning.pdes.base import PENALTY_DOCS
 
     from ups_lightning.inference.rewards import REWARDS

@@ -183,12 +183,20 @@ def build_surrogate(train_cfg: DictConfig, module: Any, data: Any, physics: Phys
 
 
 def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: Any,
-                   generator: Optional[torch.Generator] = None) -> tuple:
+                   generator: Optional[torch.Generator] = None, run_dir: Optional[Path] = None) -> tuple:
     """(proposer, parameters of the extra members) of TTC candidate settings (``ttc.candidates``: members,
     perturb, corrector, corrector_scale, mean) around ``sur``; each member run is loaded through the
-    verified chain and must fit the data."""
+    verified chain and must fit the data. A member named twice, or the evaluated run (``run_dir``)
+    named as a member, is refused: it would only repeat candidates and count its parameters again."""
     from ups_lightning.inference.candidates import Proposer
 
+    named = [Path(p).resolve() for p in candidates.members]
+    own = [] if run_dir is None else [Path(run_dir).resolve()]
+    repeated = sorted({str(p) for i, p in enumerate(named) if p in named[:i] or p in own})
+    if repeated:
+        raise UserError(f"ttc.candidates.members names {', '.join(repeated)} more than once (or names the "
+                        "evaluated run itself, which is always the first member): each member must be "
+                        "another trained run, e.g. another seed.")
     members, extra_params = [sur], 0
     for path in candidates.members:
         m_cfg, _, m_module = load_run(Path(path))
@@ -203,11 +211,11 @@ def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: A
 
 
 def build_search(ttc: DictConfig, sur: Surrogate, physics: Physics, view_of: Any,
-                 generator: Optional[torch.Generator] = None) -> tuple:
+                 generator: Optional[torch.Generator] = None, run_dir: Optional[Path] = None) -> tuple:
     """(proposer, reward, parameters of the extra members) of the TTC settings ``ttc``."""
     from ups_lightning.inference.rewards import load_verifier, make_reward
 
-    proposer, extra_params = build_proposer(ttc.candidates, sur, physics, view_of, generator)
+    proposer, extra_params = build_proposer(ttc.candidates, sur, physics, view_of, generator, run_dir)
     verifier = load_verifier(ttc.reward.verifier) if ttc.reward.name == "verifier" and ttc.reward.verifier else None
     weights = OmegaConf.to_container(ttc.reward.weights)
     reward = make_reward(ttc.reward.name, physics, cells=ttc.reward.cells, weights=weights, verifier=verifier)
@@ -287,6 +295,24 @@ def _ttc_baselines(cfg: DictConfig, sur: Surrogate, proposer: Any, reward: Any, 
         "solver hybrid", lambda u: hybrid(float(weight), u), u0, B))
 
 
+CORRECTOR_STAGES = {"teacher": "diffusion", "student": "distill"}
+
+
+def _scored_corrector(setting: Any, corrector: Optional[str], records: Dict[str, Any]) -> Optional[str]:
+    """The corrector whose corrected and ensemble rows are scored, or None. ``corrector_rows``: true
+    always, false never, auto only when the corrector's stage learned (its record: it beat doing
+    nothing on validation). A corrector that did not learn only adds minutes and rows far worse
+    than the plain rollout (issue 21); TTC's own corrector candidates are set by ``ttc`` alone."""
+    if corrector is None or setting is False:
+        return None
+    stage = CORRECTOR_STAGES[corrector]
+    if setting == "auto" and (records.get(stage) or {}).get("learned") is False:
+        log.info("corrected and ensemble rows skipped: the %s stage did not learn (its record), so a "
+                 "%s-corrected rollout cannot help; corrector_rows=true scores them anyway", stage, corrector)
+        return None
+    return corrector
+
+
 def evaluate(cfg: DictConfig) -> Any:
     """Score a finished run (one leaderboard row per scored file). A single-equation run, or any run
     with data.path=FILE, gives its row; a mixed run without data.path scores each equation's file and
@@ -317,6 +343,7 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
     sur = build_surrogate(train_cfg, module, data, physics,
                           Guard(reencode=bool(cfg.guard.reencode), invariants=bool(cfg.guard.invariants)))
     corrector = cfg.corrector if cfg.corrector in sur.correctors else (sur.correctors[-1] if sur.correctors else None)
+    corrector = _scored_corrector(cfg.corrector_rows, corrector, records)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, B = len(u0), cfg.batch_size
     log.info("evaluating %s (stage %s) on %d trajectories of %s [%s], %d steps, %d threads",
@@ -344,7 +371,7 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
         preds["ensemble"] = ens.mean(0)
     if cfg.ttc.enabled:
         proposer, reward, extra["ttc_member_params"] = build_search(cfg.ttc, sur, physics, view_of=data,
-                                                                    generator=gen)
+                                                                    generator=gen, run_dir=run_dir)
         tcfg = TTCConfig(n_candidates=cfg.ttc.n_candidates, beam_width=cfg.ttc.beam_width,
                          horizon=cfg.ttc.horizon, budget=cfg.ttc.budget)
         infos = []
