@@ -8,12 +8,11 @@ recomputed every step and separate multiply/add operations. Eager, 2 threads.
 import json
 import statistics
 import subprocess
-import time
 
 import torch
 
 import ups_lightning.models.layers as layers
-from ups_lightning.bench.throughput import _stage, _synthetic_loader
+from ups_lightning.bench.throughput import _median_ms, _stage, _synthetic_loader
 from ups_lightning.runtime import configure_cpu
 
 threads = configure_cpu(2, "threads")
@@ -45,14 +44,13 @@ def old_loss(b):
 def run(variant, n=8):
     layers.modulate, layers.gated = (old_mod, old_gated) if variant == "old" else (new_mod, new_gated)
     f = old_loss if variant == "old" else (lambda b: m.training_step(b, 0))
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
+
+    def step():
         opt.zero_grad(set_to_none=True)
         f(batch).backward()
         opt.step()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+
+    return _median_ms(step, n)
 
 
 for v in ("old", "new"):
@@ -60,7 +58,7 @@ for v in ("old", "new"):
 res = {"old": [], "new": []}
 for _ in range(5):
     for v in ("old", "new"):
-        res[v].append(1000 * run(v))
+        res[v].append(run(v))
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 print(json.dumps({"command": "python results/issue20/adaln_ab.py", "commit": commit, "threads": threads,
                   "what": "dim32 operator training step, batch 64, 8-step unroll, ms (median of 8 steps per round, "

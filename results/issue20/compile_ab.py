@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ups_lightning.bench.throughput import _stage, _synthetic_loader
+from ups_lightning.bench.throughput import _median_ms, _stage, _synthetic_loader
 from ups_lightning.runtime import configure_cpu
 from ups_lightning.training import compile_networks
 
@@ -34,14 +34,6 @@ def measure(name, size="dim32", rounds=3, n=8):
         m.training_step(batch, 0).backward()
         opt.step()
 
-    def timed():
-        ts = []
-        for _ in range(n):
-            t = time.perf_counter()
-            step()
-            ts.append(time.perf_counter() - t)
-        return 1000 * statistics.median(ts)
-
     for _ in range(3):
         step()
     t = time.perf_counter()
@@ -52,8 +44,8 @@ def measure(name, size="dim32", rounds=3, n=8):
     eager, compiled = [], []
     for _ in range(rounds):
         with torch.compiler.set_stance("force_eager"):
-            eager.append(timed())
-        compiled.append(timed())
+            eager.append(_median_ms(step, n))
+        compiled.append(_median_ms(step, n))
     return {"stage": name, "size": size, "batch": sc[name]["batch_size"], "eager_step_ms": eager,
             "compiled_step_ms": compiled, "compile_and_2_steps_s": compile_s,
             "speedup": statistics.median(eager) / statistics.median(compiled)}

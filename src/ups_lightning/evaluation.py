@@ -258,12 +258,11 @@ def _ttc_baselines(cfg: DictConfig, sur: Surrogate, proposer: Any, reward: Any, 
     preds["candidates_mean"], walls["candidates_mean"] = _timed("candidates' mean", lambda: _batched(
         "candidates' mean", lambda u: bl.candidates_mean_rollout(proposer, u, steps, k), u0, B))
     if len(proposer.members) > 1:
-        extra_s = _timed("members' rollouts", lambda: _batched(
-            "members' rollouts", lambda u: bl.members_mean_rollout(proposer.members[1:], u, steps), u0, B))
-        # the first member's rollout is the operator row: its time counts once more, its frames are reused
-        n_more = len(proposer.members) - 1
-        preds["members_mean"] = (preds["operator"] + n_more * extra_s[0]) / len(proposer.members)
-        walls["members_mean"] = walls["operator"] + extra_s[1]
+        # the first member's rollout is the operator row: its frames are reused, its time counted
+        preds["members_mean"], wall = _timed("members' rollouts", lambda: _batched(
+            "members' rollouts", lambda idx: bl.members_mean_rollout(
+                proposer.members, u0[idx], steps, first=preds["operator"][idx]), torch.arange(len(u0)), B))
+        walls["members_mean"] = walls["operator"] + wall
     if not reward.solver_cells:
         return
     cells = reward.solver_cells
