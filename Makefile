@@ -42,9 +42,9 @@ eval-full: setup
 bench: setup
 	$(BIN)/python -m ups_lightning.bench $(if $(BUDGET),budget_min=$(BUDGET)) $(if $(SEEDS),"seeds=[$(shell seq -s, 0 $$(($(SEEDS)-1)))]") $(BENCH_ARGS)
 
-# the capacity x TTC study (README "Test-time search"); BUDGET=<minutes per model>, STUDY_ARGS=<more overrides>
+# the capacity x TTC study (docs/STUDY.md; about 75 min on 2 idle cores); STUDY_ARGS=<more overrides>
 study: setup
-	$(BIN)/python -m ups_lightning.study $(if $(BUDGET),budget_min=$(BUDGET)) $(STUDY_ARGS)
+	$(BIN)/python -m ups_lightning.study $(STUDY_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

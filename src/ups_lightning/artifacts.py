@@ -182,10 +182,10 @@ def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, A
     }
     for k in ("batch_size", "num_workers"):
         relevant["data"].pop(k, None)
-    neutral = {"model": ("model", ["hidden", "heads"]), "settings": (f"stages.{name}", ["optim"])}
-    for part, (prefix, keys) in neutral.items():
-        for k in keys:
-            if k in relevant[part] and relevant[part][k] == NEUTRAL_LATER_KEYS[f"{prefix}.{k}"]:
+    for part, prefix in (("model", "model."), ("settings", f"stages.{name}.")):
+        for key, value in NEUTRAL_LATER_KEYS.items():
+            k = key[len(prefix):] if key.startswith(prefix) else None
+            if k in relevant[part] and relevant[part][k] == value:
                 del relevant[part][k]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -249,3 +249,25 @@ def load_stage(run_dir: str | Path, name: str, record: Dict[str, Any], fix: str 
                         f"(e.g. {bad[0]}); this model cannot be scored. Retrain the stage.")
     module.eval()
     return module
+
+
+def load_snapshots(run_dir: str | Path, name: str, record: Dict[str, Any]) -> Dict[int, Dict[str, torch.Tensor]]:
+    """{epoch: state_dict} of the network snapshots a stage saved (``stages.<stage>.snapshot_every``),
+    each file checked against the digest its record keeps and loaded as data (weights_only). A stage
+    trained without snapshots gives {}."""
+    from ups_lightning.lit.callbacks import SNAPSHOTS
+
+    out: Dict[int, Dict[str, torch.Tensor]] = {}
+    folder = stage_dir(run_dir, name) / SNAPSHOTS
+    for fname, recorded in sorted((record.get("snapshots") or {}).items()):
+        path = folder / fname
+        if not path.is_file() or sha256_file(path) != recorded:
+            raise UserError(f"stage '{name}' of {run_dir}: snapshot {path} is missing or does not match its "
+                            "record (changed after training). Retrain the stage with its snapshot_every "
+                            "setting, or use members that are not snapshots.")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise UserError(f"stage '{name}' of {run_dir}: snapshot {path} holds NaN/Inf ({bad[0]}).")
+        out[int(fname[len("epoch"):-len(".pt")])] = state
+    return out

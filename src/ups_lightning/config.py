@@ -112,6 +112,7 @@ class OperatorStage:
     decoded_weight: float = MISSING  # weight of the decoded-space loss through the frozen decoder
     noise_std: float = MISSING  # latent noise injection on the input state
     relative_loss: bool = MISSING  # weigh each sample's error by 1 / its field's mean square (as nRMSE does)
+    snapshot_every: int = 0  # >0: save the operator's weights every this many epochs (one-run TTC members)
 
 
 @dataclass
@@ -228,6 +229,7 @@ class TrainConfig:
 # unchanged (artifacts.stage_config_hash), so runs finished before the key existed stay valid.
 NEUTRAL_LATER_KEYS: Dict[str, Any] = {
     "model.hidden": None, "model.heads": None, "reuse_runs": [], "trainer.val_every_n_steps": None,
+    "stages.operator.snapshot_every": 0,
     **{f"stages.{s}.optim": STAGE_OPTIM_INHERIT for s in STAGE_ORDER},
 }
 
@@ -386,7 +388,7 @@ TRAIN_RANGES = [
     *[(f"stages.{s}.val_batches", 1, True, None) for s in ("diffusion", "distill")],
     ("stages.autoencoder.val_frames", 1, True, None), ("stages.autoencoder.n_query", 0, True, None),
     ("stages.operator.rollout_steps", 1, True, None), ("stages.operator.decoded_weight", 0.0, True, None),
-    ("stages.operator.noise_std", 0.0, True, None), ("stages.diffusion.sample_steps", 1, True, None),
+    ("stages.operator.noise_std", 0.0, True, None), ("stages.operator.snapshot_every", 0, True, None), ("stages.diffusion.sample_steps", 1, True, None),
     ("stages.distill.n_grid", 2, True, None), ("stages.distill.target_decay", 0.0, True, 1.0),
     ("optim.weight_decay", 0.0, True, None), ("optim.warmup_ratio", 0.0, True, 1.0),
     ("optim.min_lr_ratio", 0.0, True, 1.0), ("optim.grad_clip", 0.0, False, None),

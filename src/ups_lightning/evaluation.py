@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ups_lightning.artifacts import DONE, load_stage, record_config, stage_dir, train_command, verified_chain
+from ups_lightning.artifacts import (DONE, load_snapshots, load_stage, record_config, stage_dir, train_command,
+                                     verified_chain)
 from ups_lightning.config import STAGE_ORDER, validate_eval_config
 from ups_lightning.data.datamodule import check_frames, member_configs, resolve_params, unit_coords
 from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset, split_options
@@ -79,6 +80,24 @@ def load_run(run_dir: Path, stage: Optional[str] = None) -> tuple:
     train_cfg = record_config(records[last], stage_dir(run_dir, last) / DONE)
     train_cfg.run_dir = str(run_dir)
     return train_cfg, records, load_stage(run_dir, last, records[last], fix)
+
+
+def snapshot_modules(run_dir: Path, records: Dict[str, Any], module: Any) -> List[tuple]:
+    """[(epoch, module)] of the operator snapshots the run saved (``stages.operator.snapshot_every``),
+    latest first: copies of ``module`` with the snapshot's operator weights (the one-run TTC members
+    of issue 21: the same autoencoder, earlier points of the same training). A snapshot holding the
+    module's own operator weights (the best checkpoint's epoch) is left out: it would repeat it."""
+    import copy
+
+    own = module.operator.state_dict()
+    out = []
+    for epoch, state in sorted(load_snapshots(run_dir, "operator", records["operator"]).items(), reverse=True):
+        if state.keys() == own.keys() and all(torch.equal(state[k], own[k]) for k in own):
+            continue
+        m = copy.deepcopy(module)
+        m.operator.load_state_dict(state)
+        out.append((epoch, m.eval()))
+    return out
 
 
 @dataclass

@@ -1,31 +1,38 @@
-"""`python -m ups_lightning.study [budget_min=2.5] [sizes=[dim8,...]] [seeds=[0,1,2]]` (`make study`):
-how far can test-time search stand in for model capacity?
+"""`python -m ups_lightning.study [sizes=[dim8,...]] [seeds=[0,1,2]] [epochs.operator=6]` (`make study`):
+how far can test-time search stand in for model capacity? (issue 21, docs/STUDY.md)
 
-A capacity sweep (``sizes``, each trained ``len(seeds)`` times with the same per-model budget:
-autoencoder + operator, the plain rollout's stages, ``protocol``'s data and settings), each size
-evaluated plain and with TTC at each search budget of ``budgets`` (candidates per step). TTC's candidates
-are the operator steps of ``b`` of the size's seeds (an operator ensemble, candidate 0 the first seed's
-step; inference/candidates.py), chosen per sample per step by a reward (inference/rewards.py).
+A capacity sweep: every size of ``sizes`` trained ``len(seeds)`` times (autoencoder + operator, the plain
+rollout's stages, on ``protocol``'s data) for the **same number of epochs** (``epochs``; no wall-clock
+limit), so every size sees the same data equally often and a larger size spends more compute, which the
+training-cost column and plot show. The operator saves its weights every ``snapshot_every`` epochs.
 
-Fairness (README "Test-time search"):
-- for each size and budget the reward is chosen on the validation split (lowest val nRMSE of
-  ``rewards``); the test split is scored once, with that reward;
-- plain figures are the mean +- std over the seeds; a TTC model counts the parameters of all its members;
-- cost is wall-clock per trajectory of the whole rollout or search, batched (``eval_batch_size``);
-- a reward that runs a solver has that solver on its own (same grid, from the same given frame)
-  reported beside it in the table and on the cost plot.
+Rows, on the test split (each figure mean +- std over its member groups, among groups whose runs learned):
 
-Trained models of the same settings are reused (finished stages are skipped), so a second run only
-re-evaluates. Writes ``study.csv``, ``study.json``, ``study.md`` and ``study.png`` (nRMSE against parameters and against ms per
-trajectory: one curve plain, one per TTC budget) into ``out_dir``.
+- ``plain``: each seed's guarded rollout (groups: the seeds);
+- for each member kind (``members``: ``seeds``, b trained seeds, every b-subset a group; ``snapshots``, one
+  run's final operator and its b-1 latest snapshots, each seed a group) and each search budget b:
+  ``<kind>-<b> ttc`` (greedy search, its reward chosen on validation among ``rewards`` on the first
+  group), and the same members without search, ``candidates_mean`` (their steps averaged at every step) and
+  ``members_mean`` (their rollouts averaged); on validation also the oracle (the candidate nearest the
+  truth: the headroom) and the share of it the chosen reward recovers;
+- ``solver_hybrid``: each seed's rollout corrected by the consistency reward's coarse solve (blend weight
+  chosen on validation among ``hybrid_weights``), and ``solver``: that coarse solver on its own.
+
+Cost in every row: parameters held (all members; snapshots share one autoencoder), training wall-clock
+summed over every model the row uses (one run for snapshot members), inference ms per trajectory
+(batched). Verdict and claims follow the rules in :func:`verdict` and :func:`claims`.
+
+Trained models of the same settings are reused (finished stages are skipped), so the study completes in
+parts. Writes ``study.json``, ``study.csv``, ``study.md`` and ``study.png`` into ``out_dir``.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import hydra
 import numpy as np
@@ -39,113 +46,261 @@ from ups_lightning.tables import format_cell, write_csv
 
 log = logging.getLogger("ups_lightning.study")
 
+MEMBER_KINDS = ("seeds", "snapshots")
+
 
 def check_config(cfg: DictConfig) -> None:
     def fail(key: str, want: str) -> None:
         raise UserError(f"study setting {key}={OmegaConf.select(cfg, key)!r}: expected {want} (conf/study.yaml).")
 
-    if not isinstance(cfg.budget_min, (int, float)) or isinstance(cfg.budget_min, bool) or not cfg.budget_min > 0:
-        fail("budget_min", "minutes > 0 per trained model (autoencoder + operator)")
+    for stage in ("autoencoder", "operator"):
+        e = OmegaConf.select(cfg, f"epochs.{stage}")
+        if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+            fail(f"epochs.{stage}", "a whole number of epochs >= 1, the same for every size")
     if not cfg.sizes or not all(isinstance(s, str) for s in cfg.sizes):
         fail("sizes", "a list of conf/model options, e.g. [dim8, dim16, dim32, dim64]")
-    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or not all(isinstance(s, int) for s in cfg.seeds):
-        fail("seeds", "a list of distinct integer training seeds, e.g. [0, 1, 2]")
-    if not cfg.budgets or not all(isinstance(b, int) and 2 <= b <= len(cfg.seeds) for b in cfg.budgets):
-        fail("budgets", f"search budgets (candidates per step), integers in [2, {len(cfg.seeds)}] (one operator "
-                        "step per seed)")
-    if not cfg.rewards:
-        fail("rewards", "a list of rewards, e.g. [physics, 'consistency:32']")
+    if (not cfg.seeds or len(cfg.seeds) < 2 or len(set(cfg.seeds)) != len(cfg.seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.seeds)):
+        fail("seeds", "a list of at least 2 distinct integer training seeds, e.g. [0, 1, 2]")
+    if not cfg.members or not set(cfg.members) <= set(MEMBER_KINDS):
+        fail("members", f"a list of member kinds among {list(MEMBER_KINDS)}")
+    if not isinstance(cfg.snapshot_every, int) or isinstance(cfg.snapshot_every, bool) or cfg.snapshot_every < 1:
+        fail("snapshot_every", "epochs between operator snapshots, an integer >= 1")
+    most = len(cfg.seeds)
+    if "snapshots" in cfg.members:   # the final operator and the snapshots before it
+        most = min(most, 1 + cfg.epochs.operator // cfg.snapshot_every - 1)
+    if not cfg.budgets or not all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= most
+                                  for b in cfg.budgets):
+        fail("budgets", f"search budgets (candidates per step, one per member), integers in [2, {most}]: at most "
+                        "one per seed and, with snapshot members, one per snapshot the operator's epochs leave")
     from ups_lightning.inference.rewards import REWARDS, parse_reward
 
+    if not cfg.rewards:
+        fail("rewards", "a list of rewards, e.g. [physics, 'consistency:32']")
     for r in cfg.rewards:
         name, _ = parse_reward(r)
         if name not in REWARDS or name == "verifier":
             fail("rewards", "physics or consistency:CELLS entries (the verifier is measured by bench.ttc_headroom)")
+    if not any(parse_reward(r)[0] == "consistency" for r in cfg.rewards):
+        fail("rewards", "at least one consistency:CELLS reward (its solver is the hybrid and solver rows' solver)")
+    if not cfg.hybrid_weights or not all(isinstance(w, (int, float)) and 0 <= w <= 1 for w in cfg.hybrid_weights):
+        fail("hybrid_weights", "blend weights in [0, 1] to choose the solver hybrid's among on validation")
 
 
-def _train(cfg: DictConfig, size: str, seed: int, out: Path) -> tuple:
-    """(run directory, whether every stage beat its trivial reference) of one size and seed."""
+# --- training ---------------------------------------------------------------------------------------
+def _train(cfg: DictConfig, size: str, seed: int, out: Path) -> Dict[str, Any]:
+    """One size and seed trained (or reused): its run directory, whether both stages beat their trivial
+    references, and their summed training wall-clock."""
     from ups_lightning.training import run as train
 
     run_dir = out / "runs" / f"{size}-seed{seed}"
-    budget = float(cfg.budget_min)
+    stages = {s: f"stages.{s}" for s in ("autoencoder", "operator")}
     tcfg = compose_config("train", [f"experiment={cfg.protocol}", f"model={size}", f"seed={seed}",
                                     "stage=autoencoder_operator", f"run_dir={run_dir}", "callbacks.progress_bar=none",
-                                    *[f"stages.{k}.max_minutes={budget * v:.6g}" for k, v in cfg.shares.items()],
-                                    *cfg.train_overrides])
+                                    *[f"{k}.max_epochs={cfg.epochs[s]}" for s, k in stages.items()],
+                                    *[f"{k}.max_minutes=null" for k in stages.values()],
+                                    f"stages.operator.snapshot_every={cfg.snapshot_every}", *cfg.train_overrides])
     records = train(tcfg)
-    return run_dir, all(r.get("learned") is not False for r in records.values())
+    return {"run_dir": run_dir, "seed": seed,
+            "learned": all(records[s].get("learned") is not False for s in stages),
+            "train_s": float(sum(records[s]["wall_clock_s"] for s in stages)),
+            "epochs": {s: records[s]["epochs"] for s in stages}}
 
 
-class _Size:
-    """One size's trained seeds as surrogates on the val and test splits (each run loaded once, each
-    split read once: the seeds share the protocol's data)."""
+# --- evaluation -------------------------------------------------------------------------------------
+class _Split:
+    """One split's frames and physics, with every seed's model and its operator snapshots as surrogates
+    (surs[k] = [seed k's model, its latest snapshot, the one before, ...])."""
 
-    def __init__(self, run_dirs: List[Path], n_test: Any) -> None:
+    def __init__(self, runs: List[tuple], split: str, n: Optional[int], snapshots: int) -> None:
         from ups_lightning.evaluation import (build_surrogate, check_fits_model, eval_data, eval_member,
-                                              file_physics, load_run, rollout_frames)
+                                              file_physics, rollout_frames, snapshot_modules)
         from ups_lightning.inference.rollout import Guard
 
-        runs = [load_run(rd) for rd in run_dirs]
-        train_cfg, _, module = runs[0]
-        self.params = sum(p.numel() for part in ("autoencoder", "operator") for p in getattr(module, part).parameters())
+        train_cfg = runs[0][0]
         member = eval_member(train_cfg, None)
-        n_given = int(train_cfg.data.initial_step)
+        view = eval_data(member, None, split)
+        self.physics = file_physics(view, member)
         guard = Guard(reencode=True, invariants=True)
-        self.splits: Dict[str, Any] = {}
-        for split in ("val", "test"):
-            view = eval_data(member, None, split)
-            physics = file_physics(view, member)
-            surs = []
-            for cfg_k, _, module_k in runs:
-                check_fits_model(view, cfg_k, module_k)
-                surs.append(build_surrogate(cfg_k, module_k, view, physics, guard))
-            fields = view.fields if n_test is None or split == "val" else view.fields[: int(n_test)]
-            u0, truth = rollout_frames(fields, n_given)
-            t = np.asarray(view.meta.t, dtype=np.float64)
-            self.splits[split] = dict(surs=surs, u0=u0, truth=truth, physics=physics, t_rel=t[n_given - 1:] - t[n_given - 1])
+        self.surs: List[List[Any]] = []
+        for cfg_k, records_k, module_k, run_dir in runs:
+            check_fits_model(view, cfg_k, module_k)
+            mods = [module_k] + [m for _, m in snapshot_modules(run_dir, records_k, module_k)[:snapshots]]
+            self.surs.append([build_surrogate(cfg_k, m, view, self.physics, guard) for m in mods])
+        n_given = int(train_cfg.data.initial_step)
+        fields = view.fields if n is None else view.fields[: int(n)]
+        self.u0, self.truth = rollout_frames(fields, n_given)
+        self.steps = self.truth.shape[1]
+        t = np.asarray(view.meta.t, dtype=np.float64)
+        self.t_rel = t[n_given - 1:] - t[n_given - 1]   # the solver's output times from the given frame
+
+    def score(self, pred: torch.Tensor) -> float:
+        from ups_lightning.eval.metrics import all_metrics
+
+        p = self.physics
+        return float(all_metrics(pred, self.truth, dx=p.dx, domain_length=p.domain_length, u0=self.u0)["nrmse"])
 
 
-def _score(pred: torch.Tensor, s: Dict[str, Any]) -> float:
-    from ups_lightning.eval.metrics import all_metrics
-
-    p = s["physics"]
-    return float(all_metrics(pred, s["truth"], dx=p.dx, domain_length=p.domain_length, u0=s["u0"])["nrmse"])
-
-
-def _batched(fn, u0: torch.Tensor, batch: int) -> tuple:
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, batch: int) -> tuple:
+    """(prediction, ms per trajectory) of ``fn`` over ``u0`` in batches of ``batch``."""
     start = time.perf_counter()
     out = torch.cat([fn(u0[i : i + batch]) for i in range(0, len(u0), batch)])
     return out, 1000.0 * (time.perf_counter() - start) / len(u0)
 
 
-def _plain(s: Dict[str, Any], k: int, batch: int) -> tuple:
-    from ups_lightning.inference.rollout import rollout
-
-    pred, ms = _batched(lambda u: rollout(s["surs"][k], u, s["truth"].shape[1]), s["u0"], batch)
-    return _score(pred, s), ms
-
-
-def _ttc(s: Dict[str, Any], b: int, reward_spec: str, batch: int) -> tuple:
+def _ttc(sp: _Split, members: Sequence[Any], reward: Any, batch: int) -> tuple:
     from ups_lightning.inference.candidates import Proposer
-    from ups_lightning.inference.rewards import make_reward, parse_reward
     from ups_lightning.inference.rollout import ttc_rollout
     from ups_lightning.inference.ttc import TTCConfig
 
-    name, cells = parse_reward(reward_spec)
-    reward = make_reward(name, s["physics"], cells=cells)
-    proposer = Proposer(s["surs"][:b])
-    pred, ms = _batched(lambda u: ttc_rollout(proposer, u, s["truth"].shape[1], TTCConfig(n_candidates=b, beam_width=1),
-                                              reward)[0], s["u0"], batch)
-    return _score(pred, s), ms, reward.solver_cells
+    proposer, k = Proposer(list(members)), len(members)
+    return _batched(lambda u: ttc_rollout(proposer, u, sp.steps, TTCConfig(n_candidates=k, beam_width=1), reward)[0],
+                    sp.u0, batch)
 
 
-def _solver_alone(s: Dict[str, Any], cells: int) -> tuple:
+def _oracle(sp: _Split, members: Sequence[Any]) -> float:
+    """Validation nRMSE when each step keeps the candidate nearest the true next frame (reads the
+    truth: the members' headroom, never a method); one batch, so the truth lines up with it."""
+    from ups_lightning.bench.ttc_headroom import Oracle
+    from ups_lightning.inference.candidates import Proposer
+    from ups_lightning.inference.rollout import ttc_rollout
+    from ups_lightning.inference.ttc import TTCConfig
+
+    pred = ttc_rollout(Proposer(list(members)), sp.u0, sp.steps, TTCConfig(n_candidates=len(members), beam_width=1),
+                       Oracle(sp.truth))[0]
+    return sp.score(pred)
+
+
+def _stats(values: Sequence[float]) -> Dict[str, float]:
+    v = [float(x) for x in values]
+    return {"nrmse": float(np.mean(v)) if v else math.nan,
+            "nrmse_std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+
+
+def _row(size: str, method: str, kind: str, b: int, groups: List[Dict[str, Any]], **extra: Any) -> Dict[str, Any]:
+    """A row's figures over its member groups, counting only the groups whose runs all learned (all
+    groups, flagged, when none did)."""
+    learned = [g for g in groups if g["learned"]]
+    use = learned or groups
+    return {"size": size, "method": method, "members": kind, "budget": b, **_stats([g["nrmse"] for g in use]),
+            "groups": len(groups), "groups_learned": len(learned), "learned": bool(learned),
+            "params_held": float(np.mean([g["params"] for g in use])),
+            "train_s": float(np.mean([g["train_s"] for g in use])),
+            "ms_per_traj": float(np.mean([g["ms"] for g in use])), **extra}
+
+
+class _Size:
+    """Every measurement of one size (module doc), test scored once per row and group."""
+
+    def __init__(self, cfg: DictConfig, size: str, trained: List[Dict[str, Any]]) -> None:
+        from ups_lightning.evaluation import load_run
+
+        runs = [(*load_run(t["run_dir"]), t["run_dir"]) for t in trained]
+        module = runs[0][2]
+        self.ae = sum(p.numel() for p in module.autoencoder.parameters())
+        self.op = sum(p.numel() for p in module.operator.parameters())
+        snaps = max(cfg.budgets) - 1 if "snapshots" in cfg.members else 0
+        self.val = _Split(runs, "val", None, snaps)
+        self.test = _Split(runs, "test", cfg.n_test, snaps)
+        self.cfg, self.size, self.trained, self.batch = cfg, size, trained, int(cfg.eval_batch_size)
+        self.rows: List[Dict[str, Any]] = []
+
+    def _member_groups(self, kind: str, b: int) -> List[tuple]:
+        """[(seed indices whose runs it uses, (seed, model) pairs of its members)] of a member kind."""
+        n = len(self.trained)
+        if kind == "seeds":
+            return [(combo, [(k, 0) for k in combo]) for combo in itertools.combinations(range(n), b)]
+        return [((k,), [(k, j) for j in range(b)]) for k in range(n)
+                if len(self.test.surs[k]) >= b]   # a run whose snapshots are too few is left out
+
+    def _group(self, runs: Sequence[int], nrmse: float, ms: float, n_ops: int) -> Dict[str, Any]:
+        return {"nrmse": nrmse, "ms": ms, "learned": all(self.trained[k]["learned"] for k in runs),
+                "params": len(runs) * self.ae + n_ops * self.op,
+                "train_s": sum(self.trained[k]["train_s"] for k in runs)}
+
+    def run(self, solvers: Dict[int, Dict[str, Any]]) -> List[Dict[str, Any]]:
+        from ups_lightning.inference.baselines import (candidates_mean_rollout, choose_weight, solver_hybrid_rollout)
+        from ups_lightning.inference.candidates import Proposer
+        from ups_lightning.inference.rewards import make_reward, parse_reward
+        from ups_lightning.inference.rollout import rollout
+
+        cfg, B, te, va = self.cfg, self.batch, self.test, self.val
+        plain: Dict[tuple, tuple] = {}   # (seed, model) -> (test prediction, ms): reused by members_mean
+
+        def plain_test(k: int, j: int) -> tuple:
+            if (k, j) not in plain:
+                plain[k, j] = _batched(lambda u: rollout(te.surs[k][j], u, te.steps), te.u0, B)
+            return plain[k, j]
+
+        groups = [self._group([k], te.score(plain_test(k, 0)[0]), plain_test(k, 0)[1], 1)
+                  for k in range(len(self.trained))]
+        val_plain = [va.score(rollout(va.surs[k][0], va.u0, va.steps)) for k in range(len(self.trained))]
+        self.rows.append(_row(self.size, "plain", "", 1, groups, val_nrmse=float(np.mean(val_plain))))
+        log.info("study: %s plain test nRMSE %.4f +- %.4f", self.size, self.rows[-1]["nrmse"], self.rows[-1]["nrmse_std"])
+
+        rewards = {r: make_reward(parse_reward(r)[0], te.physics, cells=parse_reward(r)[1]) for r in cfg.rewards}
+        val_rewards = {r: make_reward(parse_reward(r)[0], va.physics, cells=parse_reward(r)[1]) for r in cfg.rewards}
+        for kind in cfg.members:
+            for b in cfg.budgets:
+                member_groups = self._member_groups(kind, b)
+                if not member_groups:
+                    continue
+                first = [va.surs[k][j] for k, j in member_groups[0][1]]
+                val_by = {r: va.score(_ttc(va, first, val_rewards[r], B)[0]) for r in cfg.rewards}   # choose on val
+                chosen = min(val_by, key=lambda r: val_by[r] if math.isfinite(val_by[r]) else math.inf)
+                oracle = _oracle(va, first)
+                first_plain = val_plain[member_groups[0][0][0]]
+                head = first_plain - oracle
+                recovered = (first_plain - val_by[chosen]) / head if head > 0 else math.nan
+                n_ops = 1 if kind == "seeds" else b
+                ttc, cmean, mmean = [], [], []
+                for runs, pairs in member_groups:   # ... test scored once per group
+                    members = [te.surs[k][j] for k, j in pairs]
+                    n_models = len(runs) if kind == "seeds" else 1
+                    pred, ms = _ttc(te, members, rewards[chosen], B)
+                    ttc.append(self._group(runs, te.score(pred), ms, n_ops * n_models))
+                    pred, ms = _batched(lambda u: candidates_mean_rollout(Proposer(members), u, te.steps, b), te.u0, B)
+                    cmean.append(self._group(runs, te.score(pred), ms, n_ops * n_models))
+                    preds = [plain_test(k, j) for k, j in pairs]
+                    mmean.append(self._group(runs, te.score(torch.stack([p for p, _ in preds]).mean(0)),
+                                             sum(ms for _, ms in preds), n_ops * n_models))
+                tag = f"{kind}-{b}"
+                self.rows.append(_row(self.size, "ttc", kind, b, ttc, reward=chosen, val_nrmse=val_by[chosen],
+                                      val_by_reward={r: round(v, 4) for r, v in val_by.items()},
+                                      val_oracle=oracle, val_plain=first_plain, recovered=recovered))
+                self.rows.append(_row(self.size, "candidates_mean", kind, b, cmean))
+                self.rows.append(_row(self.size, "members_mean", kind, b, mmean))
+                log.info("study: %s %s TTC (%s, chosen on val) test nRMSE %.4f +- %.4f; val headroom %.4f -> "
+                         "oracle %.4f, %.0f%% recovered", self.size, tag, chosen, self.rows[-3]["nrmse"],
+                         self.rows[-3]["nrmse_std"], first_plain, oracle, 100 * recovered)
+
+        # the consistency reward's solver: beside the model as a hybrid, and on its own
+        spec = next(r for r in cfg.rewards if parse_reward(r)[0] == "consistency")
+        reward, val_reward = rewards[spec], val_rewards[spec]
+        cells = reward.solver_cells
+        k0 = next((k for k, t in enumerate(self.trained) if t["learned"]), 0)
+        weight, by_weight = choose_weight(lambda w: va.score(solver_hybrid_rollout(
+            va.surs[k0][0], va.u0, va.steps, val_reward.solve, cells, w)), list(cfg.hybrid_weights))
+        hybrid = []
+        for k in range(len(self.trained)):
+            pred, ms = _batched(lambda u: solver_hybrid_rollout(te.surs[k][0], u, te.steps, reward.solve, cells, weight),
+                                te.u0, B)
+            hybrid.append(self._group([k], te.score(pred), ms, 1))
+        self.rows.append(_row(self.size, "solver_hybrid", "", 1, hybrid, weight=weight,
+                              val_by_weight={str(w): round(v, 4) for w, v in by_weight.items()}))
+        if cells not in solvers:
+            solvers[cells] = _solver_alone(te, cells)
+        return self.rows
+
+
+def _solver_alone(sp: _Split, cells: int) -> Dict[str, Any]:
     from ups_lightning.bench.solver_sweep import solve_on_grid
 
-    p = s["physics"]
-    sol, wall = solve_on_grid(s["u0"].double().numpy(), cells, p.pde, p.params, s["t_rel"], p.domain_length)
-    return _score(torch.from_numpy(sol).float(), s), 1000.0 * wall / len(s["u0"])
+    p = sp.physics
+    sol, wall = solve_on_grid(sp.u0.double().numpy(), cells, p.pde, p.params, sp.t_rel, p.domain_length)
+    return {"size": f"solver {cells} cells", "method": "solver", "members": "", "budget": 0,
+            "nrmse": sp.score(torch.from_numpy(sol).float()), "nrmse_std": 0.0, "groups": 1, "groups_learned": 1,
+            "learned": True, "params_held": 0.0, "train_s": 0.0, "ms_per_traj": 1000.0 * wall / len(sp.u0)}
 
 
 def run_study(cfg: DictConfig) -> Dict[str, Any]:
@@ -156,53 +311,163 @@ def run_study(cfg: DictConfig) -> Dict[str, Any]:
     out = Path(cfg.out_dir)
     start = time.time()
     rows: List[Dict[str, Any]] = []
-    solver_rows: Dict[int, Dict[str, Any]] = {}
-    batch = int(cfg.eval_batch_size)
+    solvers: Dict[int, Dict[str, Any]] = {}
+    trained_all: Dict[str, List[Dict[str, Any]]] = {}
     for size in cfg.sizes:
-        runs, learned = [], 0
+        trained = []
         for seed in cfg.seeds:
-            log.info("study: training %s seed %d (%g min), %.0f s into the study", size, seed, cfg.budget_min,
-                     time.time() - start)
-            run_dir, ok = _train(cfg, size, int(seed), out)
-            runs.append(run_dir)
-            learned += ok
+            log.info("study: training %s seed %d (%d + %d epochs), %.0f s into the study", size, seed,
+                     cfg.epochs.autoencoder, cfg.epochs.operator, time.time() - start)
+            trained.append(_train(cfg, size, int(seed), out))
+        trained_all[size] = trained
         torch.set_num_threads(threads)   # training may have changed it; every figure is timed alike
-        sz = _Size(runs, cfg.n_test)
-        plain = [_plain(sz.splits["test"], k, batch) for k in range(len(runs))]
-        val_plain = [_plain(sz.splits["val"], k, batch)[0] for k in range(len(runs))]
-        errs = [p[0] for p in plain]
-        rows.append({"size": size, "method": "plain", "budget": 1, "params": sz.params,
-                     "nrmse": float(np.mean(errs)), "nrmse_std": float(np.std(errs, ddof=1)) if len(errs) > 1 else 0.0,
-                     "val_nrmse": float(np.mean(val_plain)), "ms_per_traj": float(np.mean([p[1] for p in plain])),
-                     "reward": "", "seeds": len(errs), "learned": learned})
-        rows_plain = rows[-1]
-        log.info("study: %s plain test nRMSE %.4f +- %.4f", size, rows_plain["nrmse"], rows_plain["nrmse_std"])
-        for b in cfg.budgets:
-            val = {r: _ttc(sz.splits["val"], b, r, batch)[0] for r in cfg.rewards}   # choose on validation ...
-            chosen = min(val, key=lambda r: val[r] if math.isfinite(val[r]) else math.inf)
-            err, ms, cells = _ttc(sz.splits["test"], b, chosen, batch)               # ... score test once
-            rows.append({"size": size, "method": f"ttc-{b}", "budget": b, "params": b * sz.params, "nrmse": err,
-                         "gain": 1.0 - err / rows_plain["nrmse"], "cost_ratio": ms / rows_plain["ms_per_traj"],
-                         "nrmse_std": math.nan, "val_nrmse": val[chosen], "ms_per_traj": ms, "reward": chosen,
-                         "val_by_reward": {r: round(v, 4) for r, v in val.items()}, "seeds": b})
-            log.info("study: %s TTC-%d (%s, chosen on val) test nRMSE %.4f, %.1f ms/traj", size, b, chosen, err, ms)
-            if cells and cells not in solver_rows:
-                e, ms_s = _solver_alone(sz.splits["test"], cells)
-                solver_rows[cells] = {"size": f"solver {cells} cells", "method": "solver", "budget": 0, "params": 0,
-                                      "nrmse": e, "nrmse_std": math.nan, "val_nrmse": math.nan, "ms_per_traj": ms_s,
-                                      "reward": "", "seeds": 0}
-    rows.extend(solver_rows[c] for c in sorted(solver_rows))
-    summary = {"rows": rows, "seconds": time.time() - start}
+        rows.extend(_Size(cfg, size, trained).run(solvers))
+    rows.extend(solvers[c] for c in sorted(solvers))
+    for r in rows:
+        r["single_params"] = _single_params(rows, r)
+    summary = {"rows": rows, "seconds": time.time() - start, "threads": threads,
+               "trained": {s: [{**t, "run_dir": str(t["run_dir"])} for t in ts] for s, ts in trained_all.items()},
+               "test_scored": "once per row and member group (choices on the validation split)"}
+    summary["verdict"] = verdict(rows)
+    summary["claims"] = claims(rows)
     _write(out, cfg, summary)
     return summary
 
 
+def _single_params(rows: List[Dict[str, Any]], r: Dict[str, Any]) -> float:
+    plain = next((p for p in rows if p["method"] == "plain" and p["size"] == r["size"]), None)
+    return plain["params_held"] if plain else 0.0
+
+
+# --- the rules --------------------------------------------------------------------------------------
+def below(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """a's nRMSE is below b's by more than their error bars (mean + std of a under mean - std of b)."""
+    sa = a["nrmse_std"] if math.isfinite(a.get("nrmse_std", math.nan)) else 0.0
+    sb = b["nrmse_std"] if math.isfinite(b.get("nrmse_std", math.nan)) else 0.0
+    return a["nrmse"] + sa < b["nrmse"] - sb
+
+
+def _rivals(rows: List[Dict[str, Any]], t: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The rows a TTC row must beat to be credited (issue 21's baselines): the same members without
+    search (their steps' mean, their rollouts' mean), the same size's solver hybrid and the reward's
+    solver on its own."""
+    same = [r for r in rows if r["size"] == t["size"] and r["members"] == t["members"] and r["budget"] == t["budget"]
+            and r["method"] in ("candidates_mean", "members_mean")]
+    return same + [r for r in rows if (r["method"] == "solver_hybrid" and r["size"] == t["size"])
+                   or r["method"] == "solver"]
+
+
+def credited(rows: List[Dict[str, Any]], t: Dict[str, Any]) -> bool:
+    """A TTC row counts only if its models learned and it beats every rival (:func:`_rivals`) by more
+    than the error bars: a search that only matches its members' mean is not credited."""
+    rivals = _rivals(rows, t)
+    return t["method"] == "ttc" and t["learned"] and bool(rivals) and all(below(t, r) for r in rivals)
+
+
+def _plains(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return sorted((r for r in rows if r["method"] == "plain"), key=lambda r: r["params_held"])
+
+
+def verdict(rows: List[Dict[str, Any]]) -> str:
+    """Does a smaller model with a credited search beat a larger plain model that learned, by more than
+    the error bars, at no more inference cost? Rows whose models did not learn are never compared."""
+    plains = _plains(rows)
+    skipped = [p["size"] for p in plains if not p["learned"]]
+    note = f" Not compared (no seed learned): {', '.join(skipped)}." if skipped else ""
+    searches = [t for t in rows if t["method"] == "ttc"]
+    counted = [t for t in searches if credited(rows, t)]
+    found = [f"{t['size']} {t['members']}-{t['budget']} search ({_pm(t)}, {t['ms_per_traj']:.1f} ms) beats {p['size']} "
+             f"plain ({_pm(p)}, {p['ms_per_traj']:.1f} ms)"
+             for t in counted for p in plains
+             if p["learned"] and p["params_held"] > t["single_params"] and t["ms_per_traj"] <= p["ms_per_traj"]
+             and below(t, p)]
+    head = (f"{len(counted)} of {len(searches)} search rows are credited (beat their members' step mean, their "
+            "members' rollout mean, the solver hybrid and the reward's solver alone by more than the error bars).")
+    if not found:
+        return (f"**Verdict:** {head} No smaller model with a credited search beats a larger plain model that "
+                "learned, at equal or lower inference cost." + note)
+    return f"**Verdict:** {head} Search stands in for capacity here: " + "; ".join(found) + "." + note
+
+
+def _best_search(rows: List[Dict[str, Any]], size: str, only_credited: bool = True) -> Optional[Dict[str, Any]]:
+    ts = [t for t in rows if t["method"] == "ttc" and t["size"] == size and t["learned"]
+          and (credited(rows, t) or not only_credited)]
+    return min(ts, key=lambda t: t["nrmse"]) if ts else None
+
+
+def _plain(rows: List[Dict[str, Any]], size: str) -> Optional[Dict[str, Any]]:
+    return next((p for p in _plains(rows) if p["size"] == size and p["learned"]), None)
+
+
+def _credit(rows: List[Dict[str, Any]], t: Dict[str, Any]) -> float:
+    """The search's nRMSE gain beyond the best of its rivals, relative to its size's plain figure."""
+    best = min(r["nrmse"] for r in _rivals(rows, t))
+    p = _plain(rows, t["size"])
+    return (best - t["nrmse"]) / p["nrmse"] if p else math.nan
+
+
+def claims(rows: List[Dict[str, Any]], small: str = "dim32", large: str = "dim64") -> List[Dict[str, Any]]:
+    """The seeds' four claims, each {claim, figures, holds (True/False/None: not testable here)}."""
+    out = []
+    t32, p64 = _best_search(rows, small), _plain(rows, large)
+    if t32 is None or p64 is None:
+        out.append({"claim": f"a {small[3:]}-dim model with TTC beats a {large[3:]}-dim model without it",
+                    "figures": f"{'no credited search at ' + small if t32 is None else ''}"
+                               f"{'; ' if t32 is None and p64 is None else ''}{'' if p64 else large + ' plain did not learn'}",
+                    "holds": False if p64 is not None else None})
+    else:
+        out.append({"claim": f"a {small[3:]}-dim model with TTC beats a {large[3:]}-dim model without it",
+                    "figures": f"{small} {t32['members']}-{t32['budget']} search {_pm(t32)} vs {large} plain {_pm(p64)}",
+                    "holds": below(t32, p64)})
+
+    sizes = [p["size"] for p in _plains(rows) if p["learned"]]
+    best = {s: _best_search(rows, s, only_credited=False) for s in sizes}
+    gains = {s: _credit(rows, t) for s, t in best.items() if t is not None}
+    ordered = [gains[s] for s in sizes if s in gains]
+    out.append({"claim": "smaller models gain more from TTC than larger ones",
+                "figures": ", ".join(f"{s} {100 * g:+.1f}%" for s, g in gains.items()) +
+                           " (best search's nRMSE gain beyond its best rival, relative to plain)",
+                "holds": (len(ordered) >= 2 and all(a > b for a, b in zip(ordered, ordered[1:]))) if ordered else None})
+
+    p32, s32, s64 = _plain(rows, small), best.get(small), best.get(large)
+    if p32 and p64 and s32 and s64:
+        cap_plain, cap_ttc = below(p64, p32), below(s64, s32)
+        out.append({"claim": f"capacity gains disappear once TTC is on ({small[3:]} -> {large[3:]} with TTC)",
+                    "figures": f"plain {_pm(p32)} -> {_pm(p64)}; best search {_pm(s32)} -> {_pm(s64)}",
+                    "holds": (cap_plain and not cap_ttc) if cap_plain else None})
+    else:
+        out.append({"claim": f"capacity gains disappear once TTC is on ({small[3:]} -> {large[3:]} with TTC)",
+                    "figures": "a size did not learn or has no search row", "holds": None})
+
+    pairs = []
+    for lo in sizes:
+        t = _best_search(rows, lo)
+        for hi in sizes:
+            p = _plain(rows, hi)
+            if t and p and p["params_held"] >= 4 * t["single_params"]:
+                pairs.append((t, p, t["nrmse"] - t["nrmse_std"] <= p["nrmse"] + p["nrmse_std"]
+                              and t["ms_per_traj"] < p["ms_per_traj"]))
+    hit = next((x for x in pairs if x[2]), pairs[0] if pairs else None)
+    out.append({"claim": "TTC lets a model 4x smaller match a larger one at lower inference cost",
+                "figures": (f"{hit[0]['size']} {hit[0]['members']}-{hit[0]['budget']} search {_pm(hit[0])} at "
+                            f"{hit[0]['ms_per_traj']:.1f} ms vs {hit[1]['size']} plain {_pm(hit[1])} at "
+                            f"{hit[1]['ms_per_traj']:.1f} ms") if hit else "no credited search 4x smaller than a "
+                                                                            "learned plain model",
+                "holds": any(x[2] for x in pairs) if pairs else None})
+    return out
+
+
+# --- reports ----------------------------------------------------------------------------------------
 def _f4(v: Any) -> str:
     return format_cell(v, "{:.4f}")
 
 
-COLUMNS = ("size", "method", "params", "nrmse", "nrmse_std", "val_nrmse", "ms_per_traj", "gain", "cost_ratio",
-           "reward", "seeds", "learned")
+def _pm(r: Dict[str, Any]) -> str:
+    return _f4(r["nrmse"]) + (f" ± {_f4(r['nrmse_std'])}" if r.get("nrmse_std") else "")
+
+
+COLUMNS = ("size", "method", "members", "budget", "params_held", "train_s", "ms_per_traj", "nrmse", "nrmse_std",
+           "groups", "groups_learned", "val_nrmse", "val_oracle", "recovered", "reward", "weight")
 
 
 def _write(out: Path, cfg: DictConfig, s: Dict[str, Any]) -> None:
@@ -211,49 +476,35 @@ def _write(out: Path, cfg: DictConfig, s: Dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = s["rows"]
     write_csv(out / "study.csv", [{k: r.get(k) for k in COLUMNS} for r in rows], COLUMNS)
-    atomic_write_json(out / "study.json", {"settings": OmegaConf.to_container(cfg), **s})
-    lines = [f"# Capacity x TTC study: {cfg.protocol}, {cfg.budget_min:g} min per model (autoencoder + operator), "
-             f"seeds {list(cfg.seeds)}; git {git_commit()}; {time.strftime('%Y-%m-%d %H:%M')}; "
-             f"{torch.get_num_threads()} torch threads; {s['seconds']:.0f} s in all", "",
-             "Test split. plain: mean +- std over the seeds. ttc-b: the search over b seeds' operator steps, its "
-             "reward chosen on the validation split (val nRMSE of every reward in the last column). solver: the "
-             "reward's solver on its own, from the same given frame. seeds learned: seeds whose autoencoder and "
-             "operator both beat their trivial references (the mean field; persistence).", "",
-             "| size | method | params | nRMSE | below plain | val nRMSE | ms/traj | × plain cost | reward | val nRMSE by reward | seeds learned |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    atomic_write_json(out / "study.json", {"settings": OmegaConf.to_container(cfg), "git_commit": git_commit(), **s})
+    lines = [f"# Capacity x TTC study: {cfg.protocol}, {cfg.epochs.autoencoder} + {cfg.epochs.operator} epochs per "
+             f"model (autoencoder + operator), seeds {list(cfg.seeds)}; git {git_commit()}; "
+             f"{time.strftime('%Y-%m-%d %H:%M')}; {s['threads']} torch threads; {s['seconds']:.0f} s in all", "",
+             "Test split, scored once per row and member group; every choice (reward, blend weight) on the "
+             "validation split. nRMSE: mean ± std over the row's member groups whose runs learned (groups column: "
+             "learned of all). members: seeds-b = b trained seeds (every b-subset), snapshots-b = one run's "
+             "final operator and its b-1 latest snapshots (each seed). ttc: greedy search; candidates_mean and "
+             "members_mean: the same members without search; val oracle: the candidate nearest the truth at "
+             "each step (the headroom), recovered: the share of it the chosen reward recovers on validation.", "",
+             "| size | method | members | params held | train s | ms/traj | nRMSE | groups | val nRMSE | val oracle | recovered | reward / weight |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        pm = _f4(r["nrmse"]) + (f" ± {_f4(r['nrmse_std'])}" if math.isfinite(r["nrmse_std"]) else "")
-        by = ", ".join(f"{k} {v}" for k, v in r.get("val_by_reward", {}).items())
-        gain = f"{100 * r['gain']:.0f}%" if "gain" in r else ""
-        ratio = f"{r['cost_ratio']:.2f}" if "cost_ratio" in r else ""
-        lines.append(f"| {r['size']} | {r['method']} | {r['params']:,} | {pm} | {gain} | {_f4(r['val_nrmse'])} | "
-                     f"{r['ms_per_traj']:.2f} | {ratio} | {r['reward']} | {by} | "
-                     f"{str(r['learned']) + ' of ' + str(r['seeds']) if 'learned' in r else ''} |")
-    lines += ["", _verdict(rows), "", "![nRMSE against parameters and inference cost](study.png)", ""]
+        members = f"{r['members']}-{r['budget']}" if r["members"] else ""
+        rec = f"{100 * r['recovered']:.0f}%" if math.isfinite(r.get("recovered", math.nan)) else ""
+        choice = r.get("reward") or (f"w={r['weight']:g}" if "weight" in r else "")
+        lines.append(f"| {r['size']} | {r['method']}{' ✓' if credited(rows, r) else ''} | {members} | "
+                     f"{r['params_held']:,.0f} | {r['train_s']:.0f} | {r['ms_per_traj']:.2f} | {_pm(r)} | "
+                     f"{r['groups_learned']} of {r['groups']} | {_f4(r.get('val_nrmse', math.nan))} | "
+                     f"{_f4(r.get('val_oracle', math.nan))} | {rec} | {choice} |")
+    lines += ["", "✓: a search credited by the verdict's rule (study.verdict).", "", s["verdict"], "",
+              "| claim | measured | holds |", "|---|---|---|"]
+    for c in s["claims"]:
+        holds = {True: "yes", False: "no", None: "not testable"}[c["holds"]]
+        lines.append(f"| {c['claim']} | {c['figures']} | {holds} |")
+    lines += ["", "![nRMSE against inference cost and training cost](study.png)", ""]
     atomic_write_text(out / "study.md", "\n".join(lines))
     _plot(out / "study.png", rows)
     print("\n".join(lines))
-
-
-def _verdict(rows: List[Dict[str, Any]]) -> str:
-    """Does a smaller model with search beat a larger plain one at no more inference cost? Only
-    plain sizes whose every seed learned are compared (an untrained large model proves nothing)."""
-    plain = [r for r in rows if r["method"] == "plain"]
-    learned = [p for p in plain if p.get("learned") == p["seeds"]]
-    skipped = [p["size"] for p in plain if p not in learned]
-    note = (f" Not compared: {', '.join(skipped)} plain, where some seeds did not beat their trivial reference "
-            "in the budget (raise budget_min)." if skipped else "")
-    found = []
-    for t in (r for r in rows if r["method"].startswith("ttc")):
-        for p in learned:
-            if (p["params"] > t["params"] / t["budget"] and t["ms_per_traj"] <= p["ms_per_traj"]
-                    and t["nrmse"] < p["nrmse"] - 2 * p["nrmse_std"]):
-                found.append(f"{t['size']} {t['method']} ({_f4(t['nrmse'])}, {t['ms_per_traj']:.1f} ms) beats "
-                             f"{p['size']} plain ({_f4(p['nrmse'])} ± {_f4(p['nrmse_std'])}, {p['ms_per_traj']:.1f} ms)")
-    if not found:
-        return ("**Verdict:** no smaller model with search beats a larger plain model that learned, at equal or "
-                "lower inference cost, by more than two standard deviations of the plain seeds." + note)
-    return "**Verdict:** search stands in for capacity here: " + "; ".join(found) + "." + note
 
 
 def _plot(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -262,28 +513,34 @@ def _plot(path: Path, rows: List[Dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    methods = sorted({r["method"] for r in rows if r["method"] != "solver"}, key=lambda m: (m != "plain", m))
-    for m in methods:
-        rs = [r for r in rows if r["method"] == m]
-        for ax, xk in zip(axes, ("params", "ms_per_traj")):
-            ys = [r["nrmse"] for r in rs]
-            err = [r["nrmse_std"] if math.isfinite(r["nrmse_std"]) else 0.0 for r in rs]
-            ax.errorbar([r[xk] for r in rs], ys, yerr=err, marker="o", capsize=3,
-                        label="plain" if m == "plain" else f"TTC, {m.split('-')[1]} candidates")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    series = sorted({(r["method"], r["members"], r["budget"]) for r in rows if r["method"] != "solver"},
+                    key=lambda m: (m[0] != "plain", m[0] != "ttc", m))
+    for method, kind, b in series:
+        rs = [r for r in rows if (r["method"], r["members"], r["budget"]) == (method, kind, b)]
+        label = method if not kind else f"{method}, {kind}-{b}"
+        style = "-" if method in ("plain", "ttc") else ":"
+        for ax, xk in zip(axes, ("ms_per_traj", "train_s")):
+            line = ax.errorbar([r[xk] for r in rs], [r["nrmse"] for r in rs], yerr=[r["nrmse_std"] for r in rs],
+                               marker="o", capsize=3, linestyle=style, label=label, alpha=1.0 if style == "-" else 0.6)
             for r in rs:
-                ax.annotate(r["size"], (r[xk], r["nrmse"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                if not r["learned"]:
+                    ax.scatter([r[xk]], [r["nrmse"]], marker="s", facecolors="none", edgecolors="r", s=80)
+            if method == "plain":
+                for r in rs:
+                    ax.annotate(r["size"], (r[xk], r["nrmse"]), fontsize=7, xytext=(3, 3), textcoords="offset points",
+                                color=line[0].get_color())
     for r in (r for r in rows if r["method"] == "solver"):
-        axes[1].scatter([r["ms_per_traj"]], [r["nrmse"]], marker="x", color="k")
-        axes[1].annotate(r["size"], (r["ms_per_traj"], r["nrmse"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
-    for ax, xl in zip(axes, ("parameters (all members)", "inference ms per trajectory")):
+        axes[0].scatter([r["ms_per_traj"]], [r["nrmse"]], marker="x", color="k", zorder=5)
+        axes[0].annotate(r["size"], (r["ms_per_traj"], r["nrmse"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    for ax, xl in zip(axes, ("inference ms per trajectory (batched)", "training wall-clock, s (summed over the models used)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(xl)
         ax.set_ylabel("test nRMSE")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Can test-time search stand in for capacity?")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle("Can test-time search stand in for capacity? (error bars: std over member groups; red square: not learned)")
     fig.tight_layout()
     from ups_lightning.atomic import atomic_path
 

@@ -36,7 +36,7 @@ from ups_lightning.config import STAGE_ORDER, stage_optim, validate_train_config
 from ups_lightning.data.cache import build_or_load_latent_cache
 from ups_lightning.data.datamodule import FrameDataModule, LatentDataModule, open_run_data, unit_coords
 from ups_lightning.errors import UserError
-from ups_lightning.lit.callbacks import EMA, EagerValidation, NonFiniteLossStop, RNGState
+from ups_lightning.lit.callbacks import EMA, SNAPSHOTS, EagerValidation, NonFiniteLossStop, RNGState, Snapshots
 from ups_lightning.lit.common import StageModule
 from ups_lightning.lit.stages import STAGE_MODULES
 from ups_lightning.runtime import configure_cpu
@@ -114,6 +114,8 @@ def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
         callbacks.append(EMA(decay=optim["ema"]["decay"]))
     if compiles(cfg.trainer.compile, name):
         callbacks.append(EagerValidation())
+    if settings.get("snapshot_every"):
+        callbacks.append(Snapshots(settings.snapshot_every, "operator", out / SNAPSHOTS))
     bar = PROGRESS_BARS[cfg.callbacks.progress_bar]
     if bar is not None:
         callbacks.append(bar())
@@ -289,7 +291,10 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         "wall_clock_s": wall,
         "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
         "params_trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        # the one-run members (Snapshots), each file's digest as the checkpoint's is kept
+        "snapshots": {f.name: sha256_file(f) for f in sorted((attempt / SNAPSHOTS).glob("epoch*.pt"))},
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -39,10 +39,10 @@ from ups_lightning.inference.rollout import Guard, ttc_rollout
 from ups_lightning.inference.ttc import TTCConfig
 from ups_lightning.lit.common import sample_nrmse
 
-__all__ = ["run_headroom", "candidate_errors", "rank_correlation"]
+__all__ = ["run_headroom", "candidate_errors", "rank_correlation", "Oracle"]
 
 
-class _Oracle(Reward):
+class Oracle(Reward):
     """Picks by the true next frame (the headroom, never a method): greedy rollouts only."""
 
     name = "oracle"
@@ -147,8 +147,8 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
 
     prev, cand, err = candidate_errors(proposer, u0, truth, k)
     oracle_gain = float((err.min(-1).values - err[..., 0]).mean())
-    result["plain"] = _rollout_row(proposer, u0, truth, 1, _Oracle(truth))   # one candidate: the plain rollout
-    result["oracle"] = _rollout_row(proposer, u0, truth, k, _Oracle(truth))
+    result["plain"] = _rollout_row(proposer, u0, truth, 1, Oracle(truth))   # one candidate: the plain rollout
+    result["oracle"] = _rollout_row(proposer, u0, truth, k, Oracle(truth))
     result["oracle"]["one_step_change"] = oracle_gain
     print(f"{'reward':>16} {'spearman':>9} {'1-step chg':>11} {'share':>7} {'nRMSE':>8} {'@1':>8} {'@31':>8} "
           f"{'kept':>6} {'ms/traj':>9}")

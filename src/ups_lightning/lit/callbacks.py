@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
+
+from ups_lightning.atomic import atomic_path
 
 
 def _ema_keeping_constants(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -89,3 +92,35 @@ class EagerValidation(Callback):
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         torch.compiler.set_stance("default")
+
+
+SNAPSHOTS = "snapshots"   # the stage directory's folder of network snapshots (Snapshots below)
+
+
+class Snapshots(Callback):
+    """Saves one network's weights every ``every`` training epochs into ``<stage dir>/snapshots/
+    epoch<NNN>.pt``: the weights the stage validates with (the EMA's average when the stage keeps one),
+    as the plain ``state_dict`` of ``network`` (e.g. ``operator``). These are the one-run TTC members of
+    issue 21: checkpoints along the same training run, which cost no extra training. A resumed stage
+    rewrites an epoch's file only when it reaches that epoch again."""
+
+    def __init__(self, every: int, network: str, directory: Any) -> None:
+        if every < 1:
+            raise ValueError(f"Snapshots: every must be >= 1 epoch, got {every}")
+        self.every, self.network, self.directory = int(every), network, Path(directory)
+
+    def _evaluated(self, trainer: Any, pl_module: Any) -> Any:
+        for c in trainer.callbacks:   # the averaged copy's network (Lightning keeps it private)
+            averaged = getattr(c, "_average_model", None) if isinstance(c, WeightAveraging) else None
+            if averaged is not None:
+                return getattr(averaged.module, self.network)
+        return getattr(pl_module, self.network)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        epoch = trainer.current_epoch + 1   # epochs finished
+        if epoch % self.every or not trainer.is_global_zero:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().clone() for k, v in self._evaluated(trainer, pl_module).state_dict().items()}
+        with atomic_path(self.directory / f"epoch{epoch:03d}.pt") as tmp:
+            torch.save(state, tmp)
