@@ -201,3 +201,10 @@ def test_a_member_named_twice_or_the_run_itself_is_refused(smoke_run, tmp_path):
         with pytest.raises(UserError, match="more than once"):
             evaluate(eval_cfg(run, tmp_path, "ttc=ensemble", f"ttc.candidates.members={members}"))
     assert not (tmp_path / "lb.csv").exists()
+
+
+def test_snapshot_members_need_a_run_that_saved_them(smoke_run, tmp_path):
+    cfg, _ = smoke_run   # trained without stages.operator.snapshot_every: no snapshots to search over
+    with pytest.raises(UserError, match="snapshot_every"):
+        evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=ensemble", "ttc.n_candidates=2", "ttc.candidates.snapshots=1"))
+    assert not (tmp_path / "lb.csv").exists()

@@ -54,6 +54,8 @@ def test_all_stages_finish_and_log_physical_figures(smoke_run):
     assert {"val/teacher_nrmse", "val/teacher_spread"} <= set(records["distill"]["final_metrics"])
     # ... and every record says whether the stage beat doing nothing (mean field / persistence)
     assert records["autoencoder"]["trivial_metric"] == "val/nrmse_mean_field"
+    # a corrector is judged against the step it corrects, not against persistence
+    assert records["diffusion"]["trivial_metric"] == records["distill"]["trivial_metric"] == "val/nrmse_operator"
     for name, rec in records.items():
         assert rec["trivial_val_nrmse"] > 0 and rec["learned"] == (rec["best_val_nrmse"] < rec["trivial_val_nrmse"])
         assert rec["num_threads"] >= 1

@@ -182,11 +182,16 @@ def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, A
     }
     for k in ("batch_size", "num_workers"):
         relevant["data"].pop(k, None)
-    for part, prefix in (("model", "model."), ("settings", f"stages.{name}.")):
+    for part, prefix in (("model", "model."), ("settings", f"stages.{name}."), ("optim", "optim.")):
         for key, value in NEUTRAL_LATER_KEYS.items():
-            k = key[len(prefix):] if key.startswith(prefix) else None
-            if k in relevant[part] and relevant[part][k] == value:
-                del relevant[part][k]
+            if not key.startswith(prefix):
+                continue
+            *path, leaf = key[len(prefix):].split(".")
+            node = relevant[part]
+            for p in path:
+                node = node.get(p) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf in node and node[leaf] == value:
+                del node[leaf]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -112,7 +112,7 @@ class OperatorStage:
     decoded_weight: float = MISSING  # weight of the decoded-space loss through the frozen decoder
     noise_std: float = MISSING  # latent noise injection on the input state
     relative_loss: bool = MISSING  # weigh each sample's error by 1 / its field's mean square (as nRMSE does)
-    snapshot_every: int = 0  # >0: save the operator's weights every this many epochs (one-run TTC members)
+    snapshot_every: int = MISSING  # >0: save the operator's weights every this many epochs (one-run TTC members)
 
 
 @dataclass
@@ -168,6 +168,7 @@ class TrainerConfig:
 class EMAConfig:
     enabled: bool = MISSING
     decay: float = MISSING
+    bias_correction: bool = MISSING  # True: Adam's bias-corrected average (lit/callbacks.EMA); conf/optim sets it
 
 
 @dataclass
@@ -229,7 +230,7 @@ class TrainConfig:
 # unchanged (artifacts.stage_config_hash), so runs finished before the key existed stay valid.
 NEUTRAL_LATER_KEYS: Dict[str, Any] = {
     "model.hidden": None, "model.heads": None, "reuse_runs": [], "trainer.val_every_n_steps": None,
-    "stages.operator.snapshot_every": 0,
+    "stages.operator.snapshot_every": 0, "optim.ema.bias_correction": False,
     **{f"stages.{s}.optim": STAGE_OPTIM_INHERIT for s in STAGE_ORDER},
 }
 
@@ -445,6 +446,7 @@ class TTCCandidates:
     corrector: Optional[str] = MISSING  # student | teacher: the extra draws are corrector samples
     corrector_scale: float = MISSING
     mean: bool = MISSING  # the last candidate is the members' mean step
+    snapshots: int = MISSING  # the run's own latest operator snapshots as more members (one training run)
 
 
 @dataclass
@@ -501,7 +503,7 @@ EVAL_RANGES = [
     ("n_show", 0, True, None), ("num_threads", 1, True, None),
     ("ttc.n_candidates", 1, True, None), ("ttc.beam_width", 1, True, None), ("ttc.horizon", 1, True, None),
     ("ttc.budget", 1, True, None), ("ttc.candidates.perturb", 0.0, True, None),
-    ("ttc.candidates.corrector_scale", 0.0, True, None), ("ttc.reward.cells", 3, True, None),
+    ("ttc.candidates.corrector_scale", 0.0, True, None), ("ttc.candidates.snapshots", 0, True, None), ("ttc.reward.cells", 3, True, None),
     *[(f"gates.{k}", 0.0, True, None) for k in ("delta", "max_mass_ratio", "max_boundary_ratio",
                                                 "max_calibration_ratio", "max_wallclock_ratio")],
 ]

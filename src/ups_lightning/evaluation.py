@@ -203,10 +203,12 @@ def build_surrogate(train_cfg: DictConfig, module: Any, data: Any, physics: Phys
 
 def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: Any,
                    generator: Optional[torch.Generator] = None, run_dir: Optional[Path] = None) -> tuple:
-    """(proposer, parameters of the extra members) of TTC candidate settings (``ttc.candidates``: members,
-    perturb, corrector, corrector_scale, mean) around ``sur``; each member run is loaded through the
-    verified chain and must fit the data. A member named twice, or the evaluated run (``run_dir``)
-    named as a member, is refused: it would only repeat candidates and count its parameters again."""
+    """(proposer, parameters of the extra members, their training wall-clock s) of TTC candidate settings (``ttc.candidates``: members,
+    snapshots, perturb, corrector, corrector_scale, mean) around ``sur``; each member run is loaded
+    through the verified chain and must fit the data. A member named twice, or the evaluated run
+    (``run_dir``) named as a member, is refused: it would only repeat candidates and count its
+    parameters again. ``snapshots``: the evaluated run's own latest operator snapshots join as members
+    (the same autoencoder; only their operators' parameters are extra)."""
     from ups_lightning.inference.candidates import Proposer
 
     named = [Path(p).resolve() for p in candidates.members]
@@ -216,29 +218,43 @@ def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: A
         raise UserError(f"ttc.candidates.members names {', '.join(repeated)} more than once (or names the "
                         "evaluated run itself, which is always the first member): each member must be "
                         "another trained run, e.g. another seed.")
-    members, extra_params = [sur], 0
+    members, extra_params, extra_train_s = [sur], 0, 0.0
     for path in candidates.members:
-        m_cfg, _, m_module = load_run(Path(path))
+        m_cfg, m_records, m_module = load_run(Path(path))
+        extra_train_s += sum(r.get("wall_clock_s") or 0.0 for r in m_records.values())
         check_fits_model(view_of, m_cfg, m_module)
         members.append(build_surrogate(m_cfg, m_module, view_of, physics, sur.guard))
         extra_params += sum(p.numel() for part in ("autoencoder", "operator") if hasattr(m_module, part)
                             for p in getattr(m_module, part).parameters())
+    n_snap = int(candidates.get("snapshots") or 0)
+    if n_snap:
+        if run_dir is None:
+            raise UserError("ttc.candidates.snapshots needs the evaluated run's directory (run_dir).")
+        s_cfg, s_records, s_module = load_run(Path(run_dir))
+        snaps = snapshot_modules(Path(run_dir), s_records, s_module)
+        if len(snaps) < n_snap:
+            raise UserError(f"ttc.candidates.snapshots={n_snap}: {run_dir} holds {len(snaps)} operator snapshot(s) "
+                            "besides its best operator. Train its operator with stages.operator.snapshot_every=1 "
+                            "(a snapshot every epoch) or ask for fewer.")
+        for _, m in snaps[:n_snap]:
+            members.append(build_surrogate(s_cfg, m, view_of, physics, sur.guard))
+            extra_params += sum(p.numel() for p in m.operator.parameters())
     proposer = Proposer(members, perturb=float(candidates.perturb), corrector=candidates.corrector,
                         corrector_scale=float(candidates.corrector_scale), mean=bool(candidates.mean),
                         generator=generator)
-    return proposer, extra_params
+    return proposer, extra_params, extra_train_s
 
 
 def build_search(ttc: DictConfig, sur: Surrogate, physics: Physics, view_of: Any,
                  generator: Optional[torch.Generator] = None, run_dir: Optional[Path] = None) -> tuple:
-    """(proposer, reward, parameters of the extra members) of the TTC settings ``ttc``."""
+    """(proposer, reward, parameters of the extra members, their training s) of the TTC settings ``ttc``."""
     from ups_lightning.inference.rewards import load_verifier, make_reward
 
-    proposer, extra_params = build_proposer(ttc.candidates, sur, physics, view_of, generator, run_dir)
+    proposer, extra_params, extra_train_s = build_proposer(ttc.candidates, sur, physics, view_of, generator, run_dir)
     verifier = load_verifier(ttc.reward.verifier) if ttc.reward.name == "verifier" and ttc.reward.verifier else None
     weights = OmegaConf.to_container(ttc.reward.weights)
     reward = make_reward(ttc.reward.name, physics, cells=ttc.reward.cells, weights=weights, verifier=verifier)
-    return proposer, reward, extra_params
+    return proposer, reward, extra_params, extra_train_s
 
 
 def _timed(what: str, fn: Callable[[], Any]) -> tuple:
@@ -388,8 +404,9 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
             u0, max(1, B // cfg.ensemble_members), dim=1))
         preds["ensemble"] = ens.mean(0)
     if cfg.ttc.enabled:
-        proposer, reward, extra["ttc_member_params"] = build_search(cfg.ttc, sur, physics, view_of=data,
-                                                                    generator=gen, run_dir=run_dir)
+        # a member's cost is its parameters and its whole training (snapshots: none beyond this run's)
+        proposer, reward, extra["ttc_member_params"], extra["ttc_member_train_s"] = build_search(
+            cfg.ttc, sur, physics, view_of=data, generator=gen, run_dir=run_dir)
         tcfg = TTCConfig(n_candidates=cfg.ttc.n_candidates, beam_width=cfg.ttc.beam_width,
                          horizon=cfg.ttc.horizon, budget=cfg.ttc.budget)
         infos = []
@@ -495,6 +512,11 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
         if rec:
             row[f"train_s_{name}"] = round(rec["wall_clock_s"], 1)
             row[f"val_nrmse_{name}"] = rec.get("best_val_nrmse")
+    if "ttc" in metrics:   # the search's whole training cost: the stages it runs and its members' training
+        used_stages = ["autoencoder", "operator"] + {"teacher": ["diffusion"], "student": ["diffusion", "distill"]}.get(
+            ttc_corrector or "", [])
+        row["ttc_train_s_total"] = round(sum((records.get(n) or {}).get("wall_clock_s") or 0.0 for n in used_stages)
+                                         + extra.get("ttc_member_train_s", 0.0), 1)
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return row
 

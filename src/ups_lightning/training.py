@@ -111,7 +111,7 @@ def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
     callbacks += [instantiate(spec) for spec in cfg.callbacks.values()
                   if isinstance(spec, DictConfig) and "_target_" in spec]
     if optim["ema"]["enabled"]:
-        callbacks.append(EMA(decay=optim["ema"]["decay"]))
+        callbacks.append(EMA(decay=optim["ema"]["decay"], bias_correction=bool(optim["ema"].get("bias_correction"))))
     if compiles(cfg.trainer.compile, name):
         callbacks.append(EagerValidation())
     if settings.get("snapshot_every"):
@@ -272,10 +272,11 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
     learned = None if trivial is None else best_val < trivial
     if learned is False:
         log.warning("stage %s STOPPED BEFORE IT LEARNED ANYTHING: its best val/nrmse %.4g does not beat "
-                    "doing nothing (%s %.4g) after %d epochs in %.0f s. Everything downstream inherits it; "
+                    "%s (%s %.4g) after %d epochs in %.0f s. Everything downstream inherits it (evaluation "
+                    "leaves out the rows of a corrector that did not learn: corrector_rows=auto); "
                     "raise stages.%s.max_minutes (now %s) or free the CPU (%d torch threads).", name,
-                    best_val, module.trivial_metric, trivial, trainer.current_epoch, time.time() - start,
-                    name, cfg.stages[name].max_minutes, torch.get_num_threads())
+                    best_val, module.trivial_label, module.trivial_metric, trivial, trainer.current_epoch,
+                    time.time() - start, name, cfg.stages[name].max_minutes, torch.get_num_threads())
     record = {
         "stage": name,
         "config_hash": config_hash,

@@ -116,7 +116,8 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
     gen = torch.Generator().manual_seed(int(cfg.seed))
 
     def proposer_for(v) -> Proposer:
-        p, _ = build_proposer(cfg, build_surrogate(train_cfg, module, v, physics, guard), physics, v, gen)
+        p, *_ = build_proposer(cfg, build_surrogate(train_cfg, module, v, physics, guard), physics, v, gen,
+                               run_dir=Path(cfg.run_dir))
         p.check(k)
         return p
 

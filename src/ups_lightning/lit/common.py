@@ -125,6 +125,7 @@ class StageModule(ScheduledAdamW, L.LightningModule):
     # the validation figure of doing nothing useful (logged by the stage): a stage whose best
     # val/nrmse does not beat it stopped before it learned anything (training.run_stage says so)
     trivial_metric: str = "val/nrmse_persistence"
+    trivial_label: str = "doing nothing"   # what the trivial figure is, in the stage's warning
 
     def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
                  data: Dict[str, Any], latent_dim: Optional[int] = None) -> None:

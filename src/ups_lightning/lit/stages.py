@@ -169,7 +169,11 @@ class OperatorModule(_LatentStage):
 
 class _ResidualStage(_LatentStage):
     """Shared by the diffusion teacher and the distilled student: residuals of the frozen operator,
-    scaled by their training-set std (buffer `r_std`)."""
+    scaled by their training-set std (buffer `r_std`). A corrector earns its place only by beating
+    the step it corrects, so its trivial figure is the uncorrected operator step, not persistence."""
+
+    trivial_metric = "val/nrmse_operator"
+    trivial_label = "the uncorrected operator step"
 
     def __init__(self, model_cfg: Dict[str, Any], optim_cfg: Dict[str, Any], stages_cfg: Dict[str, Any],
                  data: Dict[str, Any]) -> None:
