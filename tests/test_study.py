@@ -66,6 +66,7 @@ def test_study_writes_every_row_with_its_costs_and_choices_made_on_validation(tm
 def _r(size, method, err, std=0.0, ms=10.0, params=100, members="", budget=1, learned=True, single=None):
     return {"size": size, "method": method, "nrmse": err, "nrmse_std": std, "ms_per_traj": ms, "params_held": params,
             "members": members, "budget": budget, "learned": learned, "groups_learned": 3 if learned else 0,
+            "groups": 3, "train_s": 1.0,
             "single_params": params if single is None else single}
 
 
@@ -212,3 +213,20 @@ def test_rows_over_the_same_member_groups_are_compared_pairwise():
     assert credited(rows, rows[1])
     rows[1]["groups_learned"] = 1
     assert not credited(rows, rows[1])
+
+
+def test_report_only_rewrites_the_reports_from_the_saved_rows_and_needs_them(tmp_path, smoke_data):
+    from ups_lightning.atomic import atomic_write_json
+    from ups_lightning.study import run_study
+
+    cfg = _cfg(tmp_path, smoke_data, report_only=True)
+    with pytest.raises(UserError, match="study.json"):
+        run_study(cfg)
+    rows = _size_rows("dim16", 100, plain=0.50, ttc=0.30, cmean=0.45, mmean=0.45, hybrid=0.6) + [SOLVER]
+    atomic_write_json(tmp_path / "study" / "study.json", {"rows": rows, "seconds": 1.0, "threads": 2,
+                                                          "git_commit": "abc1234", "settings": {}})
+    out = run_study(cfg)
+    assert out["rows"] == rows and "1 of 1 search rows are credited" in out["verdict"]
+    md = (tmp_path / "study" / "study.md").read_text()
+    assert "scored at git abc1234" in md and "| dim16 | ttc ✓ |" in md
+    assert not (tmp_path / "study" / "runs").exists()   # nothing trained

@@ -83,6 +83,8 @@ def check_config(cfg: DictConfig) -> None:
             fail("rewards", "physics or consistency:CELLS entries (the verifier is measured by bench.ttc_headroom)")
     if not any(parse_reward(r)[0] == "consistency" for r in cfg.rewards):
         fail("rewards", "at least one consistency:CELLS reward (its solver is the hybrid and solver rows' solver)")
+    if not isinstance(cfg.report_only, bool):
+        fail("report_only", "true or false")
     if not cfg.hybrid_weights or not all(isinstance(w, (int, float)) and 0 <= w <= 1 for w in cfg.hybrid_weights):
         fail("hybrid_weights", "blend weights in [0, 1] to choose the solver hybrid's among on validation")
 
@@ -307,6 +309,8 @@ def _solver_alone(sp: _Split, cells: int) -> Dict[str, Any]:
 
 def run_study(cfg: DictConfig) -> Dict[str, Any]:
     check_config(cfg)
+    if cfg.report_only:
+        return rewrite_report(cfg)
     from ups_lightning.runtime import configure_cpu
 
     threads = configure_cpu(cfg.threads, "threads")   # the idle cores now, as training picks them
@@ -333,6 +337,26 @@ def run_study(cfg: DictConfig) -> Dict[str, Any]:
     summary["verdict"] = verdict(rows)
     summary["claims"] = claims(rows)
     _write(out, cfg, summary)
+    return summary
+
+
+def rewrite_report(cfg: DictConfig) -> Dict[str, Any]:
+    """``report_only=true``: the verdict, claims and reports of ``out_dir/study.json`` recomputed from its
+    rows (after a change to the rules or the report), training and scoring nothing."""
+    import json
+
+    path = Path(cfg.out_dir) / "study.json"
+    try:
+        saved = json.loads(path.read_text())
+        rows = saved["rows"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"report_only=true reads {path}, the study's own results: {exc}. Run the study first "
+                        "(without report_only).") from None
+    summary = {k: saved[k] for k in ("rows", "seconds", "threads", "trained", "test_scored") if k in saved}
+    summary["verdict"], summary["claims"] = verdict(rows), claims(rows)
+    summary["report_from"] = {"git_commit": saved.get("git_commit"), "settings": saved.get("settings")}
+    _write(Path(cfg.out_dir), OmegaConf.merge(cfg, {k: v for k, v in (saved.get("settings") or {}).items()
+                                                    if k in ("protocol", "epochs", "seeds")}), summary)
     return summary
 
 
@@ -459,28 +483,35 @@ def claims(rows: List[Dict[str, Any]], small: str = "dim32", large: str = "dim64
     p32, s32, s64 = _plain(rows, small), best.get(small), best.get(large)
     if p32 and p64 and s32 and s64:
         cap_plain, cap_ttc = below(p64, p32), below(s64, s32)
+        why = "" if cap_plain else (f" ({large} plain is not below {small} plain by more than the seeds' error "
+                                      "bars: no capacity gain to disappear)")
         out.append({"claim": f"capacity gains disappear once TTC is on ({small[3:]} -> {large[3:]} with TTC)",
-                    "figures": f"plain {_pm(p32)} -> {_pm(p64)}; best search {_pm(s32)} -> {_pm(s64)}",
+                    "figures": f"plain {_pm(p32)} -> {_pm(p64)}; best search {_pm(s32)} -> {_pm(s64)}" + why,
                     "holds": (cap_plain and not cap_ttc) if cap_plain else None})
     else:
         out.append({"claim": f"capacity gains disappear once TTC is on ({small[3:]} -> {large[3:]} with TTC)",
                     "figures": "a size did not learn or has no search row", "holds": None})
 
-    pairs = []
+    pairs = []   # (smaller size's best credited search or None, larger plain, match?) for 4x parameter ratios
     for lo in sizes:
-        t = _best_search(rows, lo)
+        t, p_lo = _best_search(rows, lo), _plain(rows, lo)
         for hi in sizes:
             p = _plain(rows, hi)
-            if t and p and p["params_held"] >= 4 * t["single_params"]:
-                pairs.append((t, p, t["nrmse"] - t["nrmse_std"] <= p["nrmse"] + p["nrmse_std"]
+            if p_lo and p and p["params_held"] >= 4 * p_lo["params_held"]:
+                pairs.append((t, p, t is not None and t["nrmse"] - t["nrmse_std"] <= p["nrmse"] + p["nrmse_std"]
                               and t["ms_per_traj"] < p["ms_per_traj"]))
-    hit = next((x for x in pairs if x[2]), pairs[0] if pairs else None)
+    hit = next((x for x in pairs if x[2]), next((x for x in pairs if x[0] is not None), None))
+    if hit:
+        figures = (f"{hit[0]['size']} {hit[0]['members']}-{hit[0]['budget']} search {_pm(hit[0])} at "
+                   f"{hit[0]['ms_per_traj']:.1f} ms vs {hit[1]['size']} plain {_pm(hit[1])} at {hit[1]['ms_per_traj']:.1f} ms")
+    elif pairs:
+        larger = sorted({x[1]["size"] for x in pairs})
+        figures = ("no credited search at a size with a quarter of the parameters of a larger learned size "
+                   f"({', '.join(larger)}) or fewer")
+    else:
+        figures = "no two learned sizes 4x apart in parameters"
     out.append({"claim": "TTC lets a model 4x smaller match a larger one at lower inference cost",
-                "figures": (f"{hit[0]['size']} {hit[0]['members']}-{hit[0]['budget']} search {_pm(hit[0])} at "
-                            f"{hit[0]['ms_per_traj']:.1f} ms vs {hit[1]['size']} plain {_pm(hit[1])} at "
-                            f"{hit[1]['ms_per_traj']:.1f} ms") if hit else "no credited search 4x smaller than a "
-                                                                            "learned plain model",
-                "holds": any(x[2] for x in pairs) if pairs else None})
+                "figures": figures, "holds": any(x[2] for x in pairs) if pairs else None})
     return out
 
 
@@ -505,7 +536,8 @@ def _write(out: Path, cfg: DictConfig, s: Dict[str, Any]) -> None:
     write_csv(out / "study.csv", [{k: r.get(k) for k in COLUMNS} for r in rows], COLUMNS)
     atomic_write_json(out / "study.json", {"settings": OmegaConf.to_container(cfg), "git_commit": git_commit(), **s})
     lines = [f"# Capacity x TTC study: {cfg.protocol}, {cfg.epochs.autoencoder} + {cfg.epochs.operator} epochs per "
-             f"model (autoencoder + operator), seeds {list(cfg.seeds)}; git {git_commit()}; "
+             f"model (autoencoder + operator), seeds {list(cfg.seeds)}; git {git_commit()}"
+             f"{' (report rewritten; scored at git ' + str(s['report_from']['git_commit']) + ')' if 'report_from' in s else ''}; "
              f"{time.strftime('%Y-%m-%d %H:%M')}; {s['threads']} torch threads; {s['seconds']:.0f} s in all", "",
              "Test split, scored once per row and member group; every choice (reward, blend weight) on the "
              "validation split. nRMSE: mean ± std over the row's member groups whose runs learned (groups column: "
