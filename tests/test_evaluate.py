@@ -34,7 +34,7 @@ def _surrogate_inputs(cfg, module):
 
 def test_evaluation_row_has_the_contracted_columns(smoke_run, tmp_path):
     cfg, _ = smoke_run
-    row = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=default", "ttc.n_candidates=2",
+    row = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=default", "ttc.n_candidates=2", "corrector_rows=true",
                             "corrector_rows=true"))
     required = ("run_id run_dir data_path pde pde_params git_commit config_hash label model params ttc "
                 "nrmse nrmse_1 "
@@ -145,7 +145,7 @@ def test_compare_prints_metric_and_config_differences(smoke_run, tmp_path, capsy
 
     cfg, _ = smoke_run
     a = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path))
-    b = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=default", "ttc.n_candidates=2"))
+    b = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=default", "ttc.n_candidates=2", "corrector_rows=true"))
     capsys.readouterr()
     compare(a["run_id"], b["run_id"], str(tmp_path / "lb.csv"))
     out = capsys.readouterr().out
@@ -208,3 +208,20 @@ def test_snapshot_members_need_a_run_that_saved_them(smoke_run, tmp_path):
     with pytest.raises(UserError, match="snapshot_every"):
         evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=ensemble", "ttc.n_candidates=2", "ttc.candidates.snapshots=1"))
     assert not (tmp_path / "lb.csv").exists()
+
+
+def test_a_search_over_draws_of_a_corrector_that_did_not_learn_is_skipped_under_auto():
+    from omegaconf import OmegaConf
+
+    from ups_lightning.evaluation import _skips_corrector_search
+
+    def cfg(corrector, rows="auto", enabled=True):
+        return OmegaConf.create({"corrector_rows": rows, "ttc": {"enabled": enabled, "candidates": {"corrector": corrector}}})
+
+    not_learned, learned = {"distill": {"learned": False}}, {"distill": {"learned": True}}
+    extra = {}
+    assert _skips_corrector_search(cfg("student"), not_learned, extra) and "distill stage did not learn" in extra["ttc_skipped"]
+    assert not _skips_corrector_search(cfg("student"), learned, {})            # it learned: searched
+    assert not _skips_corrector_search(cfg("student", rows=True), not_learned, {})   # asked for: searched anyway
+    assert not _skips_corrector_search(cfg(None), not_learned, {})             # seed members need no corrector
+    assert not _skips_corrector_search(cfg("student", enabled=False), not_learned, {})

@@ -160,7 +160,7 @@ def test_a_fourth_two_channel_equation_runs_end_to_end(wave_registered, tmp_path
                     "data.initial_step=3", "data.nx=32", "data.nt=9")
     records = train(cfg)
     assert set(records) == {"autoencoder", "operator", "diffusion", "distill"}
-    row = evaluate(eval_cfg(tmp_path / "run", tmp_path, "ttc=default", "ttc.n_candidates=2"))
+    row = evaluate(eval_cfg(tmp_path / "run", tmp_path, "ttc=default", "ttc.n_candidates=2", "corrector_rows=true"))
     assert row["pde"] == "wave1d" and math.isfinite(row["nrmse"])
     assert row["persistence_nrmse"] > 0 and row["solver_nrmse"] < 1e-5   # the exact solver
 

@@ -143,7 +143,7 @@ def test_no_reward_reads_the_truth(smoke_run, tmp_path):
         f[key][...] = data
     rows = []
     for path in (src, noisy):
-        rows.append(evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=default", "ttc.n_candidates=3",
+        rows.append(evaluate(eval_cfg(Path(cfg.run_dir), tmp_path, "ttc=default", "ttc.n_candidates=3", "corrector_rows=true",
                                       f"data.path={path}", "split=test", "n_show=3")))
     a, b = (np.load(Path(r["artifacts"]) / "samples.npz") for r in rows)
     np.testing.assert_array_equal(a["pred"], b["pred"])          # the search chose the same frames

@@ -347,6 +347,22 @@ def _scored_corrector(setting: Any, corrector: Optional[str], records: Dict[str,
     return corrector
 
 
+def _skips_corrector_search(cfg: DictConfig, records: Dict[str, Any], extra: Dict[str, Any]) -> bool:
+    """Under ``corrector_rows=auto`` a search whose extra candidates are draws of a corrector that did
+    not learn (its stage record: it did not beat the uncorrected operator step) is not run: its draws
+    are worse than the operator step, so it can only cost time (issue 21: ttc=default on eval-small
+    gained nothing at 5.7x the cost). ``corrector_rows=true`` runs it anyway."""
+    c = cfg.ttc.candidates.corrector
+    if not cfg.ttc.enabled or c is None or cfg.corrector_rows != "auto":
+        return False
+    if (records.get(CORRECTOR_STAGES[c]) or {}).get("learned") is not False:
+        return False
+    extra["ttc_skipped"] = f"its candidates are {c}-corrector draws and the {CORRECTOR_STAGES[c]} stage did not learn"
+    log.warning("TTC skipped: %s (its record); the row is the plain rollout. corrector_rows=true runs the search "
+                "anyway; ttc=ensemble with other seeds as members needs no corrector.", extra["ttc_skipped"])
+    return True
+
+
 def evaluate(cfg: DictConfig) -> Any:
     """Score a finished run (one leaderboard row per scored file). A single-equation run, or any run
     with data.path=FILE, gives its row; a mixed run without data.path scores each equation's file and
@@ -403,7 +419,8 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
             lambda u: ensemble_rollout(sur, u, steps, cfg.ensemble_members, corrector, cfg.correct_every, gen),
             u0, max(1, B // cfg.ensemble_members), dim=1))
         preds["ensemble"] = ens.mean(0)
-    if cfg.ttc.enabled:
+    ttc_on = cfg.ttc.enabled and not _skips_corrector_search(cfg, records, extra)
+    if ttc_on:
         # a member's cost is its parameters and its whole training (snapshots: none beyond this run's)
         proposer, reward, extra["ttc_member_params"], extra["ttc_member_train_s"] = build_search(
             cfg.ttc, sur, physics, view_of=data, generator=gen, run_dir=run_dir)
@@ -435,7 +452,7 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
                         ens=ens if name == "ensemble" else None)
         m["ms_per_traj"] = 1000.0 * walls[name] / n
         metrics[name] = m
-    headline = "ttc" if cfg.ttc.enabled else "operator"
+    headline = "ttc" if ttc_on else "operator"
     broken = [name for name, m in metrics.items() if name != "solver" and not math.isfinite(m["nrmse"])]
     if broken:   # never a row, a plot or a champion from a model that diverged
         raise UserError(f"the rollout of {run_dir} produced non-finite fields ({', '.join(broken)}: nRMSE "
@@ -480,7 +497,7 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
         "stages": json.dumps({k: OmegaConf.to_container(train_cfg.stages[k]) for k in records if records[k]}),
         "method": headline,
         "corrector": corrector or "none",
-        "ttc": json.dumps(OmegaConf.to_container(cfg.ttc)) if cfg.ttc.enabled else "off",
+        "ttc": json.dumps(OmegaConf.to_container(cfg.ttc)) if headline == "ttc" else "off",
         "guard": json.dumps(OmegaConf.to_container(cfg.guard)),
         "note": cfg.note,
     }
