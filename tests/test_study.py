@@ -60,6 +60,16 @@ def test_study_writes_every_row_with_its_costs_and_choices_made_on_validation(tm
     md = (study / "study.md").read_text()
     assert "| dim8 | plain |" in md and "**Verdict:**" in md and "| claim | measured | holds |" in md
     assert (study / "study.png").stat().st_size > 1000 and (study / "study.json").exists()
+    # the same one-run members in a single evaluation: the run's operator and its latest snapshot
+    from conftest import eval_cfg
+    from ups_lightning.evaluation import evaluate
+
+    run_dir = trained[0]["run_dir"]
+    ev = evaluate(eval_cfg(run_dir, tmp_path, "ttc=ensemble", "ttc.n_candidates=2", "ttc.candidates.snapshots=1",
+                           "baselines.enabled=false"))
+    assert ev["method"] == "ttc" and ev["ttc_member_params"] > 0
+    assert ev["ttc_member_params"] < plain["params_held"]          # one more operator, no autoencoder
+    assert ev["ttc_train_s_total"] == pytest.approx(trained[0]["train_s"], abs=0.2)   # one training run
 
 
 # --- the rules, on rows with known answers ----------------------------------------------------------

@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ups_lightning.artifacts import (DONE, load_snapshots, load_stage, record_config, stage_dir, train_command,
-                                     verified_chain)
+from ups_lightning.artifacts import (DONE, load_snapshots, load_stage, read_record, record_config, stage_dir,
+                                     train_command, verified_chain)
 from ups_lightning.config import STAGE_ORDER, validate_eval_config
 from ups_lightning.data.datamodule import check_frames, member_configs, resolve_params, unit_coords
 from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset, split_options
@@ -230,14 +230,14 @@ def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: A
     if n_snap:
         if run_dir is None:
             raise UserError("ttc.candidates.snapshots needs the evaluated run's directory (run_dir).")
-        s_cfg, s_records, s_module = load_run(Path(run_dir))
-        snaps = snapshot_modules(Path(run_dir), s_records, s_module)
+        # the evaluated run is already loaded and verified (sur): only its operator record is read again
+        snaps = snapshot_modules(Path(run_dir), {"operator": read_record(run_dir, "operator") or {}}, sur.m)
         if len(snaps) < n_snap:
             raise UserError(f"ttc.candidates.snapshots={n_snap}: {run_dir} holds {len(snaps)} operator snapshot(s) "
                             "besides its best operator. Train its operator with stages.operator.snapshot_every=1 "
                             "(a snapshot every epoch) or ask for fewer.")
         for _, m in snaps[:n_snap]:
-            members.append(build_surrogate(s_cfg, m, view_of, physics, sur.guard))
+            members.append(sur.with_module(m))
             extra_params += sum(p.numel() for p in m.operator.parameters())
     proposer = Proposer(members, perturb=float(candidates.perturb), corrector=candidates.corrector,
                         corrector_scale=float(candidates.corrector_scale), mean=bool(candidates.mean),
@@ -530,8 +530,8 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
             row[f"train_s_{name}"] = round(rec["wall_clock_s"], 1)
             row[f"val_nrmse_{name}"] = rec.get("best_val_nrmse")
     if "ttc" in metrics:   # the search's whole training cost: the stages it runs and its members' training
-        used_stages = ["autoencoder", "operator"] + {"teacher": ["diffusion"], "student": ["diffusion", "distill"]}.get(
-            ttc_corrector or "", [])
+        last = CORRECTOR_STAGES[ttc_corrector] if ttc_corrector else "operator"   # every stage up to it
+        used_stages = STAGE_ORDER[: STAGE_ORDER.index(last) + 1]
         row["ttc_train_s_total"] = round(sum((records.get(n) or {}).get("wall_clock_s") or 0.0 for n in used_stages)
                                          + extra.get("ttc_member_train_s", 0.0), 1)
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

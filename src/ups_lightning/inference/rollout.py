@@ -78,6 +78,11 @@ class Surrogate:
         self._plan = None   # the decoder's plan of the grid x, made at the first decode
         self._conditioning: dict = {}   # the operator's prepared conditioning per batch size
 
+    def with_module(self, module: Any) -> "Surrogate":
+        """Another module (e.g. an operator snapshot of the same run) on the same grid, conditioning,
+        sampler steps and guard."""
+        return Surrogate(module, self.x, self.cond, self.teacher_steps, self.student_steps, self.guard, self.pde)
+
     @property
     def correctors(self) -> Tuple[str, ...]:
         names = []
