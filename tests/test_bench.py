@@ -50,7 +50,8 @@ def test_fno_matches_pdebench_fno1d_size():
     assert out.shape == (3, 64, 1)
 
 
-def _peer_fit(tiny_burgers_file, method="fno", max_minutes=0.2, max_epochs=2, lr=1e-3, **settings):
+def _peer_fit(tiny_burgers_file, method="fno", max_minutes=0.2, max_epochs=2, lr=1e-3, recipe="project",
+              **settings):
     """A tiny peer trained through the bench's path (the stages' trainer): (module, trainer)."""
     from omegaconf import OmegaConf
 
@@ -65,7 +66,7 @@ def _peer_fit(tiny_burgers_file, method="fno", max_minutes=0.2, max_epochs=2, lr
     cfg.stages.peer = {"max_epochs": max_epochs, "max_minutes": max_minutes, "lr": lr, "batch_size": 8}
     torch.manual_seed(0)
     module = PeerModule(build(5, 1, s), lr, OmegaConf.to_container(cfg.optim), relative_loss=True,
-                        t_train=s.t_train, grad_frames=s.grad_frames)
+                        t_train=s.t_train, grad_frames=s.grad_frames, recipe=recipe)
     return module, cfg, TrajectoryData(train, val, 8, 8), build_trainer
 
 
@@ -101,7 +102,8 @@ def test_peers_train_with_our_trainer_timer_and_schedule(tiny_burgers_file, tmp_
     assert all(isinstance(c, ModelCheckpoint) and c.monitor == "val/nrmse" for c in ckpts)
     assert peer_trainer.gradient_clip_val == ours_trainer.gradient_clip_val
     for stage in STAGE_MODULES.values():
-        assert stage.configure_optimizers is PeerModule.configure_optimizers is ScheduledAdamW.configure_optimizers
+        assert stage.configure_optimizers is ScheduledAdamW.configure_optimizers
+    assert isinstance(module, ScheduledAdamW) and module.recipe == "project"
     peer_trainer.fit(module, datamodule=data)
     # the learning rate followed lr_factor (warm-up + cosine on steps or the clock, whichever is ahead)
     sched = peer_trainer.lr_scheduler_configs[0].scheduler
@@ -153,6 +155,83 @@ def test_peer_loss_is_the_autoregressive_unroll(tiny_burgers_file, method, grad_
     frames = traj.shape[1] - 5
     assert len(calls) == frames
     assert calls == ([True] * frames if grad_frames is None else [False] * (frames - 2) + [True] * 2)
+
+
+def test_pdebench_recipe_is_adam_steplr_summed_mse_without_ema_or_clipping(tiny_burgers_file, tmp_path):
+    """PDEBench's recipe (train_models_forward.py): Adam with weight decay 1e-4, StepLR every 100
+    epochs by 0.5, the frames' MSE summed; the bench builds its Trainer without EMA or clipping."""
+    import types
+
+    import ups_lightning.bench as B
+    from ups_lightning.bench.peers import PDEBENCH_RECIPE
+
+    module, cfg, data, build_trainer = _peer_fit(tiny_burgers_file, modes=4, width=8, recipe="pdebench")
+    module.trainer = types.SimpleNamespace(estimated_stepping_batches=10, callbacks=[], precision="32")
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]
+    assert type(opt) is torch.optim.Adam and opt.defaults["weight_decay"] == PDEBENCH_RECIPE["weight_decay"] == 1e-4
+    assert type(sched["scheduler"]) is torch.optim.lr_scheduler.StepLR and sched["interval"] == "epoch"
+    assert sched["scheduler"].step_size == 100 and sched["scheduler"].gamma == 0.5
+    # the loss: the per-frame MSE summed over the unrolled frames (the project recipe averages them)
+    view = _tiny_view(tiny_burgers_file)
+    traj = torch.from_numpy(view.read("train"))[:4]
+    module.log = lambda *a, **k: None
+    torch.manual_seed(0)
+    summed = module.training_step((traj,), 0)
+    window, per_frame = traj[:, :5], []
+    with torch.no_grad():
+        for t in range(5, traj.shape[1]):
+            nxt = module.net(window)
+            per_frame.append(torch.mean((nxt - traj[:, t]) ** 2))
+            window = torch.cat([window[:, 1:], nxt.unsqueeze(1)], dim=1)
+    assert float(summed.detach()) == pytest.approx(float(torch.stack(per_frame).sum()), rel=1e-5)
+    # through the bench: the Trainer of a pdebench model has no EMA and no clipping, the project's has both
+    seen = {}
+
+    def fake_build_trainer(tcfg, name, out, spent_s=0.0):
+        seen[name] = (bool(tcfg.optim.ema.enabled), tcfg.optim.grad_clip)
+        raise RuntimeError("stop here")
+
+    import ups_lightning.training as T
+    b = types.SimpleNamespace(checked={"peers": {"fno": B.check_config(_bench_cfg())["peers"]["fno"]},
+                                       "relative_loss": True, "reuse": False},
+                              base_cfg=cfg, data_cfg=cfg.data, n_given=5, meta=types.SimpleNamespace(n_channels=1),
+                              split={}, say=lambda *a: None)
+    orig = T.build_trainer
+    T.build_trainer = fake_build_trainer
+    try:
+        for recipe in ("pdebench", "project"):
+            with pytest.raises(RuntimeError, match="stop here"):
+                B._train_peer(b, "fno", recipe, 1e-3, 0, 0.1, tmp_path / recipe)
+            assert seen.pop("peer") == ((False, None) if recipe == "pdebench" else (True, cfg.optim.grad_clip))
+    finally:
+        T.build_trainer = orig
+    assert cfg.optim.ema.enabled and cfg.optim.grad_clip     # the shared config is left as it was
+
+
+def test_one_clock_counts_a_stage_preparation_in_its_budget():
+    """max_minutes counts from the stage's start: what it spent before its fit (the latent cache)
+    is taken off the Timer, so ours' budget holds everything before it can predict."""
+    import datetime as dt
+
+    from ups_lightning.training import time_limit
+
+    assert time_limit(None, 30.0) is None and time_limit(0, 5.0) is None
+    assert time_limit(2.0) == dt.timedelta(seconds=120)
+    assert time_limit(2.0, 45.5) == dt.timedelta(seconds=74.5)
+    assert time_limit(0.5, 90.0) == dt.timedelta(seconds=1)       # preparation ate the budget
+
+
+def test_every_method_gets_the_same_clock():
+    """ours' stage limits add up to the budget (each with its preparation inside), a peer's Timer is
+    the budget, and validation is inside both (one Lightning Timer over the whole fit)."""
+    from ups_lightning.bench import STAGE_SHARES, check_config, compose_train_config
+
+    cfg = _bench_cfg()
+    checked = check_config(cfg)
+    tcfg = compose_train_config(cfg, checked, Path("/nonexistent/run"), seed=0, budget_min=8.0)
+    assert sum(float(tcfg.stages[k].max_minutes) for k in STAGE_SHARES) == pytest.approx(8.0)
+    assert not tcfg.trainer.compile          # the peers train eager; so does ours
 
 
 # --- solver sweep --------------------------------------------------------------------------------
@@ -263,9 +342,19 @@ def test_summary_files_have_the_expected_columns(tmp_path):
     ("methods=[]", "methods"),
     ("seeds=[]", "seeds"),
     ("seeds=[0,0]", "seeds"),
-    ("lr_search.fno=[1e-3]", "same size"),
-    ("lr_search.unet=[0]", "lr_search.unet"),
-    ("tune_budget_min=-1", "tune_budget_min"),
+    ("recipes.ours=[pdebench]", "recipes.ours"),
+    ("recipes.fno=[]", "recipes.fno"),
+    ("recipes.unet=[pdebench,bogus]", "recipes.unet"),
+    ("lr_default.fno=0", "lr_default.fno"),
+    ("search.rates=0", "search.rates"),
+    ("search.step=1", "search.step"),
+    ("search.widen=-1", "search.widen"),
+    ("search.rungs=[0.5]", "search.rungs"),
+    ("search.rungs=[1.0,0.5]", "search.rungs"),
+    ("+search.bogus=1", "search"),
+    ("curve_budgets=[0]", "curve_budgets"),
+    ("curve_budgets=abc", "curve_budgets"),
+    ("curve_seeds=[-1]", "curve_seeds"),
 ])
 def test_bad_settings_are_user_errors(override, needle):
     from ups_lightning.bench import check_config
@@ -282,11 +371,10 @@ def test_default_settings_are_valid_and_fair():
     checked = check_config(_bench_cfg())
     assert checked["budget_min"] == 10 and sum(checked["shares"].values()) == pytest.approx(1.0)
     assert checked["seeds"] == [0, 1, 2] and checked["methods"] == ["ours", "fno", "unet"]
-    sizes = {m: len(g) for m, g in checked["lr_search"].items()}
-    assert len(set(sizes.values())) == 1 and sizes["ours"] >= 3
-    # every search spans the same factor around its method's default
-    spans = {m: max(g) / min(g) for m, g in checked["lr_search"].items()}
-    assert len({round(v, 6) for v in spans.values()}) == 1
+    # every peer is trained its authors' way and ours; the search spans 100x with an interior centre
+    assert checked["recipes"] == {"ours": ["project"], "fno": ["project", "pdebench"], "unet": ["project", "pdebench"]}
+    s = checked["search"]
+    assert s.rates == 5 and s.step ** (s.rates - 1) == pytest.approx(100.0, rel=1e-3) and s.rungs[-1] == 1.0
 
 
 def test_make_bench_passes_budget_and_seeds():
@@ -327,87 +415,189 @@ def test_seed_statistics_and_winners_need_two_standard_errors():
     assert all("no winner is named" in t for t in winners(one))
 
 
+SMALL_SEARCH = ("search.rates=2", "search.widen=0", "search.keep=1", "search.rungs=[0.5,1.0]")
+
+
 def test_bench_of_peers_writes_summary_and_reuses_models(tiny_burgers_file, tmp_path):
     from ups_lightning.bench import run_bench
 
     cfg = _bench_cfg("data=smoke", f"data.path={tiny_burgers_file}", "data.n_train=16", "data.n_val=4",
-                     "data.n_test=4", "budget_min=0.02", "methods=[fno,unet]", "seeds=[0,1]",
-                     "lr_search.fno=[1e-3,3e-3]", "lr_search.unet=[1e-3,3e-3]", "lr_search.ours=[1e-3,3e-3]",
+                     "data.n_test=4", "budget_min=0.02", "methods=[fno,unet]", "seeds=[0,1]", *SMALL_SEARCH,
+                     "recipes.unet=[pdebench]", "curve_budgets=[0.01,0.02]",
                      "threads=1", f"out_dir={tmp_path}", "solver_grids=[16,32,64,128]", "fno.modes=8",
                      "fno.batch_size=8", "unet.init_features=4", "unet.batch_size=8")
     out = run_bench(cfg, say=lambda *a: None)
-    for m in ("fno", "unet"):
-        trials, runs = out["results"][m]["trials"], out["results"][m]["runs"]
-        assert [t["lr"] for t in trials] == [1e-3, 3e-3] and sum(t["chosen"] for t in trials) == 1
-        chosen = next(t for t in trials if t["chosen"])
-        assert chosen["best_val_nrmse"] == min(t["best_val_nrmse"] for t in trials)   # chosen on val
-        assert sorted((r["seed"], r["guard"]) for r in runs) == [(0, False), (0, True), (1, False), (1, True)]
-        assert all(r["lr"] == chosen["lr"] and math.isfinite(r["nrmse"]) for r in runs)
-        assert {r["learned"] for r in runs} <= {True, False}
+    for m, recipes in (("fno", ["project", "pdebench"]), ("unet", ["pdebench"])):
+        res = out["results"][m]
+        trials, runs, chosen = res["trials"], res["runs"], res["chosen"]
+        first = [t for t in trials if t["rung"] == 0]
+        assert sorted((t["recipe"], t["lr"]) for t in first) == sorted(
+            (r, lr) for r in recipes for lr in (0.000316, 0.001))
+        assert all(t["budget_min"] == pytest.approx(0.01) for t in first)
+        last = [t for t in trials if t["rung"] == 1]
+        assert len(last) == 1 and last[0]["chosen"] and last[0]["budget_min"] == pytest.approx(0.02)
+        best_first = min(first, key=lambda t: t["best_val_nrmse"])
+        assert (last[0]["recipe"], last[0]["lr"]) == (best_first["recipe"], best_first["lr"])   # chosen on val
+        assert chosen["first_rung_trials"] == {r: 2 for r in recipes}
+        assert sorted(r["seed"] for r in runs) == [0, 1]            # test scored once per model
+        assert all(r["lr"] == chosen["lr"] and r["recipe"] == chosen["recipe"] and r["guard"] == chosen["guard"]
+                   and math.isfinite(r["nrmse"]) for r in runs)
+        # the guard was chosen on validation, scored both ways for every seed
+        offs, ons = [r["val_nrmse_guard_off"] for r in runs], [r["val_nrmse_guard_on"] for r in runs]
+        assert chosen["guard"] == (sum(ons) < sum(offs))
+        assert runs[0]["run_dir"] == last[0]["run_dir"]            # the chosen trial is seed 0's run
     methods = [r["method"] for r in out["fixed"]]
     assert methods == ["persistence", "solver 16 cells", "solver 32 cells", "solver 64 cells"]
     md = (tmp_path / "summary.md").read_text()
-    assert "mean ± std over 2 training seeds" in md and "Who wins" in md and "Learning-rate search" in md
-    assert "U-Net1d (PDEBench) + guard" in md and "FNO1d" in md
+    assert "mean ± std over 2 training seeds" in md and "Who wins" in md and "The search" in md
+    assert "U-Net1d (PDEBench)" in md and "FNO1d" in md and "| pdebench |" in md
+    assert "Published figures" in md and "0.029" in md
     with open(tmp_path / "runs.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 8
+        assert len(list(csv.DictReader(fh))) == 4
     with open(tmp_path / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 4 + 4 and all(r["n_test"] == "4" for r in rows)
+    assert len(rows) == 2 + 4 and all(r["n_test"] == "4" for r in rows)
+    # learning curves: the peer best on validation, at both budgets (the main budget with both seeds)
+    curves = out["curves"]
+    assert {c["budget_min"] for c in curves} == {0.01, 0.02} and len({c["method"] for c in curves}) == 1
+    assert sum(c["budget_min"] == 0.02 for c in curves) == 2 and (tmp_path / "curves.csv").exists()
+    assert (tmp_path / "curves.png").stat().st_size > 0
     # a second run reuses every finished model
     out2 = run_bench(cfg, say=lambda *a: None)
     assert [r["nrmse"] for r in out2["results"]["fno"]["runs"]] == [r["nrmse"] for r in out["results"]["fno"]["runs"]]
 
 
-def test_a_failed_model_is_recorded_not_fatal_and_never_chosen(monkeypatch, tmp_path):
-    """A learning rate that diverges is a result of the search (val inf, never chosen, never
-    scored); a seed that fails counts as failed; only a method whose every rate fails is an error."""
+def _fake_bench(monkeypatch, tmp_path, val_of, test_of, seeds=(0, 1, 2), methods=("fno",)):
+    """run_methods over fake models: val_of(method, recipe, lr, seed, budget) -> val figure (None:
+    the model fails); test_of / the guard's effect read from the split asked for."""
     import types
 
     import ups_lightning.bench as B
+    from ups_lightning.bench.search import SearchSettings
     from ups_lightning.errors import UserError
 
-    def fake_peer(b, method, lr, seed, budget_min, run_dir):
-        if lr == 3e-3 or seed == 2:
+    def fake_train(b, method, recipe, lr, seed, budget_min, run_dir, **kw):
+        v = val_of(method, recipe, lr, seed, budget_min)
+        if v is None:
             raise UserError(f"{method} (lr {lr:g}, seed {seed}) diverged")
-        return {"method": method, "label": "FNO", "lr": lr, "seed": seed, "train_s": 1.0, "learned": True,
-                "best_val_nrmse": 0.5 if lr == 1e-3 else 0.7, "handle": object()}
+        return {"method": method, "label": method.upper(), "recipe": recipe, "lr": lr, "seed": seed,
+                "budget_min": budget_min, "train_s": 1.0, "learned": True, "best_val_nrmse": v,
+                "handle": (method, recipe, lr, seed)}
 
-    monkeypatch.setattr(B, "_train_peer", fake_peer)
-    monkeypatch.setattr(B, "_score", lambda b, m, h, guard: {"nrmse": 0.4 if guard else 0.6})
-    b = types.SimpleNamespace(checked={"seeds": [0, 1, 2], "tune_budget_min": 1.0, "budget_min": 1.0,
-                                       "lr_search": {"fno": [1e-4, 1e-3, 3e-3]}},
-                              out=tmp_path, say=lambda *a: None, cfg=types.SimpleNamespace())
-    res = B.run_method(b, "fno")
-    assert [t["best_val_nrmse"] for t in res["trials"]] == [0.7, 0.5, math.inf]
-    assert [t["chosen"] for t in res["trials"]] == [False, True, False]
-    failed = [r for r in res["runs"] if r["seed"] == 2]
-    assert len(failed) == 2 and all(math.isnan(r["nrmse"]) and r["learned"] is False for r in failed)
-    assert sorted(r["nrmse"] for r in res["runs"] if r["seed"] != 2) == [0.4, 0.4, 0.6, 0.6]
-    monkeypatch.setattr(B, "_train_peer", lambda *a: (_ for _ in ()).throw(UserError("diverged")))
-    with pytest.raises(UserError, match="every learning rate of fno failed"):
-        B.run_method(b, "fno")
+    scored = []
+
+    def fake_score(b, method, handle, guard, split="test"):
+        scored.append((split, guard))
+        return {"nrmse": test_of(split, guard)}
+
+    monkeypatch.setattr(B, "_train_ours", lambda b, *a, **k: fake_train(b, "ours", *a))
+    monkeypatch.setattr(B, "_train_peer", fake_train)
+    monkeypatch.setattr(B, "_score", fake_score)
+    b = types.SimpleNamespace(checked={"seeds": list(seeds), "budget_min": 1.0, "methods": list(methods),
+                                       "lr_default": {m: 1e-3 for m in methods},
+                                       "recipes": {m: ["project"] if m == "ours" else ["project", "pdebench"]
+                                                   for m in methods},
+                                       "search": SearchSettings(rates=3, step=10.0, widen=1, rungs=(0.5, 1.0), keep=2)},
+                              out=tmp_path, say=lambda *a: None, cfg=types.SimpleNamespace(), trainer=None)
+    return B, b, scored
+
+
+def test_a_failed_model_is_recorded_not_fatal_and_never_chosen(monkeypatch, tmp_path):
+    """A learning rate that diverges is a result of the search (val inf, never chosen, never
+    scored); a seed that fails counts as failed; only a method whose every rate fails is an error."""
+    from ups_lightning.errors import UserError
+
+    def val_of(method, recipe, lr, seed, budget):
+        if lr > 5e-3 or seed == 2:
+            return None
+        return {1e-4: 0.7, 1e-3: 0.5}[lr] + (0.1 if recipe == "pdebench" else 0.0)
+
+    B, b, _ = _fake_bench(monkeypatch, tmp_path, val_of, lambda split, guard: 0.4 if guard else 0.6)
+    res = B.run_methods(b)["fno"]
+    first = [t for t in res["trials"] if t["rung"] == 0]
+    failed = [t for t in first if t["lr"] == 1e-2]
+    assert len(failed) == 2 and all(t["best_val_nrmse"] == math.inf and not t["chosen"] for t in failed)
+    assert res["chosen"]["recipe"] == "project" and res["chosen"]["lr"] == 1e-3
+    bad_seed = [r for r in res["runs"] if r["seed"] == 2]
+    assert len(bad_seed) == 1 and math.isnan(bad_seed[0]["nrmse"]) and bad_seed[0]["learned"] is False
+    assert sorted(r["nrmse"] for r in res["runs"] if r["seed"] != 2) == [0.4, 0.4]
+    B2, b2, _ = _fake_bench(monkeypatch, tmp_path, lambda *a: None, lambda split, guard: 0.5)
+    with pytest.raises(UserError, match="every learning rate and recipe of fno failed"):
+        B2.run_methods(b2)
+
+
+def test_the_guard_is_chosen_on_validation_only(monkeypatch, tmp_path):
+    """The guard helps on validation and hurts on test here: it is still on (test is never read to
+    choose), and test is scored once per model, with the chosen setting."""
+    def test_of(split, guard):
+        if split == "val":
+            return 0.3 if guard else 0.5
+        return 0.9 if guard else 0.1
+
+    B, b, scored = _fake_bench(monkeypatch, tmp_path, lambda m, r, lr, seed, budget: {1e-4: 0.7, 1e-3: 0.5, 1e-2: 0.6}[lr],
+                               test_of)
+    res = B.run_methods(b)["fno"]
+    assert res["chosen"]["guard"] is True and all(r["guard"] and r["nrmse"] == 0.9 for r in res["runs"])
+    assert sorted(g for split, g in scored if split == "test") == [True] * 3       # once per model
+    assert sorted(g for split, g in scored if split == "val") == [False] * 3 + [True] * 3
+    assert B.choose_guard([{False: 0.2, True: 0.2}]) is False                     # a tie: no guard
+
+
+def test_search_is_successive_halving_with_interior_picks_and_equal_trials():
+    from ups_lightning.bench.search import SearchSettings, ladder_rate, search
+
+    calls = []
+    # fno's optimum (1e-1) lies two steps above its ladder [1e-4, 1e-3, 1e-2]; ours' (1e-3) inside
+    optimum = {"fno": -1.0, "ours": -3.0}
+
+    def train(method, recipe, lr, fraction):
+        calls.append((method, recipe, lr, fraction))
+        return abs(math.log10(lr) - optimum[method]) + (0.5 if recipe == "pdebench" else 0.0) + (1 - fraction), {}
+
+    s = SearchSettings(rates=3, step=10.0, widen=2, rungs=(0.25, 0.5, 1.0), keep=2)
+    out = search({"ours": (1e-3, ["project"]), "fno": (1e-3, ["project", "pdebench"])}, s, train, say=lambda *a: None)
+    first = {(m, r): [c[2] for c in calls if c[:2] == (m, r) and c[3] == 0.25] for m, r in
+             (("ours", "project"), ("fno", "project"), ("fno", "pdebench"))}
+    # fno widened twice upwards; ours was padded to the same count, on the side of its better edge
+    assert sorted(first[("fno", "project")]) == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    assert all(len(v) == 5 for v in first.values())
+    assert out["fno"]["interior"] == {"project": True, "pdebench": True} and out["ours"]["interior"] == {"project": True}
+    assert out["fno"]["first_rung_trials"] == {"project": 5, "pdebench": 5}
+    # halving: 2 of a method's first-rung trials at 0.5, then 2 at the budget; the best there is chosen
+    for m in ("ours", "fno"):
+        assert sum(1 for c in calls if c[0] == m and c[3] == 0.5) == 2
+        assert sum(1 for c in calls if c[0] == m and c[3] == 1.0) == 2
+    assert (out["fno"]["chosen"].recipe, out["fno"]["chosen"].lr, out["fno"]["chosen"].fraction) == ("project", 0.1, 1.0)
+    assert out["ours"]["chosen"].lr == 1e-3
+    assert ladder_rate(1e-3, math.sqrt(10), 1) == 0.00316
+    # an edge pick that the widening cannot fix is reported, not hidden
+    calls.clear()
+    out = search({"fno": (1e-3, ["project"])}, SearchSettings(rates=3, step=10.0, widen=0, rungs=(1.0,), keep=1),
+                 train, say=lambda *a: None)
+    assert out["fno"]["interior"] == {"project": False} and len(calls) == 3
 
 
 @pytest.mark.slow
 def test_bench_with_ours_on_smoke_data(smoke_data, tmp_path):
     from ups_lightning.bench import run_bench
 
-    cfg = _bench_cfg("data=smoke", f"data.root={smoke_data / 'data'}", "model=dim8", "budget_min=0.1",
-                     "methods=[ours]", "seeds=[0,1]", "lr_search.ours=[1e-3,3e-3]", "lr_search.fno=[1e-3,3e-3]",
-                     "lr_search.unet=[1e-3,3e-3]", "threads=1", f"out_dir={tmp_path}",
+    cfg = _bench_cfg("data=smoke", f"data.root={smoke_data / 'data'}", "model=dim8", "budget_min=0.2",
+                     "methods=[ours]", "seeds=[0,1]", *SMALL_SEARCH, "threads=1", f"out_dir={tmp_path}",
                      f"leaderboard={tmp_path / 'lb.csv'}", f"html={tmp_path / 'lb.html'}")
     out = run_bench(cfg, say=lambda *a: None)
-    trials = out["results"]["ours"]["trials"]
-    # the learning-rate trials share the first trial's autoencoder, bit for bit (the later trials hold
-    # it by reference: stage_dir resolves where it lives)
+    trials = [t for t in out["results"]["ours"]["trials"] if t["rung"] == 0]
+    # the learning-rate trials of one budget share the first trial's autoencoder, bit for bit (the
+    # later trials hold it by reference: stage_dir resolves where it lives)
     from ups_lightning.artifacts import stage_dir
 
     ae = [stage_dir(t["run_dir"], "autoencoder") / "done.json" for t in trials]
     import json
     assert len({json.loads(p.read_text())["ckpt_sha256"] for p in ae}) == 1
+    # one clock: each stage's preparation (the operator's latent cache) is recorded and inside its budget
+    op = json.loads((stage_dir(trials[0]["run_dir"], "operator") / "done.json").read_text())
+    assert op["prep_s"] > 0 and op["prep_s"] + op["wall_clock_s"] <= 60 * 0.1 * 0.625 + 10
     runs = out["results"]["ours"]["runs"]
-    assert len(runs) == 4 and all(math.isfinite(r["nrmse"]) for r in runs)
+    assert len(runs) == 2 and all(math.isfinite(r["nrmse"]) for r in runs)
     assert (tmp_path / "lb.csv").exists() and (tmp_path / "val_leaderboard.csv").exists()
     with open(tmp_path / "lb.csv") as fh:
         assert {r["split"] for r in csv.DictReader(fh)} == {"test"}

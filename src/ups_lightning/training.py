@@ -97,10 +97,21 @@ def finished_upstream(cfg: DictConfig, name: str, fix: str,
 
 
 # --- the trainer from config ----------------------------------------------------------------------
-def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
+def time_limit(max_minutes: Optional[float], spent_s: float = 0.0) -> Optional[dt.timedelta]:
+    """The fit's wall-clock limit: ``max_minutes`` counts from the stage's start, so what the stage
+    spent before its fit (opening the data, loading upstream, building the latent cache) is taken
+    off: one clock for every method the benchmark compares (docs/results/benchmark.md). At least
+    one second is left (a stage whose preparation ate its budget then fails with a clear error)."""
+    if not max_minutes:
+        return None
+    return dt.timedelta(seconds=max(1.0, 60.0 * float(max_minutes) - float(spent_s)))
+
+
+def build_trainer(cfg: DictConfig, name: str, out: Path, spent_s: float = 0.0) -> L.Trainer:
     """The stage's Trainer writing into `out`. Besides checkpointing, early stopping and EMA, a
     non-finite training loss stops the stage (NonFiniteLossStop) and checkpoints carry the RNG
-    state (RNGState), so a killed and resumed stage reproduces the uninterrupted one."""
+    state (RNGState), so a killed and resumed stage reproduces the uninterrupted one. ``spent_s``:
+    the stage's time before its fit, taken off its ``max_minutes`` (``time_limit``)."""
     settings, optim = cfg.stages[name], stage_optim(cfg, name)
     callbacks: List[cb.Callback] = [NonFiniteLossStop(), RNGState(),
         cb.ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/nrmse", mode="min",
@@ -120,7 +131,7 @@ def build_trainer(cfg: DictConfig, name: str, out: Path) -> L.Trainer:
     if bar is not None:
         callbacks.append(bar())
     loggers = [instantiate(cfg.logger.target, save_dir=str(out))]
-    max_time = dt.timedelta(minutes=settings.max_minutes) if settings.max_minutes else None
+    max_time = time_limit(settings.max_minutes, spent_s)
     # the sampling stages validate by drawing samples (the teacher: K steps, twice); the wall-clock
     # limit does not bound validation, so they cap its batches
     val_batches = settings.get("val_batches") or cfg.trainer.limit_val_batches
@@ -210,6 +221,7 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
         except UserError as exc:
             log.warning("%s Retraining it.", exc)
 
+    prep_start = time.time()    # the stage's clock starts here (time_limit)
     attempt = run_dir / ATTEMPTS / f"{name}-{config_hash}"
     attempt.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed + STAGE_ORDER.index(name), workers=True, verbose=False)
@@ -243,7 +255,8 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
     if resume is None and last.exists():
         log.info("stage %s: resuming from %s", name, last)
         resume = str(last)
-    trainer = build_trainer(cfg, name, attempt)
+    prep_s = time.time() - prep_start
+    trainer = build_trainer(cfg, name, attempt, spent_s=prep_s)
     if compiles(cfg.trainer.compile, name):
         compile_networks(module)
     start = time.time()
@@ -291,6 +304,7 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
         "num_threads": torch.get_num_threads(),
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         "wall_clock_s": wall,
+        "prep_s": prep_s,       # before the fit (data, upstream, latent cache), inside max_minutes
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "params_trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),

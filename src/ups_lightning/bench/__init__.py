@@ -1,27 +1,32 @@
 """`python -m ups_lightning.bench [budget_min=10] [data=NAME] [model=dim32] [seeds=[0,1,2]] ...`
-(`make bench`, `make bench BUDGET=5`).
+(`make bench`, `make bench BUDGET=5`, `make bench-curves`).
 
-The benchmark of benchmark.md section 4, on one split of one data file, every method scored on the
-same test frames by the same code (``ups_lightning.eval.metrics.all_metrics``):
+The benchmark of docs/BENCHMARK.md section 4, on one split of one data file, every method scored on
+the same test frames by the same code (``ups_lightning.eval.metrics.all_metrics``):
 
 - **persistence** (u(t) = the last given frame) and the **reference solver** on 32..256 cells
   (``bench/solver_sweep.py``), and for every learned method the cheapest grid at least as accurate;
-- **learned methods, trained alike** (``methods``): ours (autoencoder + operator, ``shares`` of the
-  budget), PDEBench's FNO1d and U-Net1d (``bench/peers.py``). Each gets ``budget_min`` minutes of
-  training wall-clock through the same Lightning trainer, timer, optimiser and schedule family, the
-  same loss choice (``relative_loss``), and a learning-rate search of the same size on the
-  validation split (``lr_search``: each trial trained for ``tune_budget_min`` with the first seed).
-  The chosen rate is then trained with every seed in ``seeds``; when the trial budget equals the
-  budget, the chosen trial is the first seed's run. Test is scored once per trained model, with and
-  without the guard (the projection onto the equation's invariants, offered to every method).
+- **learned methods** (``methods``): ours (autoencoder + operator, ``shares`` of the budget),
+  PDEBench's FNO1d and U-Net1d (``bench/peers.py``), each peer under its authors' recipe and ours
+  (``recipes``). **One clock**: ``budget_min`` minutes of wall-clock per model for everything a
+  method needs before it can predict (ours: both stages' preparation, the latent cache included,
+  and fits; validation runs inside every method's clock). **Equal tuning**: the successive-halving
+  search of ``bench/search.py`` on the validation split, the same number of trials per method and
+  recipe, its last rung at the full budget, widened until the pick is interior. The chosen recipe
+  and rate are trained with every seed in ``seeds``; the **guard** (the projection onto the
+  equation's invariants; for ours also the re-encoding of each state) is chosen per method on
+  validation, scored both ways; test is scored once per model, with the chosen setting.
+- **Learning curves** (``curve_budgets``): test nRMSE against the budget for ours and the peer best
+  on validation, beside the published PDEBench figures of the equation's spec (``PDE.published``).
 
-Writes into ``out_dir``: ``summary.md`` (mean +- std over seeds per method and guard setting, the
-winner per column in words: a method wins a column only where its gap to the next exceeds two
-standard errors; the learning-rate search; persistence and solver rows), ``summary.csv`` (the
-aggregated rows), ``runs.csv`` (every trained model: trial or seed, val and test figures) and
-``lr_search.csv``. A model that never beat its trivial reference (persistence, or the mean field for
-the autoencoder) is flagged in the log, in its records and in the summary. Settings:
-``conf/bench.yaml``; numbers are printed, never asserted.
+Writes into ``out_dir``: ``summary.md`` (mean +- std over seeds per method, the winner per column in
+words: a method wins a column only where its gap to the next exceeds two standard errors; the
+search; persistence and solver rows; the published figures), ``summary.csv``, ``runs.csv`` (every
+scored model), ``lr_search.csv`` (every trial), and with curves ``curves.csv`` and ``curves.png``.
+A model that never beat its trivial reference (persistence, or the mean field for the autoencoder)
+is flagged in the log, in its records and in the summary. Settings: ``conf/bench.yaml``; numbers
+are printed, never asserted. Finished models of the same settings are reused, so a long benchmark
+completes across sittings.
 """
 from __future__ import annotations
 
@@ -92,14 +97,48 @@ def _settings(cfg: Any, name: str, cls: type) -> Any:
     return cls.from_mapping(given)
 
 
+def _seeds(cfg: Any, key: str) -> List[int]:
+    from ups_lightning.errors import UserError
+
+    seeds = list(cfg.get(key) or [])
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise UserError(f"bench setting {key}={seeds!r} must be a non-empty list of distinct integers >= 0 "
+                        "(training seeds).")
+    return [int(s) for s in seeds]
+
+
+def _search_settings(given: Any):
+    """``search:`` of conf/bench.yaml as bench.search.SearchSettings, checked."""
+    from ups_lightning.bench.search import SearchSettings
+    from ups_lightning.errors import UserError
+
+    given = dict(given or {})
+    known = set(SearchSettings.__dataclass_fields__)
+    if set(given) != known:
+        raise UserError(f"bench setting search must give exactly {sorted(known)}; got {sorted(given)}.")
+    rates = _num(given, "rates", integer=True, where="search.")
+    widen = _num(given, "widen", integer=True, positive=False, minimum=0, where="search.")
+    keep = _num(given, "keep", integer=True, where="search.")
+    step = _num(given, "step", where="search.")
+    if step <= 1.0:
+        raise UserError(f"bench setting search.step={step:g} must be > 1 (the ratio between neighbouring rates).")
+    rungs = given["rungs"]
+    ok = rungs is not None and not isinstance(rungs, str) and hasattr(rungs, "__iter__") and len(rungs) > 0
+    vals = [_num({"rung": r}, "rung", where="search.rungs.") for r in rungs] if ok else []
+    if not ok or any(b <= a for a, b in zip(vals, vals[1:])) or abs(vals[-1] - 1.0) > 1e-9 or vals[0] <= 0:
+        raise UserError(f"bench setting search.rungs={rungs!r} must be increasing fractions of budget_min in "
+                        "(0, 1] ending at 1 (the last rung trains at the budget itself), e.g. [0.25, 1.0].")
+    return SearchSettings(rates=rates, step=step, widen=widen, rungs=tuple(vals), keep=keep)
+
+
 def check_config(cfg: Any) -> Dict[str, Any]:
     """Validate the bench config; a bad setting is a UserError naming it. Returns checked values."""
-    from ups_lightning.bench.peers import PEERS
+    from ups_lightning.bench.peers import PEERS, RECIPES
     from ups_lightning.errors import UserError
 
     out: Dict[str, Any] = {}
     out["budget_min"] = _num(cfg, "budget_min")
-    out["tune_budget_min"] = _num(cfg, "tune_budget_min", allow_none=True) or out["budget_min"]
     out["n_test"] = _num(cfg, "n_test", integer=True, allow_none=True)
     out["threads"] = _num(cfg, "threads", integer=True, allow_none=True)
     out["eval_batch_size"] = _num(cfg, "eval_batch_size", integer=True)
@@ -113,27 +152,23 @@ def check_config(cfg: Any) -> Dict[str, Any]:
         raise UserError(f"bench setting methods={methods!r} must be a non-empty list of distinct names "
                         f"from {list(METHODS)} (e.g. methods=[ours,fno]).")
     out["methods"] = methods
-    seeds = list(cfg.get("seeds") or [])
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
-            or len(set(seeds)) != len(seeds):
-        raise UserError(f"bench setting seeds={seeds!r} must be a non-empty list of distinct integers >= 0 "
-                        "(training seeds; 3 by default).")
-    out["seeds"] = [int(s) for s in seeds]
-    search = cfg.get("lr_search")
-    if search is None or not hasattr(search, "keys") or not set(methods) <= set(search.keys()):
-        raise UserError(f"bench setting lr_search must give a list of learning rates for each method in "
-                        f"{methods} (e.g. lr_search.fno=[3e-4,1e-3,3e-3]).")
-    grids = {}
+    out["seeds"] = _seeds(cfg, "seeds")
+    out["curve_seeds"] = _seeds(cfg, "curve_seeds")
+    curve = cfg.get("curve_budgets")
+    if curve is None or isinstance(curve, str) or not hasattr(curve, "__iter__"):
+        raise UserError(f"bench setting curve_budgets={curve!r} must be a list of budgets in minutes "
+                        "(e.g. curve_budgets=[2.5,5,10,20,40]; [] for none).")
+    out["curve_budgets"] = sorted({_num({"budget": v}, "budget", where="curve_budgets.") for v in curve})
+    out["lr_default"], out["recipes"] = {}, {}
     for m in methods:
-        grid = list(search[m] or [])
-        if not grid:
-            raise UserError(f"bench setting lr_search.{m} must be a non-empty list of learning rates.")
-        grids[m] = [_num({"lr": v}, "lr", where=f"lr_search.{m}.") for v in grid]
-    if len({len(g) for g in grids.values()}) > 1:
-        raise UserError("bench setting lr_search: every method gets a search of the same size (equal "
-                        "tuning effort), but the lists have " + ", ".join(f"{m}: {len(g)}" for m, g in grids.items())
-                        + " rates.")
-    out["lr_search"] = grids
+        out["lr_default"][m] = _num(cfg.get("lr_default") or {}, m, where="lr_default.")
+        recipes = list((cfg.get("recipes") or {}).get(m) or [])
+        allowed = ["project"] if m == "ours" else list(RECIPES)
+        if not recipes or len(set(recipes)) != len(recipes) or any(r not in allowed for r in recipes):
+            raise UserError(f"bench setting recipes.{m}={recipes!r} must be a non-empty list of distinct "
+                            f"recipes from {allowed} (bench/peers.py).")
+        out["recipes"][m] = recipes
+    out["search"] = _search_settings(cfg.get("search"))
     shares = cfg.get("shares")
     if shares is None or not hasattr(shares, "keys") or set(shares.keys()) != set(STAGE_SHARES):
         raise UserError(f"bench setting shares={shares!r} must map each of {', '.join(STAGE_SHARES)} to "
@@ -225,6 +260,7 @@ class Bench:
         self.spec = get_pde(self.view.pde)
         self.meta = self.view.meta
         self.n_given = int(self.data_cfg.initial_step)
+        self.trainer: Any = None     # the Models that trained this bench's models (run_methods)
         self.split = {s: torch.from_numpy(self.view.read(s)).float() for s in ("train", "val", "test")}
         if self.split["test"].shape[1] <= self.n_given:
             raise UserError(f"{self.view.path}: {self.split['test'].shape[1]} frames after reduction, but "
@@ -245,8 +281,14 @@ class Bench:
 # --------------------------------------------------------------------------------------------
 # training one model of one method: (trained handle, record)
 # --------------------------------------------------------------------------------------------
-def _train_peer(b: Bench, method: str, lr: float, seed: int, budget_min: float, run_dir: Path) -> Dict[str, Any]:
-    """Train (or reuse) a peer through our stages' Trainer; record with val figure and learned flag."""
+def _run_name(method: str, recipe: str, budget_min: float, lr: float, seed: int) -> str:
+    return f"{method}-{recipe}-budget{_tag(budget_min)}min-lr{_tag(lr)}-seed{seed}"
+
+
+def _train_peer(b: Bench, method: str, recipe: str, lr: float, seed: int, budget_min: float,
+                run_dir: Path) -> Dict[str, Any]:
+    """Train (or reuse) a peer through our stages' Trainer under ``recipe`` (bench/peers.py);
+    record with val figure and learned flag. The PDEBench recipe trains without EMA or clipping."""
     import lightning as L
     import torch
     from omegaconf import OmegaConf
@@ -258,61 +300,70 @@ def _train_peer(b: Bench, method: str, lr: float, seed: int, budget_min: float, 
 
     label, _, build = PEERS[method]
     settings = b.checked["peers"][method]
+    tcfg = b.base_cfg.copy()
+    if recipe == "pdebench":
+        tcfg.optim.ema.enabled = False
+        tcfg.optim.grad_clip = None
+    optim = OmegaConf.to_container(tcfg.optim, resolve=True)
     done = run_dir / "done.json"
-    fp = _fingerprint({"method": method, "settings": settings.as_dict(), "lr": lr, "seed": seed,
-                       "budget_min": budget_min, "relative_loss": b.checked["relative_loss"],
-                       "data": OmegaConf.to_container(b.data_cfg, resolve=True),
-                       "optim": OmegaConf.to_container(b.base_cfg.optim, resolve=True)})
+    fp = _fingerprint({"method": method, "recipe": recipe, "settings": settings.as_dict(), "lr": lr,
+                       "seed": seed, "budget_min": budget_min, "relative_loss": b.checked["relative_loss"],
+                       "data": OmegaConf.to_container(b.data_cfg, resolve=True), "optim": optim})
     L.seed_everything(seed, workers=True, verbose=False)
     net = build(b.n_given, b.meta.n_channels, settings)
-    module = PeerModule(net, lr, OmegaConf.to_container(b.base_cfg.optim, resolve=True),
-                        b.checked["relative_loss"], t_train=settings.t_train, grad_frames=settings.grad_frames)
+    module = PeerModule(net, lr, optim, b.checked["relative_loss"], t_train=settings.t_train,
+                        grad_frames=settings.grad_frames, recipe=recipe)
     if b.checked["reuse"] and done.is_file():
         record = json.loads(done.read_text())
         ckpt = (run_dir / str(record.get("best_ckpt"))).resolve()
         if record.get("fingerprint") == fp and ckpt.is_file() and run_dir.resolve() in ckpt.parents:
             state = torch.load(ckpt, map_location="cpu", weights_only=True)   # data, never code
             module.load_state_dict(state["state_dict"])
-            b.say(f"{method}: reusing {run_dir} (lr {lr:g}, seed {seed})")
+            b.say(f"{method}: reusing {run_dir} ({recipe}, lr {lr:g}, seed {seed})")
             return {**record, "handle": module.net}
     shutil.rmtree(run_dir, ignore_errors=True)
-    tcfg = b.base_cfg.copy()
     tcfg.stages.peer = {"max_epochs": settings.max_epochs, "max_minutes": budget_min, "lr": lr,
                         "batch_size": settings.batch_size}
     trainer = build_trainer(tcfg, "peer", run_dir)
     data = TrajectoryData(b.split["train"], b.split["val"], settings.batch_size, settings.val_batch_size)
-    b.say(f"{method}: training lr {lr:g} seed {seed} for {budget_min:g} min -> {run_dir}")
+    b.say(f"{method}: training ({recipe}) lr {lr:g} seed {seed} for {budget_min:g} min -> {run_dir}")
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     wall = time.perf_counter() - start
     score = trainer.checkpoint_callback.best_model_score
     best_val = float(score) if score is not None else math.nan
     if not trainer.checkpoint_callback.best_model_path or not math.isfinite(best_val):
-        raise UserError(f"{method} (lr {lr:g}, seed {seed}) diverged or wrote no checkpoint in {run_dir} "
-                        f"(best validation nRMSE {best_val}); nothing of it is scored.")
+        raise UserError(f"{method} ({recipe}, lr {lr:g}, seed {seed}) diverged or wrote no checkpoint in "
+                        f"{run_dir} (best validation nRMSE {best_val}); nothing of it is scored.")
     best = Path(trainer.checkpoint_callback.best_model_path)
     state = torch.load(best, map_location="cpu", weights_only=True)   # data, never code
     module.load_state_dict(state["state_dict"])
     trivial = float(trainer.callback_metrics["val/nrmse_persistence"])
-    record = {"method": method, "label": label, "fingerprint": fp, "lr": lr, "seed": seed,
+    record = {"method": method, "label": label, "recipe": recipe, "fingerprint": fp, "lr": lr, "seed": seed,
               "budget_min": budget_min, "train_s": wall, "epochs": trainer.current_epoch,
               "optimizer_steps": trainer.global_step, "best_val_nrmse": best_val,
               "trivial_val_nrmse": trivial, "learned": best_val < trivial, "params": count_params(net),
               "best_ckpt": str(best.resolve().relative_to(run_dir.resolve())),
               "num_threads": torch.get_num_threads(), "settings": settings.as_dict()}
     if not record["learned"]:
-        log.warning("%s (lr %g, seed %d) STOPPED BEFORE IT LEARNED ANYTHING: best val nRMSE %.4g does not "
-                    "beat persistence's %.4g after %d epochs", method, lr, seed, best_val, trivial,
-                    trainer.current_epoch)
+        log.warning("%s (%s, lr %g, seed %d) STOPPED BEFORE IT LEARNED ANYTHING: best val nRMSE %.4g does not "
+                    "beat persistence's %.4g after %d epochs (%d optimizer steps in %.0f s)", method, recipe, lr,
+                    seed, best_val, trivial, trainer.current_epoch, trainer.global_step, wall)
     atomic_write_json(done, record)
     return {**record, "handle": module.net}
+
+
+#: our rollout's guard settings: "no guard" neither projects nor re-encodes (a pure latent rollout
+#: decoded for scoring); "guard" re-encodes every decoded, projected state
+OURS_GUARD = {False: ("guard.reencode=false", "guard.invariants=false"),
+              True: ("guard.reencode=true", "guard.invariants=true")}
 
 
 def _evaluate_ours(b: Bench, run_dir: Path, split: str, guard: bool) -> Dict[str, Any]:
     from ups_lightning.evaluation import evaluate
 
     ecfg = compose_config("evaluate", [f"run_dir={run_dir}", "ttc=off", "upto=operator", f"split={split}",
-                                 f"guard.invariants={str(guard).lower()}"])
+                                       *OURS_GUARD[guard]])
     ecfg.leaderboard = str(b.cfg.leaderboard if split == "test" else b.out / "val_leaderboard.csv")
     ecfg.html = str(b.cfg.html if split == "test" else b.out / "val_leaderboard.html")
     ecfg.batch_size = b.checked["eval_batch_size"]
@@ -323,11 +374,12 @@ def _evaluate_ours(b: Bench, run_dir: Path, split: str, guard: bool) -> Dict[str
     return evaluate(ecfg)
 
 
-def _train_ours(b: Bench, lr: float, seed: int, budget_min: float, run_dir: Path,
+def _train_ours(b: Bench, recipe: str, lr: float, seed: int, budget_min: float, run_dir: Path,
                 share_autoencoder: Optional[Path] = None) -> Dict[str, Any]:
     """Train (or reuse: finished stages of the same config are skipped) autoencoder + operator; the
-    learning-rate trials of one seed use the first trial's autoencoder by reference (reuse_runs),
-    so they differ in the operator's learning rate alone."""
+    learning-rate trials of one seed and budget use the first trial's autoencoder by reference
+    (reuse_runs), so they differ in the operator's learning rate alone. ``train_s`` is everything
+    before ours can predict: both stages' preparation (the latent cache) and fits."""
     from ups_lightning.training import run as train_run
 
     tcfg = compose_train_config(b.cfg, b.checked, run_dir, seed=seed, operator_lr=lr, budget_min=budget_min)
@@ -343,24 +395,25 @@ def _train_ours(b: Bench, lr: float, seed: int, budget_min: float, run_dir: Path
         if r.get("learned") is False:
             b.say(f"ours: stage {name} STOPPED BEFORE IT LEARNED ANYTHING (val {r['best_val_nrmse']:.4g} vs "
                   f"{r['trivial_metric']} {r['trivial_val_nrmse']:.4g})")
-    return {"method": "ours", "label": _label(b, "ours"), "lr": lr, "seed": seed,
-            "budget_min": budget_min, "train_s": sum(float(r["wall_clock_s"]) for r in records.values()),
+    return {"method": "ours", "label": _label(b, "ours"), "recipe": recipe, "lr": lr, "seed": seed,
+            "budget_min": budget_min,
+            "train_s": sum(float(r["wall_clock_s"]) + float(r.get("prep_s") or 0.0) for r in records.values()),
             "best_val_nrmse": val["nrmse"], "learned": learned, "params": val["params"],
             "stage_learned": {k: r.get("learned") for k, r in records.items()},
             "epochs": {k: r.get("epochs") for k, r in records.items()}, "handle": run_dir}
 
 
-def _score(b: Bench, method: str, handle: Any, guard: bool) -> Dict[str, Any]:
-    """Test figures of one trained model, with or without the guard."""
+def _score(b: Bench, method: str, handle: Any, guard: bool, split: str = "test") -> Dict[str, Any]:
+    """One trained model's figures on ``split``, with or without the guard."""
     from ups_lightning.bench.peers import predict_peer
 
     if method == "ours":
-        r = _evaluate_ours(b, handle, "test", guard)
+        r = _evaluate_ours(b, handle, split, guard)
         return {**{k: r.get(k) for k in METRIC_KEYS}, "rollout_ms_per_traj": r["rollout_ms_per_traj"],
                 "leaderboard_run_id": r["run_id"]}
     project = (lambda u, given: b.spec.project(u, given)) if guard else None
-    pred, wall = predict_peer(handle, b.split["test"], b.n_given, batch=b.checked["eval_batch_size"], project=project)
-    m = b.score(pred)
+    pred, wall = predict_peer(handle, b.split[split], b.n_given, batch=b.checked["eval_batch_size"], project=project)
+    m = b.score(pred, split)
     return {**{k: m.get(k) for k in METRIC_KEYS}, "rollout_ms_per_traj": 1000.0 * wall / len(pred)}
 
 
@@ -370,7 +423,8 @@ def _label(b: Bench, method: str) -> str:
     return f"ours ({b.cfg.model.name})" if method == "ours" else PEERS[method][0]
 
 
-def _train(b: Bench, method: str, lr: float, seed: int, budget_min: float, run_dir: Path, **kw: Any) -> Dict[str, Any]:
+def _train(b: Bench, method: str, recipe: str, lr: float, seed: int, budget_min: float, run_dir: Path,
+           **kw: Any) -> Dict[str, Any]:
     """One model; a model that fails (diverges: non-finite validation or weights) is recorded as
     failed (val nRMSE inf, never scored) instead of ending the benchmark: a learning rate too high
     for one method is a result of its search, not an error."""
@@ -378,57 +432,144 @@ def _train(b: Bench, method: str, lr: float, seed: int, budget_min: float, run_d
 
     try:
         if method == "ours":
-            return _train_ours(b, lr, seed, budget_min, run_dir, **kw)
-        return _train_peer(b, method, lr, seed, budget_min, run_dir)
+            rec = _train_ours(b, recipe, lr, seed, budget_min, run_dir, **kw)
+        else:
+            rec = _train_peer(b, method, recipe, lr, seed, budget_min, run_dir)
     except UserError as exc:
-        log.warning("%s lr %g seed %d failed: %s", method, lr, seed, exc)
-        return {"method": method, "label": _label(b, method), "lr": lr, "seed": seed, "budget_min": budget_min,
-                "train_s": math.nan, "best_val_nrmse": math.inf, "learned": False, "failed": str(exc),
-                "handle": None}
+        log.warning("%s (%s) lr %g seed %d failed: %s", method, recipe, lr, seed, exc)
+        rec = {"method": method, "label": _label(b, method), "recipe": recipe, "lr": lr, "seed": seed,
+               "budget_min": budget_min, "train_s": math.nan, "best_val_nrmse": math.inf, "learned": False,
+               "failed": str(exc), "handle": None}
+    rec["run_dir"] = str(run_dir)
+    return rec
 
 
-def run_method(b: Bench, method: str) -> Dict[str, List[Dict[str, Any]]]:
-    """The learning-rate search on validation, then every seed at the chosen rate, each scored on
-    test with and without the guard. Returns {"trials": [...], "runs": [...]} (plain dicts)."""
+class Models:
+    """Trains (or reuses) the benchmark's models by (method, recipe, lr, seed, budget), keeping every
+    record: the search's trials, the seeds and the learning curves read the same models."""
+
+    def __init__(self, b: Bench) -> None:
+        self.b, self.records = b, {}
+        self._autoencoders: Dict[tuple, Path] = {}
+
+    def __call__(self, method: str, recipe: str, lr: float, seed: int, budget_min: float) -> Dict[str, Any]:
+        key = (method, recipe, float(lr), int(seed), round(float(budget_min), 6))
+        if key not in self.records:
+            rd = self.b.out / "runs" / _run_name(method, recipe, budget_min, lr, seed)
+            kw = {}
+            share = self._autoencoders.get((seed, key[-1]))
+            if method == "ours" and share is not None:
+                kw["share_autoencoder"] = share
+            rec = _train(self.b, method, recipe, lr, seed, budget_min, rd, **kw)
+            if method == "ours" and rec["handle"] is not None:
+                self._autoencoders.setdefault((seed, key[-1]), rd)
+            self.records[key] = rec
+        return self.records[key]
+
+
+def _val_both_ways(b: Bench, rec: Dict[str, Any]) -> Dict[bool, float]:
+    """The model's validation nRMSE with and without the guard (what the guard is chosen on)."""
+    if rec.get("handle") is None:
+        return {False: math.nan, True: math.nan}
+    return {g: float(_score(b, rec["method"], rec["handle"], g, split="val")["nrmse"]) for g in (False, True)}
+
+
+def choose_guard(val: Sequence[Dict[bool, float]]) -> bool:
+    """The guard setting with the lower mean validation nRMSE over a method's seeds (ties: no
+    guard); only validation figures are read."""
+    def mean(g: bool) -> float:
+        v = [x[g] for x in val if math.isfinite(x[g])]
+        return sum(v) / len(v) if v else math.inf
+
+    return mean(True) < mean(False)
+
+
+def run_methods(b: Bench) -> Dict[str, Dict[str, Any]]:
+    """The search on validation (bench/search.py) for every method at once (so every method and
+    recipe gets the same number of trials), then every seed at the chosen recipe and rate, the guard
+    chosen per method on validation, and each model scored on test once, with the chosen setting.
+    Returns per method {"trials": [...], "runs": [...], "chosen": {...}} (plain dicts)."""
+    from ups_lightning.bench.search import search
     from ups_lightning.errors import UserError
 
     ck = b.checked
-    runs_dir = b.out / "runs"
-    first, tune, budget = ck["seeds"][0], ck["tune_budget_min"], ck["budget_min"]
-    trials = []
-    for i, lr in enumerate(ck["lr_search"][method]):
-        rd = runs_dir / f"{method}-budget{_tag(tune)}min-lr{_tag(lr)}-seed{first}"
-        share = trials[0]["run_dir"] if method == "ours" and trials else None
-        rec = _train(b, method, lr, first, tune, rd, **({"share_autoencoder": Path(share)} if share else {}))
-        rec["run_dir"] = str(rd)
-        trials.append(rec)
-        b.say(f"{method}: lr {lr:g} -> val nRMSE {rec['best_val_nrmse']:.4f}"
+    first, budget = ck["seeds"][0], ck["budget_min"]
+    train = Models(b)
+
+    def trial(method: str, recipe: str, lr: float, fraction: float):
+        rec = train(method, recipe, lr, first, budget * fraction)
+        b.say(f"{method} ({recipe}): lr {lr:g} at {budget * fraction:g} min -> val nRMSE {rec['best_val_nrmse']:.4f}"
               f"{'' if rec['learned'] else '  (did not beat the trivial reference)'}")
-    if not any(math.isfinite(t["best_val_nrmse"]) for t in trials):
-        raise UserError(f"bench: every learning rate of {method} failed ({trials[0].get('failed')}).")
-    chosen = min(trials, key=lambda r: r["best_val_nrmse"] if math.isfinite(r["best_val_nrmse"]) else math.inf)
-    b.say(f"{method}: chosen lr {chosen['lr']:g} on validation (val nRMSE {chosen['best_val_nrmse']:.4f})")
-    runs = []
-    for seed in ck["seeds"]:
-        if seed == first and tune == budget:
-            rec = chosen
-        else:
-            rd = runs_dir / f"{method}-budget{_tag(budget)}min-lr{_tag(chosen['lr'])}-seed{seed}"
-            rec = _train(b, method, chosen["lr"], seed, budget, rd)
-            rec["run_dir"] = str(rd)
-        for guard in (False, True):
+        return rec["best_val_nrmse"], {"record": rec}
+
+    found = search({m: (ck["lr_default"][m], ck["recipes"][m]) for m in ck["methods"]}, ck["search"], trial, b.say)
+    results: Dict[str, Dict[str, Any]] = {}
+    for method in ck["methods"]:
+        got = found[method]
+        chosen = got["chosen"]
+        if not math.isfinite(chosen.val):
+            raise UserError(f"bench: every learning rate and recipe of {method} failed "
+                            f"({got['trials'][0].extra['record'].get('failed')}).")
+        recs = [train(method, chosen.recipe, chosen.lr, seed, budget) for seed in ck["seeds"]]
+        val = [_val_both_ways(b, r) for r in recs]
+        guard = choose_guard(val)
+        b.say(f"{method}: {chosen.recipe} lr {chosen.lr:g}; guard {'on' if guard else 'off'} on validation "
+              f"(mean val nRMSE off {_mean([v[False] for v in val]):.4f}, on {_mean([v[True] for v in val]):.4f})")
+        runs = []
+        for rec, v in zip(recs, val):
+            row = {k: x for k, x in rec.items() if k != "handle"}
+            row.update(guard=guard, val_nrmse=v[guard], val_nrmse_guard_off=v[False], val_nrmse_guard_on=v[True])
             if rec["handle"] is None:     # a failed seed: counted as failed, never scored
-                runs.append({**{k: v for k, v in rec.items() if k != "handle"}, "guard": guard, "nrmse": math.nan,
-                             "val_nrmse": rec["best_val_nrmse"]})
+                runs.append({**row, "nrmse": math.nan})
                 continue
             m = _score(b, method, rec["handle"], guard)
-            runs.append({**{k: v for k, v in rec.items() if k != "handle"}, "guard": guard, **m,
-                         "val_nrmse": rec["best_val_nrmse"]})
-            b.say(f"{method}: seed {seed} guard {'on' if guard else 'off'} -> test nRMSE {m['nrmse']:.4f}")
-    for t in trials:
-        t.pop("handle", None)
-        t["chosen"] = t is chosen
-    return {"trials": trials, "runs": runs}
+            runs.append({**row, **m})
+            b.say(f"{method}: seed {rec['seed']} guard {'on' if guard else 'off'} -> test nRMSE {m['nrmse']:.4f}")
+        trials = []
+        for t in got["trials"]:
+            rec = t.extra["record"]
+            trials.append({**{k: x for k, x in rec.items() if k not in ("handle",)}, "rung": t.rung,
+                           "fraction": t.fraction, "chosen": t is chosen})
+        results[method] = {"trials": trials, "runs": runs,
+                           "chosen": {"recipe": chosen.recipe, "lr": chosen.lr, "guard": guard,
+                                      "interior": got["interior"], "first_rung_trials": got["first_rung_trials"],
+                                      "val_nrmse": _mean([r["val_nrmse"] for r in runs])}}
+    b.trainer = train
+    return results
+
+
+def _mean(values: Sequence[float]) -> float:
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    return sum(v) / len(v) if v else math.nan
+
+
+def run_curves(b: Bench, results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Test nRMSE against the training budget (``curve_budgets``) for ours and the peer best on
+    validation at ``budget_min``, each at its chosen recipe, rate and guard (chosen at budget_min),
+    with ``curve_seeds`` (the budget_min point has every seed of the main table). Finished models are
+    reused, so the curves complete across sittings."""
+    ck = b.checked
+    peers = [m for m in results if m != "ours"]
+    best_peer = min(peers, key=lambda m: results[m]["chosen"]["val_nrmse"]) if peers else None
+    rows = []
+    for method in [m for m in ("ours", best_peer) if m in results]:
+        c = results[method]["chosen"]
+        for budget in ck["curve_budgets"]:
+            if abs(budget - ck["budget_min"]) < 1e-9:
+                runs = results[method]["runs"]
+            else:
+                runs = []
+                for seed in ck["curve_seeds"]:
+                    rec = b.trainer(method, c["recipe"], c["lr"], seed, budget)
+                    m = _score(b, method, rec["handle"], c["guard"]) if rec["handle"] is not None else {"nrmse": math.nan}
+                    runs.append({**{k: x for k, x in rec.items() if k != "handle"}, **m})
+            for r in runs:
+                rows.append({"method": method, "label": r["label"], "recipe": c["recipe"], "lr": c["lr"],
+                             "guard": c["guard"], "budget_min": budget, "seed": r["seed"], "nrmse": r.get("nrmse"),
+                             "nrmse_pdebench": r.get("nrmse_pdebench"),
+                             "train_s": r.get("train_s"), "learned": r.get("learned")})
+                b.say(f"curve: {method} at {budget:g} min seed {r['seed']} -> test nRMSE {r.get('nrmse', math.nan):.4f}")
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,18 +630,22 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
             fixed.append({"method": f"solver {s['grid']} cells", "kind": "solver", **{k: s.get(k) for k in METRIC_KEYS},
                           "nrmse_pdebench": s["nrmse"] * steps / test.shape[1], "train_s": 0.0,
                           "rollout_ms_per_traj": s["ms_per_traj"], "params": 0, "solver_grid": s["grid"]})
-    results = {m: run_method(b, m) for m in checked["methods"]}
+    results = run_methods(b)
+    curves = run_curves(b, results) if checked["curve_budgets"] else []
     load_end = os.getloadavg()
     header = (f"# Benchmark: {Path(view.path).name}, {meta.n_x} x {meta.n_t} after reduction, "
               f"{len(test)} test trajectories ({view.split_source}), {steps} predicted frames\n\n"
-              f"budget_min={checked['budget_min']:g} per learned model (learning-rate trials: "
-              f"{checked['tune_budget_min']:g} min each); seeds {checked['seeds']}; git {git_commit()}; "
+              f"budget_min={checked['budget_min']:g} per learned model (one clock: everything before it "
+              f"can predict); search rungs {list(checked['search'].rungs)} of it; seeds {checked['seeds']}; "
+              f"git {git_commit()}; "
               f"{time.strftime('%Y-%m-%d %H:%M')}; {os.cpu_count()} CPUs, torch threads {threads}; "
               f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; "
               f"{time.perf_counter() - t0:.0f} s in all")
+    published = [p for p in b.spec.published if p.applies(b.params)]
     paths = write_bench_summary(cfg.out_dir, results, fixed, solver_rows, header=header,
                                 common={"budget_min": checked["budget_min"], "n_test": len(test), "steps": steps,
-                                        "data_path": str(view.path), "pde": view.pde})
+                                        "data_path": str(view.path), "pde": view.pde},
+                                curves=curves, published=published)
     say("\n" + paths["md"].read_text())
     say(f"bench: {time.perf_counter() - t0:.0f} s; wrote {', '.join(str(p) for p in paths.values())}")
-    return {"results": results, "fixed": fixed, "paths": paths}
+    return {"results": results, "fixed": fixed, "curves": curves, "paths": paths}

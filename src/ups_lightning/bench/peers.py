@@ -1,19 +1,26 @@
-"""The learned peers of the benchmark (benchmark.md section 4), trained like ours.
+"""The learned peers of the benchmark (benchmark.md section 4), each trained two ways.
 
 A peer is a network mapping the ``initial_step`` previous frames (B, T_in, X, C) to the next frame
-(B, X, C): PDEBench's FNO1d (``bench/fno.py``) and U-Net1d (``bench/unet.py``). ``PeerModule`` trains
-any of them through the same Lightning Trainer our stages use (``training.build_trainer``: the same
-wall-clock Timer, checkpoint on the best ``val/nrmse``, EMA, gradient clipping, non-finite stop) with
-the same optimiser and schedule family (``lit.common.ScheduledAdamW``: AdamW, warm-up + cosine fitted
-to the clock) and the same loss choice as our operator (``relative_loss``: each sample weighed as
-nRMSE weighs it). Only what PDEBench prescribes for the architecture itself stays its own: its
-autoregressive training over the trajectory, and for the U-Net the pushforward trick (only the last
-``grad_frames`` predictions carry gradients and enter the loss).
+(B, X, C): PDEBench's FNO1d (``bench/fno.py``) and U-Net1d (``bench/unet.py``). ``PeerModule``
+trains any of them through the Lightning Trainer our stages use (``training.build_trainer``: the
+same wall-clock Timer and checkpoint on the best ``val/nrmse``) under one of two recipes
+(``RECIPES``); the benchmark trains both and keeps the one better on validation:
 
-Validation, the figure the checkpoint and the learning-rate search are chosen on, is the rollout
-nRMSE over the predicted frames of the validation split, from the given frames only; persistence's
-figure is logged beside it (``val/nrmse_persistence``, the trivial reference). The test split is
-never seen here.
+- ``project``: our stages' recipe: AdamW with warm-up + cosine fitted to the clock
+  (``lit.common.ScheduledAdamW``), the relative loss (each sample weighed as nRMSE weighs it), a
+  bias-corrected EMA and gradient clipping (conf/optim);
+- ``pdebench``: its authors' recipe (PDEBench's ``train_models_forward.py`` and
+  ``config_Bgs.yaml``): Adam with weight decay 1e-4, StepLR (step 100 epochs, gamma 0.5), the
+  per-step MSE summed over the unrolled frames, no EMA, no clipping.
+
+Both keep what PDEBench prescribes for the architecture itself: autoregressive training over the
+trajectory, and for the U-Net the pushforward trick (only the last ``grad_frames`` predictions
+carry gradients and enter the loss).
+
+Validation, the figure the checkpoint, the recipe and the learning rate are chosen on, is the
+rollout nRMSE over the predicted frames of the validation split, from the given frames only;
+persistence's figure is logged beside it (``val/nrmse_persistence``, the trivial reference). The
+test split is never seen here.
 """
 from __future__ import annotations
 
@@ -31,13 +38,18 @@ from ups_lightning.bench.unet import UNetSettings, build_unet
 from ups_lightning.eval.metrics import frame_nrmse
 from ups_lightning.lit.common import ScheduledAdamW, relative_mse
 
-__all__ = ["PEERS", "PeerModule", "TrajectoryData", "rollout_peer", "predict_peer", "count_params"]
+__all__ = ["PEERS", "RECIPES", "PDEBENCH_RECIPE", "PeerModule", "TrajectoryData", "rollout_peer", "predict_peer", "count_params"]
 
 #: name -> (label, settings class, builder (initial_step, channels, settings) -> nn.Module)
 PEERS: Dict[str, Tuple[str, type, Callable[..., nn.Module]]] = {
     "fno": ("FNO1d (neuralop, PDEBench)", FNOSettings, build_fno),
     "unet": ("U-Net1d (PDEBench)", UNetSettings, build_unet),
 }
+
+#: how a learned method can be trained (see the module docstring)
+RECIPES = ("project", "pdebench")
+#: PDEBench's optimiser for both peers (train_models_forward.py; config_Bgs.yaml)
+PDEBENCH_RECIPE = {"weight_decay": 1e-4, "scheduler_step": 100, "scheduler_gamma": 0.5}
 
 Project = Optional[Callable[[Tensor, Tensor], Tensor]]   # (frame, last given frame) -> frame
 
@@ -103,17 +115,34 @@ class TrajectoryData(L.LightningDataModule):
 
 class PeerModule(ScheduledAdamW, L.LightningModule):
     """A peer network trained autoregressively: from the first ``initial_step`` frames, predict the
-    next, feed it back, to frame ``t_train``; the loss is the mean over the last ``grad_frames``
-    predictions (None: all) of the per-frame (relative) MSE, gradients through those frames."""
+    next, feed it back, to frame ``t_train``; the loss covers the last ``grad_frames`` predictions
+    (None: all), gradients through those frames. ``recipe`` (``RECIPES``) sets the optimiser,
+    schedule and loss; the Trainer's EMA and clipping follow it (bench: ``_train_peer``)."""
 
     trivial_metric = "val/nrmse_persistence"
 
     def __init__(self, net: nn.Module, lr: float, optim_cfg: Dict[str, Any], relative_loss: bool,
-                 t_train: Optional[int] = None, grad_frames: Optional[int] = None) -> None:
+                 t_train: Optional[int] = None, grad_frames: Optional[int] = None,
+                 recipe: str = "project") -> None:
         super().__init__()
-        self.net, self.lr, self.optim_cfg = net, float(lr), optim_cfg
+        if recipe not in RECIPES:
+            raise ValueError(f"PeerModule: recipe {recipe!r} is not one of {RECIPES}")
+        self.net, self.lr, self.optim_cfg, self.recipe = net, float(lr), optim_cfg, recipe
         self.relative_loss, self.t_train, self.grad_frames = bool(relative_loss), t_train, grad_frames
         self.val_nrmse, self.val_persistence = MeanMetric(), MeanMetric()
+
+    def configure_optimizers(self) -> Any:
+        if self.recipe == "project":
+            return super().configure_optimizers()
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=PDEBENCH_RECIPE["weight_decay"])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=PDEBENCH_RECIPE["scheduler_step"],
+                                                gamma=PDEBENCH_RECIPE["scheduler_gamma"])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def _frame_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        if self.recipe == "pdebench":        # nn.MSELoss(reduction="mean") on the flattened frame
+            return torch.mean((pred - target) ** 2)
+        return relative_mse(pred, target, target) if self.relative_loss else torch.mean((pred - target) ** 2)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         traj = batch[0]
@@ -128,10 +157,10 @@ class PeerModule(ScheduledAdamW, L.LightningModule):
                     nxt = self.net(window)
             else:
                 nxt = self.net(window)
-                losses.append(relative_mse(nxt, traj[:, t], traj[:, t]) if self.relative_loss
-                              else torch.mean((nxt - traj[:, t]) ** 2))
+                losses.append(self._frame_loss(nxt, traj[:, t]))
             window = torch.cat([window[:, 1:], nxt.unsqueeze(1)], dim=1)
-        loss = torch.stack(losses).mean()
+        # PDEBench sums the frames' losses (loss += loss_fn(...)); ours averages them
+        loss = torch.stack(losses).sum() if self.recipe == "pdebench" else torch.stack(losses).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

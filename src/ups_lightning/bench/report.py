@@ -6,6 +6,7 @@ follows (sorted), so a row from any method fits the same file.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -93,7 +94,8 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Dict[str, Any]],
 #: the columns a winner is named for (lower is better)
 WINNER_COLUMNS = (("nrmse", "nRMSE"), ("nrmse_1", "nRMSE@1"), ("nrmse_10", "nRMSE@10"), ("nrmse_31", "nRMSE@31"))
 AGG_COLUMNS = ("nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "crmse", "correlation_horizon", "nrmse_pdebench",
-               "mass_drift", "val_nrmse", "train_s", "rollout_ms_per_traj")
+               "mass_drift", "val_nrmse", "val_nrmse_guard_off", "val_nrmse_guard_on", "train_s",
+               "rollout_ms_per_traj", "optimizer_steps")
 
 
 def mean_std(values: Sequence[float]) -> tuple:
@@ -116,6 +118,7 @@ def aggregate(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for (method, guard), rs in groups.items():
         row: Dict[str, Any] = {"method": f"{rs[0]['label']}{' + guard' if guard else ''}", "key": method,
                                "guard": guard, "kind": "surrogate", "lr": rs[0]["lr"],
+                               "recipe": rs[0].get("recipe"),
                                "seeds": [r["seed"] for r in rs], "n_seeds": len(rs), "params": rs[0].get("params"),
                                "not_learned": sum(1 for r in rs if r.get("learned") is False)}
         for c in AGG_COLUMNS:
@@ -158,12 +161,14 @@ def _pm(row: Dict[str, Any], col: str, fmt: str = "{:.4f}") -> str:
     return fmt.format(m) + (f" ± {fmt.format(sd)}" if sd is not None and not math.isnan(sd) else "")
 
 
-def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str, List[Dict[str, Any]]]],
+def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str, Any]],
                         fixed: Sequence[Dict[str, Any]], solver_rows: Sequence[Dict[str, Any]],
-                        header: str, common: Dict[str, Any]) -> Dict[str, Path]:
+                        header: str, common: Dict[str, Any], curves: Sequence[Dict[str, Any]] = (),
+                        published: Sequence[Any] = ()) -> Dict[str, Path]:
     """The benchmark's files: summary.md (aggregated table with error bars, winners in words, the
-    learning-rate search, persistence and solver rows), summary.csv (aggregated + fixed rows),
-    runs.csv (every scored model) and lr_search.csv (every trial)."""
+    search, persistence and solver rows, the published figures), summary.csv (aggregated + fixed
+    rows), runs.csv (every scored model), lr_search.csv (every trial) and, with learning curves,
+    curves.csv and curves.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for res in results.values() for r in res["runs"]]
@@ -174,43 +179,119 @@ def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str,
         r.update(common)
     n_seeds = max((r["n_seeds"] for r in agg), default=0)
     md = [header, "", f"## Learned methods: mean ± std over {n_seeds} training seeds (test split)", "",
-          "| method | lr | nRMSE | @1 | @10 | @31 | val nRMSE | train s | rollout ms/traj | params | "
-          "solver at equal nRMSE | not learned |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+          "Each method's row is its recipe, learning rate and guard setting chosen on validation; test was "
+          "scored once per model, with that setting.", "",
+          "| method | recipe | lr | guard (val) | nRMSE | @1 | @10 | @31 | val nRMSE no guard | val nRMSE guard | "
+          "train s | steps | rollout ms/traj | params | solver at equal nRMSE | not learned |",
+          "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in sorted(agg, key=lambda r: r["nrmse"]):
-        md.append(f"| {r['method']} | {r['lr']:g} | {_pm(r, 'nrmse')} | {_pm(r, 'nrmse_1')} | {_pm(r, 'nrmse_10')} | "
-                  f"{_pm(r, 'nrmse_31')} | {_pm(r, 'val_nrmse')} | {_pm(r, 'train_s', '{:.0f}')} | "
-                  f"{_pm(r, 'rollout_ms_per_traj', '{:.2f}')} | {format_cell(r.get('params'), '{:,}')} | "
-                  f"{format_cell(r.get('solver_grid_at_equal_nrmse'), '{}')} | {r['not_learned']} of {r['n_seeds']} |")
+        md.append(f"| {r['method']} | {r.get('recipe') or '-'} | {r['lr']:g} | {'on' if r['guard'] else 'off'} | "
+                  f"{_pm(r, 'nrmse')} | {_pm(r, 'nrmse_1')} | {_pm(r, 'nrmse_10')} | {_pm(r, 'nrmse_31')} | "
+                  f"{_pm(r, 'val_nrmse_guard_off')} | {_pm(r, 'val_nrmse_guard_on')} | {_pm(r, 'train_s', '{:.0f}')} | "
+                  f"{_pm(r, 'optimizer_steps', '{:.0f}')} | {_pm(r, 'rollout_ms_per_traj', '{:.2f}')} | "
+                  f"{format_cell(r.get('params'), '{:,}')} | {format_cell(r.get('solver_grid_at_equal_nrmse'), '{}')} | "
+                  f"{r['not_learned']} of {r['n_seeds']} |")
     md += ["", "## Who wins (a gap must exceed two standard errors)", ""] + [f"- {w}" for w in winners(agg)]
     flagged = [r for r in runs if r.get("learned") is False]
     if flagged:
         md += ["", "**Models that stopped before they beat their trivial reference** (persistence; the mean "
                "field for our autoencoder): " + ", ".join(f"{r['method']} lr {r['lr']:g} seed {r['seed']}"
-                                                          for r in flagged if not r["guard"]) + "."]
-    md += ["", "## Learning-rate search (validation split, first seed)", "",
-           "| method | lr | val nRMSE | train s | learned | chosen |", "|---|---:|---:|---:|---|---|"]
+                                                          for r in flagged) + "."]
+    md += ["", "## The search (validation split, first seed; bench/search.py)", ""]
+    for method, res in results.items():
+        c = res.get("chosen") or {}
+        if c:
+            md.append(f"- {method}: chose {c['recipe']} lr {c['lr']:g}; first-rung trials "
+                      + ", ".join(f"{k} {v}" for k, v in c["first_rung_trials"].items()) + "; the pick is "
+                      + ", ".join(f"{k}: {'interior' if v else '**on the edge of its ladder**'}"
+                                  for k, v in c["interior"].items()) + " (first rung).")
+    md += ["", "| method | recipe | lr | rung | minutes | val nRMSE | train s | steps | learned | chosen |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for t in trials:
-        md.append(f"| {t['method']} | {t['lr']:g} | {t['best_val_nrmse']:.4f} | {t['train_s']:.0f} | "
-                  f"{'yes' if t['learned'] else '**no**'} | {'**chosen**' if t['chosen'] else ''} |")
+        md.append(f"| {t['method']} | {t.get('recipe', '-')} | {t['lr']:g} | {t.get('rung', 0)} | "
+                  f"{t['budget_min']:g} | {t['best_val_nrmse']:.4f} | {format_cell(t.get('train_s'), '{:.0f}')} | "
+                  f"{format_cell(t.get('optimizer_steps'), '{}')} | {'yes' if t['learned'] else '**no**'} | "
+                  f"{'**chosen**' if t.get('chosen') else ''} |")
+    paths: Dict[str, Path] = {}
+    if curves:
+        md += ["", "## Learning curves (test split; recipe, rate and guard chosen at the main budget)", "",
+               "| method | minutes | seeds | nRMSE | train s |", "|---|---:|---:|---:|---:|"]
+        for (method, budget), rs in _by(curves, ("method", "budget_min")).items():
+            m, sd, n = mean_std([r["nrmse"] for r in rs])
+            md.append(f"| {rs[0]['label']} | {budget:g} | {n} | {m:.4f}{f' ± {sd:.4f}' if n > 1 else ''} | "
+                      f"{mean_std([r['train_s'] for r in rs])[0]:.0f} |")
+        paths["curves"] = write_csv(out / "curves.csv", list(curves), ("method", "budget_min", "seed", "nrmse"))
+        png = plot_curves(curves, published, out / "curves.png")
+        if png:
+            paths["curves_png"] = png
+    if published:
+        md += ["", "## Published figures (not ours: another setting, never mixed with the rows above)", "",
+               "| method | nRMSE (PDEBench's metric) | setting | source |", "|---|---:|---|---|"]
+        md += [f"| {p.method} | {p.nrmse:g} | {p.setting} | {p.source} |" for p in published]
+        md += ["", "Compare them with our `nrmse_pdebench` column (summary.csv), which scores all frames with "
+               "the given ones copied as PDEBench does; the headline nRMSE scores the predicted frames only."]
     md += ["", "## References (test split)", "", markdown_table(list(fixed)), "",
            "- nRMSE and every metric: physical space, the predicted frames rolled out from the given ones "
            "without teacher forcing, scored by ups_lightning.eval.metrics.all_metrics.",
-           "- guard: each predicted frame projected onto the invariants the last given frame fixes "
-           "(the equation spec's `project`: mass, bounds), for every method alike; ours re-encodes each "
-           "state in both settings (part of its rollout).",
-           "- val nRMSE: the rollout on the validation split (the figure the learning rate was chosen on), "
-           "without the guard. train s: the fit's wall-clock (ours: autoencoder + operator; the latent cache "
-           "is built outside the stage limits).",
+           "- guard: each predicted frame projected onto the invariants the last given frame fixes (the "
+           "equation spec's `project`: mass, bounds), offered to every method and chosen per method on "
+           "validation; for ours it also re-encodes each state. Without it ours is a pure latent rollout.",
+           "- train s: everything the method needed before it could predict (ours: both stages' preparation, "
+           "the latent cache included, and fits), validation included for every method.",
            "- Per-seed figures: runs.csv; every trial: lr_search.csv."]
     md_path = out / "summary.md"
     atomic_write_text(md_path, "\n".join(md) + "\n")
-    first = ("method", "lr", "seed", "guard")
-    paths = {"md": md_path, "csv": write_csv(out / "summary.csv", [
+    first = ("method", "recipe", "lr", "seed", "guard")
+    paths.update({"md": md_path, "csv": write_csv(out / "summary.csv", [
         {k: v for k, v in r.items() if k != "seeds"} | {"seeds": " ".join(map(str, r["seeds"]))} for r in agg]
         + list(fixed), first),
         "runs": write_csv(out / "runs.csv", [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in runs],
                           first),
         "lr_search": write_csv(out / "lr_search.csv", [{k: v for k, v in t.items() if not isinstance(v, dict)}
-                                                       for t in trials], first)}
+                                                       for t in trials], first)})
     return paths
+
+
+def _by(rows: Sequence[Dict[str, Any]], keys: Sequence[str]) -> Dict[tuple, List[Dict[str, Any]]]:
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
+def plot_curves(curves: Sequence[Dict[str, Any]], published: Sequence[Any], path: Path) -> Optional[Path]:
+    """Test nRMSE against the training budget per method (mean, with the seeds' spread where there
+    are several), and PDEBench's published figures as labelled horizontal lines (their metric is
+    PDEBench's all-frame nRMSE, so they are drawn against our ``nrmse_pdebench`` on the right)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for ax, col, title in ((axes[0], "nrmse", "nRMSE, predicted frames (the headline)"),
+                           (axes[1], "nrmse_pdebench", "PDEBench's all-frame nRMSE")):
+        for method, rs in _by(curves, ("method",)).items():
+            pts = sorted(_by(rs, ("budget_min",)).items())
+            xs = [b[0] for b, _ in pts]
+            stats = [mean_std([r.get(col) for r in g]) for _, g in pts]
+            ax.errorbar(xs, [m for m, _, _ in stats], yerr=[sd for _, sd, _ in stats], marker="o", capsize=3,
+                        label=rs[0]["label"])
+        if col == "nrmse_pdebench":
+            for p in published:
+                ax.axhline(p.nrmse, ls="--", lw=1, color="grey")
+                ax.annotate(f"{p.method} {p.nrmse:g} ({p.source.split(',')[0]}; {p.setting})", (xs[0] if curves else 1, p.nrmse),
+                            fontsize=6, va="bottom")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training budget per model (minutes of wall-clock)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

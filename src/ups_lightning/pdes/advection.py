@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ups_lightning.pdes.base import PDE, Parameter, check_save_times, solver_rows, steps_per_interval
+from ups_lightning.pdes.base import PDE, Parameter, Published, check_save_times, solver_rows, steps_per_interval
 from ups_lightning.pdes.initial import INIT_MULTI_DOC, init_multi
 
 __all__ = ["Advection1D", "solve_advection", "advection_rhs", "muscl_upwind_divergence",
@@ -216,6 +216,7 @@ class Advection1D(PDE):
     penalties = ("mass", "energy", "tv", "pde")
     invariants = ("mass",)
     recipe_id = "init_multi/1"
+    published = (Published("FNO", 7.7e-3, {"beta": 0.1}, "PDEBench (Takamoto et al. 2022) tables"),)
     solver_settings = SOLVER_SETTINGS
 
     def initial_conditions(self, seeds, nx):

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ups_lightning.errors import UserError
 
-__all__ = ["Parameter", "PDE", "PENALTY_DOCS", "trapezoid_residual", "rms", "solver_rows",
+__all__ = ["Parameter", "Published", "PDE", "PENALTY_DOCS", "trapezoid_residual", "rms", "solver_rows",
            "check_save_times", "steps_per_interval"]
 
 _EPS = 1e-12
@@ -121,6 +121,24 @@ def steps_per_interval(interval: float, dt_max: float) -> int:
     return max(1, int(math.ceil(interval / dt_max * (1.0 - 1e-12))))
 
 
+@dataclass(frozen=True)
+class Published:
+    """A figure from the literature on this equation's PDEBench file, shown beside ours (labelled,
+    never mixed with our figures): ``method`` at ``params``, its nRMSE in PDEBench's own metric
+    (all frames, the given ones copied: our ``nrmse_pdebench``), where it was published and how it
+    was trained."""
+
+    method: str
+    nrmse: float
+    params: Mapping[str, float]
+    source: str
+    setting: str = "PDEBench's data, GPU, 500 epochs"
+
+    def applies(self, params: Mapping[str, float]) -> bool:
+        """Whether it was measured at these parameter values."""
+        return all(k in params and math.isclose(float(params[k]), float(v), rel_tol=1e-6)
+                   for k, v in self.params.items())
+
 class PDE:
     """Base class of an equation's spec. Subclasses set the class attributes and implement
     ``initial_conditions``, ``solve`` and ``spatial_operator``; the rest has working defaults."""
@@ -139,6 +157,7 @@ class PDE:
     bounds: Optional[Tuple[float, float]] = None   # the invariant interval, with "bounds"
     solver_settings: Dict[str, Any] = {}   # the scheme, for manifests ("scheme" required)
     recipe_id: str = ""                    # initial-condition recipe and version, for manifests
+    published: Tuple[Published, ...] = ()   # the literature's figures on PDEBench's files (bench, docs)
 
     # -- channels and parameters --------------------------------------------------------------
     @property

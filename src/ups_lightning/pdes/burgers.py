@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ups_lightning.pdes.base import PDE, Parameter
+from ups_lightning.pdes.base import PDE, Parameter, Published
 from ups_lightning.pdes.initial import INIT_MULTI_DOC, init_multi
 
 __all__ = ["Burgers1D", "solve_burgers", "burgers_rhs", "cole_hopf", "cole_hopf_cell_averages",
@@ -345,6 +345,8 @@ class Burgers1D(PDE):
     invariants = ("mass",)
     solver_settings = SOLVER_SETTINGS
     recipe_id = "init_multi/1"
+    published = (Published("FNO", 0.029, {"nu": 0.001}, "PDEBench (Takamoto et al.), arXiv:2210.07182 v7 tables"),
+                 Published("FNO", 0.042, {"nu": 0.001}, "PDEBench, NeurIPS 2022 Datasets and Benchmarks version"))
 
     def initial_conditions(self, seeds, nx):
         seeds = np.asarray(seeds).reshape(-1)

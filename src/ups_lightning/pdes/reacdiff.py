@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ups_lightning.pdes.base import PDE, Parameter, check_save_times, solver_rows, steps_per_interval
+from ups_lightning.pdes.base import PDE, Parameter, Published, check_save_times, solver_rows, steps_per_interval
 from ups_lightning.pdes.initial import INIT_MULTI_DOC, cell_centres, init_multi
 
 __all__ = ["ReactionDiffusion1D", "solve_reacdiff", "logistic_flow", "laplacian_symbol",
@@ -258,6 +258,7 @@ class ReactionDiffusion1D(PDE):
     invariants = ("bounds",)
     bounds = (0.0, 1.0)
     recipe_id = "init_multi-minmax/1"
+    published = (Published("FNO", 1.4e-3, {"nu": 0.5, "rho": 1.0}, "PDEBench (Takamoto et al. 2022) tables"),)
     solver_settings = SOLVER_SETTINGS
 
     def initial_conditions(self, seeds, nx):
