@@ -7,7 +7,7 @@ STAMP    := $(VENV)/.installed
 TORCH    ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup data data-full test test-slow eval-small eval-full bench study clean
+.PHONY: setup data data-full test test-slow eval-small eval-full bench bench-curves study clean
 
 setup: $(STAMP)
 
@@ -38,9 +38,15 @@ eval-small: setup
 eval-full: setup
 	$(BIN)/python -m ups_lightning.pipeline full $(if $(DATA),data=$(DATA))
 
-# BUDGET=<minutes per learned model>, SEEDS=<n training seeds>, BENCH_ARGS=<more overrides>; the data is made when missing
+# BUDGET=<minutes per learned model>, SEEDS=<n training seeds>, DATA=<data config: burgers1d (default),
+# advection1d, reacdiff1d>, BENCH_ARGS=<more overrides>; the data is made when missing
 bench: setup
-	$(BIN)/python -m ups_lightning.bench $(if $(BUDGET),budget_min=$(BUDGET)) $(if $(SEEDS),"seeds=[$(shell seq -s, 0 $$(($(SEEDS)-1)))]") $(BENCH_ARGS)
+	$(BIN)/python -m ups_lightning.bench $(if $(DATA),data=$(DATA)) $(if $(BUDGET),budget_min=$(BUDGET)) $(if $(SEEDS),"seeds=[$(shell seq -s, 0 $$(($(SEEDS)-1)))]") $(BENCH_ARGS)
+
+# learning curves: test nRMSE at 2.5..40 minutes for ours and the peer best on validation, beside
+# PDEBench's published figures (curves.png); finished models are reused, so it completes in parts
+bench-curves: setup
+	$(BIN)/python -m ups_lightning.bench "curve_budgets=[2.5,5,10,20,40]" $(if $(DATA),data=$(DATA)) $(if $(SEEDS),"seeds=[$(shell seq -s, 0 $$(($(SEEDS)-1)))]") $(BENCH_ARGS)
 
 # the capacity x TTC study (docs/STUDY.md; about 75 min on 2 idle cores); STUDY_ARGS=<more overrides>
 study: setup

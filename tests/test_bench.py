@@ -386,10 +386,12 @@ def test_make_bench_passes_budget_and_seeds():
 
 
 def test_cli_reports_a_bad_setting_without_traceback(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "ups_lightning.bench", "budget_min=-1", f"out_dir={tmp_path}"],
+    out = tmp_path / "bench"
+    res = subprocess.run([sys.executable, "-m", "ups_lightning.bench", "budget_min=-1", f"out_dir={out}"],
                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 2
     assert "error:" in res.stderr and "budget_min" in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "logs").exists()        # a refused command leaves no empty log directory behind
 
 
 def test_seed_statistics_and_winners_need_two_standard_errors():
@@ -497,7 +499,8 @@ def _fake_bench(monkeypatch, tmp_path, val_of, test_of, seeds=(0, 1, 2), methods
                                        "lr_default": {m: 1e-3 for m in methods},
                                        "recipes": {m: ["project"] if m == "ours" else ["project", "pdebench"]
                                                    for m in methods},
-                                       "search": SearchSettings(rates=3, step=10.0, widen=1, rungs=(0.5, 1.0), keep=2)},
+                                       "search": SearchSettings(rates=3, step=10.0, widen=1, rungs=(0.5, 1.0), keep=2),
+                                       "given": {}},
                               out=tmp_path, say=lambda *a: None, cfg=types.SimpleNamespace(), trainer=None)
     return B, b, scored
 
@@ -541,6 +544,32 @@ def test_the_guard_is_chosen_on_validation_only(monkeypatch, tmp_path):
     assert sorted(g for split, g in scored if split == "test") == [True] * 3       # once per model
     assert sorted(g for split, g in scored if split == "val") == [False] * 3 + [True] * 3
     assert B.choose_guard([{False: 0.2, True: 0.2}]) is False                     # a tie: no guard
+
+
+def test_a_given_choice_skips_the_search(monkeypatch, tmp_path):
+    """given.<method> (an earlier run's choice on validation) trains the seeds at it, with no trial;
+    its guard, when given, is used, else chosen on validation; other methods are still searched."""
+    B, b, scored = _fake_bench(monkeypatch, tmp_path, lambda m, r, lr, seed, budget: {1e-4: 0.7, 1e-3: 0.5, 1e-2: 0.6}[lr],
+                               lambda split, guard: 0.3 if guard else 0.5, methods=("ours", "fno"))
+    b.checked["given"] = {"fno": {"recipe": "pdebench", "lr": 3e-3, "guard": False}}
+    res = B.run_methods(b)
+    assert res["fno"]["trials"] == [] and res["fno"]["chosen"]["given"]
+    assert all(r["recipe"] == "pdebench" and r["lr"] == 3e-3 and r["guard"] is False for r in res["fno"]["runs"])
+    assert res["ours"]["trials"] and not res["ours"]["chosen"]["given"] and res["ours"]["chosen"]["guard"] is True
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("+given.fno={recipe: bogus, lr: 1e-3}", "given.fno.recipe"),
+    ("+given.fno={recipe: pdebench}", "given.fno"),
+    ("+given.fno={recipe: pdebench, lr: 1e-3, guard: maybe}", "given.fno.guard"),
+    ("+given.gno={recipe: pdebench, lr: 1e-3}", "given.gno"),
+])
+def test_bad_given_choices_are_user_errors(override, needle):
+    from ups_lightning.bench import check_config
+    from ups_lightning.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        check_config(_bench_cfg(override))
 
 
 def test_search_is_successive_halving_with_interior_picks_and_equal_trials():

@@ -2,6 +2,8 @@
 passes the schema (which holds types only), and every top-level config composes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -71,3 +73,46 @@ def test_callbacks_and_loggers_are_built_from_config(tmp_path):
     assert "EarlyStopping" not in names(build_trainer(off, "operator", tmp_path))
     with pytest.raises(UserError, match="callbacks.lr_monitor has no _target_"):
         validate_train_config(_compose("train", ["~callbacks.lr_monitor._target_"]))
+
+
+# the model settings every dimN alias had as its own file before there was one model config: the
+# resolved model config (what the stage config hashes read) must stay exactly this
+_DIM32 = {"name": "dim32", "dim": 32, "n_tokens": 32, "depth": 4, "levels": 1, "ae_depth": 2, "decoder_depth": 1,
+          "n_fourier": 64, "diffusion_depth": 3, "attn_backend": "sdpa", "hidden": None, "heads": None}
+
+
+@pytest.mark.parametrize("size", [8, 16, 24, 32, 48, 64, 128, 256, 512])
+def test_every_size_alias_is_the_one_model_config_at_its_dim(size):
+    alias = OmegaConf.to_container(_compose("train", [f"model=dim{size}"]).model, resolve=True)
+    knob = OmegaConf.to_container(_compose("train", ["model=default", f"model.dim={size}"]).model, resolve=True)
+    assert alias == knob == {**_DIM32, "name": f"dim{size}", "dim": size}
+
+
+def test_a_size_without_an_alias_is_named_by_its_dim():
+    from ups_lightning.config import model_overrides
+
+    assert model_overrides("dim64") == ["model=dim64"]
+    assert model_overrides("dim40") == ["model=default", "model.dim=40"]
+    cfg = validate_train_config(_compose("train", model_overrides("dim40")))
+    assert cfg.model.name == "dim40" and cfg.model.dim == 40 and cfg.run_dir.endswith("/dim40")
+
+
+def test_each_stage_is_its_own_wandb_run_in_a_directory_that_stays(tmp_path):
+    """W&B: one run per stage (<run>/<stage>, grouped by the run), kept under <run_dir>/wandb (the
+    attempt directory moves when the stage finishes), and ended with its stage."""
+    import types
+
+    pytest.importorskip("wandb")
+    from ups_lightning.training import build_trainer, finish_loggers
+
+    cfg = validate_train_config(_compose("train", ["logger=wandb", f"run_dir={tmp_path / 'run'}"]))
+    trainer = build_trainer(cfg, "operator", tmp_path / "run" / ".attempts" / "operator-x")
+    (lg,) = trainer.loggers
+    init = lg._wandb_init
+    assert type(lg).__name__ == "WandbLogger" and init["name"].endswith("/operator") and init["job_type"] == "operator"
+    assert init["group"] == cfg.run_name and Path(init["dir"]) == tmp_path / "run" / "wandb"
+    finished = []
+    fake = types.SimpleNamespace(loggers=[types.SimpleNamespace(_experiment=types.SimpleNamespace(
+        finish=lambda: finished.append(1))), types.SimpleNamespace(_experiment=None)])
+    finish_loggers(fake)
+    assert finished == [1]

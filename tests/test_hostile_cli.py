@@ -61,6 +61,9 @@ TRAIN_CASES = [
     ("optim.ema.decay=2", "optim.ema.decay"),
     ("optim.betas=[0.9,1.5]", "optim.betas"),
     ("optim.schedule=linear", "optim.schedule"),
+    ("optim.name=sgd", "optim.name"),
+    ("run_dir=", "run_dir"),
+    ("optim.ema.enabled=2", "optim.ema.enabled"),
     ("trainer.num_threads=0", "trainer.num_threads"),
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
@@ -90,6 +93,15 @@ def test_bad_training_setting_is_one_paragraph_and_writes_nothing(smoke_data, tm
     text = str(err.value)
     assert key in text and "\n" not in text.strip()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_that_never_trains_names_the_limit_not_the_learning_rate(smoke_data, tmp_path):
+    cfg = smoke_cfg(smoke_data, f"run_dir={tmp_path / 'run'}", "stage=autoencoder", "model=dim8",
+                    "trainer.limit_train_batches=0")
+    with pytest.raises(UserError) as err:
+        run(cfg)
+    text = str(err.value)
+    assert "trainer.limit_train_batches (now 0" in text and "Lower stages" not in text and "\n" not in text.strip()
 
 
 def test_too_few_frames_for_initial_step_is_refused_before_training(smoke_data, tmp_path):

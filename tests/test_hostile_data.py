@@ -126,6 +126,8 @@ BAD_FILES = {
     "nan-row": (_nan_row, r"row 0 of 'tensor' holds NaN/Inf.*frame 3"),
     # the datasets
     "wrong-key": (lambda p: _h5(p, tensor_key="u"), r"no 'tensor' dataset \(found keys"),
+    # neither the dataset nor an equation's attributes: the missing dataset is named, not the equation
+    "wrong-key-no-attrs": (lambda p: _h5(p, tensor_key="data", nu_attr=None), r"no 'tensor' dataset \(found keys"),
     "tensor-group": (_group_tensor, r"no 'tensor' dataset"),
     "rank-2": (lambda p: _h5(p, data=np.zeros((6, 11), np.float32)), r"rank 2\)"),
     "rank-5": (lambda p: _h5(p, data=np.zeros((2, 11, 16, 1, 1), np.float32)), r"rank 5\)"),

@@ -48,6 +48,17 @@ def test_each_gate_fails(change, gate):
     assert len(reasons) == 1 and reasons[0].startswith(gate), reasons
 
 
+def test_a_model_that_did_not_learn_is_never_champion():
+    """Even with no champion yet, and however good its figures: its not_learned names the stages."""
+    for champ in (None, CHAMP):
+        passed, reasons = check_gates(_cand(nrmse=0.01, not_learned="autoencoder operator"), champ)
+        assert not passed and reasons == ["did not learn: stage(s) autoencoder operator never beat their "
+                                          "trivial reference"]
+    assert check_gates(_cand(not_learned=""), None) == (True, [])
+    labels = assign_labels([_cand(not_learned="operator"), _cand(nrmse=0.5), _cand(nrmse=0.01, not_learned="operator")])
+    assert labels == ["candidate", "champion", "candidate"]
+
+
 def test_delta_and_optional_calibration():
     assert not check_gates(_cand(nrmse=0.095), CHAMP, GateConfig(delta=0.01))[0]
     assert check_gates(_cand(nrmse=0.089), CHAMP, GateConfig(delta=0.01))[0]

@@ -236,6 +236,23 @@ def test_a_killed_and_resumed_stage_reproduces_the_uninterrupted_one(smoke_data,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_truncated_last_checkpoint_is_set_aside_and_the_stage_starts_over(smoke_data, tmp_path, caplog):
+    """A kill or a full disk while last.ckpt was written leaves it unreadable: the rerun sets it aside
+    and trains the stage from the start, instead of failing on it for good."""
+    from ups_lightning.artifacts import stage_config_hash
+    from ups_lightning.config import validate_train_config
+
+    cfg = smoke_cfg(smoke_data, f"run_dir={tmp_path / 'run'}", "model=dim8", "stage=autoencoder",
+                    "stages.autoencoder.max_epochs=1", "trainer.num_threads=1")
+    h = stage_config_hash(validate_train_config(cfg.copy()), "autoencoder", None)
+    last = tmp_path / "run" / ".attempts" / f"autoencoder-{h}" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04 truncated")
+    record = run(cfg)["autoencoder"]
+    assert record["epochs"] == 1 and record["config_hash"] == h
+    assert "set aside" in caplog.text and "starts over" in caplog.text
+
+
 def test_a_relative_run_dir_trains_and_evaluates(smoke_data, tmp_path, monkeypatch):
     """The default run_dir is relative (outputs/runs/...): records stay relative to the stage."""
     monkeypatch.chdir(tmp_path)

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ups_lightning.atomic import atomic_write_json
-from ups_lightning.config import NEUTRAL_LATER_KEYS, STAGE_ORDER, fill_later_keys, stage_optim
+from ups_lightning.config import NEUTRAL_LATER_KEYS, STAGE_ORDER, fill_later_keys, model_overrides, stage_optim
 from ups_lightning.errors import UserError
 from ups_lightning.lit.stages import STAGE_MODULES
 
@@ -114,7 +114,7 @@ def train_command(run_dir: str | Path, cfg: Optional[DictConfig] = None,
         if cfg is not None:
             if cfg.get("experiment"):
                 overrides.append(f"experiment={cfg.experiment}")
-            overrides += [f"data={cfg.data.name}", f"model={cfg.model.name}"]
+            overrides += [f"data={cfg.data.name}", *model_overrides(cfg.model.name)]
         overrides.append(f"run_dir={run_dir}")
     kept = [shlex.quote(o) for o in overrides if not (o.startswith("stage=") or o.startswith("ckpt_path="))]
     return " ".join(["python -m ups_lightning.train", *kept, f"stage={stage}"])

@@ -262,6 +262,17 @@ def stage_optim(cfg: DictConfig, name: str) -> Dict[str, Any]:
     return optim
 
 
+def model_overrides(name: str) -> List[str]:
+    """The overrides that select the model named ``name``: its alias under conf/model (dim8 ...
+    dim512), or the one model config at that size for a dimN with no alias (model=default
+    model.dim=40), so a run of any size can be named again in commands."""
+    from ups_lightning import CONF_DIR
+
+    if (CONF_DIR / "model" / f"{name}.yaml").is_file() or not (name.startswith("dim") and name[3:].isdigit()):
+        return [f"model={name}"]
+    return ["model=default", f"model.dim={int(name[3:])}"]
+
+
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose a config of this project's conf/ (`train`, `evaluate`, ...) with overrides, inside a
     running Hydra application or not: what the libraries use to run one another."""
@@ -293,6 +304,9 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
     except OmegaConfBaseException as exc:
         raise schema_error(exc, "training", "src/ups_lightning/config.py (the config schema) or the "
                                             "YAML files under conf/") from None
+    if not str(merged.run_dir).strip():     # Path('') is the current directory: stages would land there
+        raise UserError("run_dir='' names no directory: give the training run's output directory (by default "
+                        "outputs/runs/<data>/<model>).")
     unknown = [s for s in merged.stage.run if s not in STAGE_ORDER]
     if unknown:
         raise UserError(
@@ -310,6 +324,13 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         if built is not None and not str(built.get("_target_") or "").strip():
             raise UserError(f"{key} has no _target_: it must name the Lightning class to build (e.g. "
                             "lightning.pytorch.callbacks.EarlyStopping), or be null to switch it off.")
+    for key in ("optim.ema.enabled", "optim.ema.bias_correction"):   # the schema would read 2 as true
+        raw = OmegaConf.select(cfg, key)
+        if raw is not None and not isinstance(raw, bool):
+            raise UserError(f"{key}={raw!r}: expected true or false.")
+    if merged.optim.name != "adamw":     # the one optimiser the stages build (lit.common.ScheduledAdamW)
+        raise UserError(f"optim.name={merged.optim.name!r}: expected 'adamw', the optimiser every stage trains "
+                        "with (conf/optim/adamw.yaml); no other is implemented.")
     if merged.callbacks.progress_bar not in ("rich", "tqdm", "none"):
         raise UserError(f"callbacks.progress_bar={merged.callbacks.progress_bar!r}: expected rich, tqdm or none.")
     compiled = merged.trainer.compile

@@ -56,6 +56,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def package_version() -> str:
+    """The installed ups_lightning's version (beside git_commit, which is "unknown" outside a checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ups_lightning")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def load_run(run_dir: Path, stage: Optional[str] = None) -> tuple:
     """(training config, verified records, module) of the chain up to `stage` (default: the last
     finished stage). The config is the one the evaluated stage was trained under, from its record,
@@ -488,6 +498,7 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
         "n_test": n,
         "steps": steps,
         "git_commit": git_commit(),
+        "package_version": package_version(),
         "config_hash": hashlib.sha256(train_yaml.encode()).hexdigest()[:12],
         "model": train_cfg.model.name,
         "dim": int(train_cfg.model.dim),
@@ -529,9 +540,11 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
         if rec:
             row[f"train_s_{name}"] = round(rec["wall_clock_s"], 1)
             row[f"val_nrmse_{name}"] = rec.get("best_val_nrmse")
+    last = CORRECTOR_STAGES[ttc_corrector] if ttc_corrector else "operator"   # the headline uses every stage up to it
+    used_stages = STAGE_ORDER[: STAGE_ORDER.index(last) + 1]
+    # a stage that never beat its trivial reference: the row can never be champion (leaderboard.check_gates)
+    row["not_learned"] = " ".join(n for n in used_stages if (records.get(n) or {}).get("learned") is False)
     if "ttc" in metrics:   # the search's whole training cost: the stages it runs and its members' training
-        last = CORRECTOR_STAGES[ttc_corrector] if ttc_corrector else "operator"   # every stage up to it
-        used_stages = STAGE_ORDER[: STAGE_ORDER.index(last) + 1]
         row["ttc_train_s_total"] = round(sum((records.get(n) or {}).get("wall_clock_s") or 0.0 for n in used_stages)
                                          + extra.get("ttc_member_train_s", 0.0), 1)
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -558,10 +571,12 @@ def _print_table(metrics: Dict[str, Dict[str, float]], headline: str, row: Dict[
     table.add_column("method", justify="right", no_wrap=True, min_width=max(len(m) for m in metrics))
     for col in ("nRMSE", "@1", "@10", "@31", "cRMSE", "corr. horizon", "ms/traj"):
         table.add_column(col, justify="right")
+    def at(m: Dict[str, float], k: int) -> str:    # a horizon past the rollout has no figure
+        return f"{m[f'nrmse_{k}']:.4f}" if k <= row["steps"] else f"n/a (horizon {row['steps']})"
+
     for name, m in metrics.items():
-        table.add_row(name, f"{m['nrmse']:.4f}", f"{m['nrmse_1']:.4f}", f"{m['nrmse_10']:.4f}",
-                      f"{m['nrmse_31']:.4f}", f"{m['crmse']:.2e}", f"{m['correlation_horizon']:.1f}",
-                      f"{m['ms_per_traj']:.2f}")
+        table.add_row(name, f"{m['nrmse']:.4f}", at(m, 1), at(m, 10), at(m, 31), f"{m['crmse']:.2e}",
+                      f"{m['correlation_horizon']:.1f}", f"{m['ms_per_traj']:.2f}")
     Console().print(table)
     if "ttc_best_baseline" in row and row["ttc_best_baseline"] != "none":
         gain = row["ttc_gain_beyond_baselines"]

@@ -107,6 +107,27 @@ def time_limit(max_minutes: Optional[float], spent_s: float = 0.0) -> Optional[d
     return dt.timedelta(seconds=max(1.0, 60.0 * float(max_minutes) - float(spent_s)))
 
 
+def logger_kwargs(cfg: DictConfig, name: str, out: Path) -> Dict[str, Any]:
+    """Where and as what the stage logs. CSV/TensorBoard: into the stage's attempt directory (it
+    becomes ``<run_dir>/<stage>/``). W&B: one W&B run per stage (``<run>/<stage>``, grouped by the
+    run), kept in ``<run_dir>/wandb/``, which never moves, so the ``wandb sync`` path it prints stays
+    valid (``finish_loggers`` ends the W&B run with its stage)."""
+    if str(cfg.logger.target.get("_target_", "")).endswith("WandbLogger"):
+        run = str(cfg.get("run_name") or Path(cfg.run_dir).name)
+        return {"save_dir": str(Path(cfg.run_dir) / "wandb"), "name": f"{run}/{name}", "group": run,
+                "job_type": name}
+    return {"save_dir": str(out)}
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """End each logger's external run with its stage (Lightning would hand a live W&B run to the
+    next stage's logger, so every stage would land in the first stage's W&B run)."""
+    for lg in trainer.loggers:
+        experiment = getattr(lg, "_experiment", None)
+        if experiment is not None and callable(getattr(experiment, "finish", None)):
+            experiment.finish()
+
+
 def build_trainer(cfg: DictConfig, name: str, out: Path, spent_s: float = 0.0) -> L.Trainer:
     """The stage's Trainer writing into `out`. Besides checkpointing, early stopping and EMA, a
     non-finite training loss stops the stage (NonFiniteLossStop) and checkpoints carry the RNG
@@ -130,7 +151,7 @@ def build_trainer(cfg: DictConfig, name: str, out: Path, spent_s: float = 0.0) -
     bar = PROGRESS_BARS[cfg.callbacks.progress_bar]
     if bar is not None:
         callbacks.append(bar())
-    loggers = [instantiate(cfg.logger.target, save_dir=str(out))]
+    loggers = [instantiate(cfg.logger.target, **logger_kwargs(cfg, name, out))]
     max_time = time_limit(settings.max_minutes, spent_s)
     # the sampling stages validate by drawing samples (the teacher: K steps, twice); the wall-clock
     # limit does not bound validation, so they cap its batches
@@ -253,14 +274,23 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
     resume = cfg.ckpt_path
     last = attempt / "checkpoints" / "last.ckpt"
     if resume is None and last.exists():
-        log.info("stage %s: resuming from %s", name, last)
-        resume = str(last)
+        if _readable_checkpoint(last):
+            log.info("stage %s: resuming from %s", name, last)
+            resume = str(last)
+        else:   # a kill or a full disk while it was written: set aside, the stage starts over
+            aside = last.with_name(f"last.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.ckpt")
+            os.replace(last, aside)
+            log.warning("stage %s: %s cannot be read (truncated or damaged: a kill or a full disk while it "
+                        "was written); it is set aside as %s and the stage starts over", name, last, aside.name)
     prep_s = time.time() - prep_start
     trainer = build_trainer(cfg, name, attempt, spent_s=prep_s)
     if compiles(cfg.trainer.compile, name):
         compile_networks(module)
     start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    finally:
+        finish_loggers(trainer)
     wall = time.time() - start
 
     ckpt_cb = trainer.checkpoint_callback
@@ -276,20 +306,31 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
             shutil.rmtree(attempt, ignore_errors=True)
         kept = f"The previous '{name}' stage in {final} is left as it was" if final.exists() else \
             f"Nothing was kept of it"
-        raise UserError(f"stage '{name}' failed: {problem}. {kept}. Lower stages.{name}.lr (now "
-                        f"{cfg.stages[name].lr}) or check the data, then rerun.")
+        fix = f"Lower stages.{name}.lr (now {cfg.stages[name].lr}) or check the data, then rerun."
+        if not stopped and (trainer.global_step == 0 or score is None):   # it never trained or never validated
+            fix = (f"It took {trainer.global_step} optimizer steps and {'never validated' if score is None else 'validated'}: "
+                   f"check trainer.limit_train_batches (now {cfg.trainer.limit_train_batches}), "
+                   f"trainer.limit_val_batches (now {cfg.trainer.limit_val_batches}), the validation interval "
+                   f"(trainer.val_every_n_steps, trainer.check_val_every_n_epoch) and stages.{name}.max_minutes "
+                   f"(now {cfg.stages[name].max_minutes}), then rerun.")
+        raise UserError(f"stage '{name}' failed: {problem}. {kept}. {fix}")
     if stopped:
         log.warning("stage %s: %s; its best checkpoint (val/nrmse %.4g) is kept", name, stopped, best_val)
     trivial = trainer.callback_metrics.get(module.trivial_metric)
     trivial = float(trivial) if trivial is not None else None
     learned = None if trivial is None else best_val < trivial
     if learned is False:
+        # the limit that ended the fit: the clock, or the epochs
+        epochs = cfg.stages[name].max_epochs
+        timed_out = bool(cfg.stages[name].max_minutes) and (epochs is None or trainer.current_epoch < int(epochs))
+        limit = (f"max_minutes (now {cfg.stages[name].max_minutes})" if timed_out
+                 else f"max_epochs (now {cfg.stages[name].max_epochs})")
         log.warning("stage %s STOPPED BEFORE IT LEARNED ANYTHING: its best val/nrmse %.4g does not beat "
-                    "%s (%s %.4g) after %d epochs in %.0f s. Everything downstream inherits it (evaluation "
-                    "leaves out the rows of a corrector that did not learn: corrector_rows=auto); "
-                    "raise stages.%s.max_minutes (now %s) or free the CPU (%d torch threads).", name,
+                    "%s (%s %.4g) after %d epochs (%d steps) in %.0f s. Everything downstream inherits it "
+                    "(evaluation leaves out the rows of a corrector that did not learn: corrector_rows=auto); "
+                    "raise stages.%s.%s or free the CPU (%d torch threads).", name,
                     best_val, module.trivial_label, module.trivial_metric, trivial, trainer.current_epoch,
-                    time.time() - start, name, cfg.stages[name].max_minutes, torch.get_num_threads())
+                    trainer.global_step, time.time() - start, name, limit, torch.get_num_threads())
     record = {
         "stage": name,
         "config_hash": config_hash,
@@ -338,6 +379,15 @@ def _use_reference(run_dir: Path, name: str, holder: Path) -> None:
     held itself is moved aside first, so the reference is what the run resolves)."""
     _move_aside(run_dir / name)
     add_reference(run_dir, name, holder)
+
+
+def _readable_checkpoint(path: Path) -> bool:
+    """Whether Lightning can resume from ``path`` (it loads with weights_only=True, as fit does)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except Exception:    # truncated zip, unpickling error, OSError: all mean "cannot resume from it"
+        return False
 
 
 def _failed_stage(best: Path, best_val: Optional[float], stopped: Optional[str]) -> Optional[str]:

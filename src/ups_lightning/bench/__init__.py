@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ups_lightning import CONF_DIR
-from ups_lightning.config import compose_config
+from ups_lightning.config import compose_config, model_overrides
 
 __all__ = ["run_bench", "check_config", "compose_train_config", "CONF", "STAGE_SHARES", "METHODS"]
 
@@ -132,6 +132,31 @@ def _search_settings(given: Any):
     return SearchSettings(rates=rates, step=step, widen=widen, rungs=tuple(vals), keep=keep)
 
 
+def _given_choices(given: Any, out: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """``given:`` of conf/bench.yaml: per method, a recipe, rate and optionally guard that an
+    earlier run chose on validation (its search is then skipped), checked."""
+    from ups_lightning.errors import UserError
+
+    choices = {}
+    for method, g in dict(given or {}).items():
+        g = dict(g or {})
+        if method not in out["methods"]:
+            raise UserError(f"bench setting given.{method}: {method!r} is not among methods={out['methods']}.")
+        if set(g) - {"recipe", "lr", "guard"} or not {"recipe", "lr"} <= set(g):
+            raise UserError(f"bench setting given.{method}={g!r} must give recipe and lr (and optionally guard: "
+                            "true/false), e.g. given.fno={recipe: pdebench, lr: 0.00316}.")
+        if g["recipe"] not in out["recipes"][method]:
+            raise UserError(f"bench setting given.{method}.recipe={g['recipe']!r} must be one of "
+                            f"recipes.{method}={out['recipes'][method]}.")
+        guard = g.get("guard")
+        if guard is not None and not isinstance(guard, bool):
+            raise UserError(f"bench setting given.{method}.guard={guard!r} must be true, false or absent "
+                            "(absent: chosen on validation).")
+        choices[method] = {"recipe": str(g["recipe"]), "lr": _num(g, "lr", where=f"given.{method}."),
+                           "guard": guard}
+    return choices
+
+
 def check_config(cfg: Any) -> Dict[str, Any]:
     """Validate the bench config; a bad setting is a UserError naming it. Returns checked values."""
     from ups_lightning.bench.peers import PEERS, RECIPES
@@ -169,6 +194,7 @@ def check_config(cfg: Any) -> Dict[str, Any]:
                             f"recipes from {allowed} (bench/peers.py).")
         out["recipes"][m] = recipes
     out["search"] = _search_settings(cfg.get("search"))
+    out["given"] = _given_choices(cfg.get("given"), out)
     shares = cfg.get("shares")
     if shares is None or not hasattr(shares, "keys") or set(shares.keys()) != set(STAGE_SHARES):
         raise UserError(f"bench setting shares={shares!r} must map each of {', '.join(STAGE_SHARES)} to "
@@ -207,7 +233,7 @@ def compose_train_config(cfg: Any, checked: Dict[str, Any], run_dir: Path, seed:
     from omegaconf import OmegaConf
 
     budget = budget_min or checked["budget_min"]
-    overrides = [f"experiment={cfg.experiment}", f"data={cfg.data.name}", f"model={cfg.model.name}",
+    overrides = [f"experiment={cfg.experiment}", f"data={cfg.data.name}", *model_overrides(cfg.model.name),
                  f"run_dir={run_dir}", f"seed={seed}", "callbacks.progress_bar=none", "stage=operator",
                  f"stages.operator.relative_loss={str(checked['relative_loss']).lower()}",
                  # the peers train eager: compiling ours alone would give it more steps in the same
@@ -489,7 +515,7 @@ def run_methods(b: Bench) -> Dict[str, Dict[str, Any]]:
     recipe gets the same number of trials), then every seed at the chosen recipe and rate, the guard
     chosen per method on validation, and each model scored on test once, with the chosen setting.
     Returns per method {"trials": [...], "runs": [...], "chosen": {...}} (plain dicts)."""
-    from ups_lightning.bench.search import search
+    from ups_lightning.bench.search import Trial, search
     from ups_lightning.errors import UserError
 
     ck = b.checked
@@ -502,9 +528,16 @@ def run_methods(b: Bench) -> Dict[str, Dict[str, Any]]:
               f"{'' if rec['learned'] else '  (did not beat the trivial reference)'}")
         return rec["best_val_nrmse"], {"record": rec}
 
-    found = search({m: (ck["lr_default"][m], ck["recipes"][m]) for m in ck["methods"]}, ck["search"], trial, b.say)
+    searched = [m for m in ck["methods"] if m not in ck["given"]]
+    found = search({m: (ck["lr_default"][m], ck["recipes"][m]) for m in searched}, ck["search"], trial, b.say) \
+        if searched else {}
     results: Dict[str, Dict[str, Any]] = {}
     for method in ck["methods"]:
+        if method in ck["given"]:        # an earlier run's choice on validation: no search here
+            g = ck["given"][method]
+            found[method] = {"trials": [], "interior": {}, "first_rung_trials": {},
+                             "chosen": Trial(method, g["recipe"], g["lr"], 0, 0, 1.0, 0.0)}
+            b.say(f"{method}: search skipped: given {g['recipe']} lr {g['lr']:g}")
         got = found[method]
         chosen = got["chosen"]
         if not math.isfinite(chosen.val):
@@ -512,7 +545,8 @@ def run_methods(b: Bench) -> Dict[str, Dict[str, Any]]:
                             f"({got['trials'][0].extra['record'].get('failed')}).")
         recs = [train(method, chosen.recipe, chosen.lr, seed, budget) for seed in ck["seeds"]]
         val = [_val_both_ways(b, r) for r in recs]
-        guard = choose_guard(val)
+        given_guard = ck["given"].get(method, {}).get("guard")
+        guard = choose_guard(val) if given_guard is None else given_guard
         b.say(f"{method}: {chosen.recipe} lr {chosen.lr:g}; guard {'on' if guard else 'off'} on validation "
               f"(mean val nRMSE off {_mean([v[False] for v in val]):.4f}, on {_mean([v[True] for v in val]):.4f})")
         runs = []
@@ -532,6 +566,7 @@ def run_methods(b: Bench) -> Dict[str, Dict[str, Any]]:
                            "fraction": t.fraction, "chosen": t is chosen})
         results[method] = {"trials": trials, "runs": runs,
                            "chosen": {"recipe": chosen.recipe, "lr": chosen.lr, "guard": guard,
+                                      "given": method in ck["given"],
                                       "interior": got["interior"], "first_rung_trials": got["first_rung_trials"],
                                       "val_nrmse": _mean([r["val_nrmse"] for r in runs])}}
     b.trainer = train

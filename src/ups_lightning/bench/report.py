@@ -200,7 +200,10 @@ def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str,
     md += ["", "## The search (validation split, first seed; bench/search.py)", ""]
     for method, res in results.items():
         c = res.get("chosen") or {}
-        if c:
+        if c.get("given"):
+            md.append(f"- {method}: {c['recipe']} lr {c['lr']:g} **given** (`given.{method}`: an earlier run's "
+                      "choice on validation); no search in this run.")
+        elif c:
             md.append(f"- {method}: chose {c['recipe']} lr {c['lr']:g}; first-rung trials "
                       + ", ".join(f"{k} {v}" for k, v in c["first_rung_trials"].items()) + "; the pick is "
                       + ", ".join(f"{k}: {'interior' if v else '**on the edge of its ladder**'}"

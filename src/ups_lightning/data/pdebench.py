@@ -261,14 +261,15 @@ class PDEBenchFile:
         import h5py
 
         h5, path = self._h5, self.path
-        self.spec = get_pde(self._pde_setting if self._pde_setting is not None else infer_pde(h5, path))
-        self.pde = self.spec.name
         keys = sorted(h5.keys())
         ds = h5.get("tensor")
         if not isinstance(ds, h5py.Dataset):
             raise UserError(f"{path}: no 'tensor' dataset (found keys: {keys or 'none'}); expected "
                             f"PDEBench's layout: 'tensor' (N, T, X), 'x-coordinate', "
                             f"'t-coordinate'.")
+        # the layout first: a file without the dataset is named as such, not as an unknown equation
+        self.spec = get_pde(self._pde_setting if self._pde_setting is not None else infer_pde(h5, path))
+        self.pde = self.spec.name
         if ds.ndim not in (3, 4):
             raise UserError(f"{path}: dataset 'tensor' has shape {ds.shape} (rank {ds.ndim}); "
                             f"expected (N, T, X) or (N, T, X, C).")

@@ -266,8 +266,13 @@ def check_gates(candidate: dict[str, Any], champion: dict[str, Any] | None,
     <= its ratio times the champion's: conservation (``mass_drift`` and ``crmse``), boundary
     (``brmse``), calibration (``ece``) and wall-clock (``rollout_ms_per_traj``). A ratio gate is
     skipped when the champion lacks the value; it fails when the candidate lacks a value the
-    champion has (except calibration, which applies only when both have it). No champion: passes."""
+    champion has (except calibration, which applies only when both have it). No champion: passes,
+    unless the candidate's ``not_learned`` names a stage that never beat its trivial reference: such
+    a row is never champion."""
     cfg = cfg or GateConfig()
+    unlearned = str(candidate.get("not_learned") or "").strip()
+    if unlearned:
+        return False, [f"did not learn: stage(s) {unlearned} never beat their trivial reference"]
     if champion is None:
         return True, []
     reasons: list[str] = []
