@@ -83,6 +83,23 @@ def test_a_tampered_checkpoint_is_never_scored_and_is_retrained_by_stage_all(run
     assert evaluate(eval_cfg(dst, tmp_path / "lb"))["nrmse"] < 5
 
 
+def test_a_last_checkpoint_from_another_run_is_refused_even_when_its_record_is_re_signed(run_copy, tmp_path):
+    """The networks the distill checkpoint carries (autoencoder, operator, teacher) must be this
+    run's verified upstream stages', tensor for tensor."""
+    cfg, dst = run_copy
+    record = read_record(dst, "distill")
+    ckpt = checkpoint_file(dst, "distill", record)
+    blob = torch.load(ckpt, weights_only=True)
+    key = next(k for k in blob["state_dict"] if k.startswith("operator."))
+    blob["state_dict"][key] = blob["state_dict"][key] + 0.01          # another run's operator
+    torch.save(blob, ckpt)
+    record["ckpt_sha256"] = sha256_file(ckpt)                          # the record re-signed
+    (dst / "distill" / "done.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"stage 'distill' .* carries networks that are not its verified 'operator'"):
+        evaluate(eval_cfg(dst, tmp_path / "lb"))
+    assert not (tmp_path / "lb" / "lb.csv").exists()
+
+
 def test_a_checkpoint_that_carries_code_is_refused_without_running_it(run_copy, tmp_path):
     cfg, dst = run_copy
     marker = tmp_path / "pwned"

@@ -256,6 +256,24 @@ def load_stage(run_dir: str | Path, name: str, record: Dict[str, Any], fix: str 
     return module
 
 
+def check_carried_networks(run_dir: str | Path, records: Dict[str, Dict[str, Any]], module: Any, fix: str) -> None:
+    """The networks the evaluated (last) stage carries from upstream are the verified upstream
+    stages' own, tensor for tensor (upstream networks are frozen downstream): a last checkpoint taken
+    from another run, its record re-signed, is refused instead of scored as this run's. Top-level
+    buffers (normalisation statistics each stage sets from the data) are not networks and are left out."""
+    own = module.state_dict()
+    chain = list(records)
+    for name in chain[:-1]:
+        path = verify_checkpoint(run_dir, name, records[name], fix)
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        differ = [k for k, v in state.items() if "." in k and torch.is_tensor(v)
+                  and (k not in own or own[k].shape != v.shape or not torch.equal(own[k], v))]
+        if differ:
+            raise UserError(f"stage '{chain[-1]}' of {run_dir} carries networks that are not its verified "
+                            f"'{name}' stage's ({len(differ)} tensors differ, e.g. {differ[0]}): its checkpoint "
+                            f"was not trained on this run's '{name}'. Retrain the stages after '{name}' with: {fix}")
+
+
 def load_snapshots(run_dir: str | Path, name: str, record: Dict[str, Any]) -> Dict[int, Dict[str, torch.Tensor]]:
     """{epoch: state_dict} of the network snapshots a stage saved (``stages.<stage>.snapshot_every``),
     each file checked against the digest its record keeps and loaded as data (weights_only). A stage

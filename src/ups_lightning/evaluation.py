@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ups_lightning.artifacts import (DONE, load_snapshots, load_stage, read_record, record_config, stage_dir,
+from ups_lightning.artifacts import (DONE, check_carried_networks, load_snapshots, load_stage, read_record, record_config, stage_dir,
                                      train_command, verified_chain)
 from ups_lightning.config import STAGE_ORDER, validate_eval_config
 from ups_lightning.data.datamodule import check_frames, member_configs, resolve_params, unit_coords
@@ -89,7 +89,9 @@ def load_run(run_dir: Path, stage: Optional[str] = None) -> tuple:
     records = verified_chain(run_dir, last, fix)
     train_cfg = record_config(records[last], stage_dir(run_dir, last) / DONE)
     train_cfg.run_dir = str(run_dir)
-    return train_cfg, records, load_stage(run_dir, last, records[last], fix)
+    module = load_stage(run_dir, last, records[last], fix)
+    check_carried_networks(run_dir, records, module, fix)
+    return train_cfg, records, module
 
 
 def snapshot_modules(run_dir: Path, records: Dict[str, Any], module: Any) -> List[tuple]:
@@ -120,12 +122,28 @@ class EvalData:
     split: str
 
 
-def eval_data(d: DictConfig, path: Optional[str], split: Optional[str]) -> EvalData:
+def pinned_data(records: Dict[str, Any], pde: str) -> Optional[Dict[str, Any]]:
+    """The pin (data/pin.py) of the data the evaluated stages were trained on, for equation ``pde``
+    (None for runs trained before pins existed)."""
+    for rec in reversed(list(records.values())):
+        pin = (rec or {}).get("data_pin") or {}
+        if pde in pin:
+            return pin[pde]
+    return None
+
+
+def eval_data(d: DictConfig, path: Optional[str], split: Optional[str],
+              pin: Optional[Dict[str, Any]] = None) -> EvalData:
     """The evaluated rows: the data config ``d``'s own file by default (one file of one equation: a
     single-equation run's data config or a member of a mixed one), or `path` read with its reduction
     and equation. A split uses the config's split sizes (or the manifest's, for another file with
     one); `all` takes every row. The default is `test`, or `all` for another file without a manifest
-    that is smaller than the config's splits. The caller checks that the file fits the model."""
+    that is smaller than the config's splits. The caller checks that the file fits the model.
+    ``pin``: the training data's pin; the run's own data is then read from where training read it
+    (a relative data.path means the same file from any directory) and must still be that data."""
+    if pin and path is None and Path(pin["path"]).is_file():
+        d = d.copy()
+        d.path = pin["path"]
     own = path is None or Path(path).resolve() == Path(d.path).resolve()
     path = str(d.path if path is None else path)
     if not Path(path).is_file():
@@ -154,6 +172,14 @@ def eval_data(d: DictConfig, path: Optional[str], split: Optional[str]) -> EvalD
                             reduced_resolution_t=d.reduced_resolution_t, pde=d.pde, **sizes, **layout)
     except UserError as exc:
         raise UserError(f"{exc} To score every row of {path} instead, pass split=all.") from None
+    if own and pin:
+        from ups_lightning.data.pin import pin_mismatch, view_pin
+
+        what = pin_mismatch(pin, view_pin(view))
+        if what:
+            raise UserError(f"{path} is not the data this run was trained on ({pin['path']}): {what}. Its "
+                            f"'{split}' rows would not be the ones the run held out; restore the file and its "
+                            "manifest, or score another file with data.path=FILE (its own splits) or split=all.")
     return EvalData(path, view.meta, torch.from_numpy(view.read(split)).float(), split)
 
 
@@ -392,7 +418,8 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
     """Roll out, score and record one file of one equation (module doc)."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    data = eval_data(member, cfg.data.path, cfg.split)
+    pin = pinned_data(records, member.pde)
+    data = eval_data(member, cfg.data.path, cfg.split, pin)
     check_fits_model(data, train_cfg, module)
     n_given = int(train_cfg.data.initial_step)
     fields = data.fields

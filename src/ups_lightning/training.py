@@ -34,6 +34,7 @@ from ups_lightning.artifacts import (
 from ups_lightning.atomic import atomic_write_json
 from ups_lightning.config import STAGE_ORDER, stage_optim, validate_train_config
 from ups_lightning.data.cache import build_or_load_latent_cache
+from ups_lightning.data.pin import pin_mismatch, run_pin
 from ups_lightning.data.datamodule import FrameDataModule, LatentDataModule, open_run_data, unit_coords
 from ups_lightning.errors import UserError
 from ups_lightning.lit.callbacks import EMA, SNAPSHOTS, EagerValidation, NonFiniteLossStop, RNGState, Snapshots
@@ -232,6 +233,7 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
         found = None
     if found and cfg.ckpt_path is None:
         where, record = found
+        _refuse_changed_data(cfg, name, where, record, fix)
         try:
             verify_checkpoint(where, name, record, fix)
             if where != run_dir:
@@ -247,6 +249,7 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
     attempt.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed + STAGE_ORDER.index(name), workers=True, verbose=False)
     data = open_run_data(cfg.data)
+    pin = run_pin(data)
     x = unit_coords(data)
     try:
         module = _stage_module(cfg, name, data.contract)
@@ -344,6 +347,8 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
         "learned": learned,
         "num_threads": torch.get_num_threads(),
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        # the data it was trained on (data/pin.py): verified at skip and at evaluation
+        "data_pin": pin,
         "wall_clock_s": wall,
         "prep_s": prep_s,       # before the fit (data, upstream, latent cache), inside max_minutes
         "epochs": trainer.current_epoch,
@@ -364,6 +369,22 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
     trainer.strategy.barrier()
     log.info("stage %s done in %.1f s: best val/nrmse %s", name, wall, record["best_val_nrmse"])
     return record
+
+
+def _refuse_changed_data(cfg: DictConfig, name: str, where: Path, record: Dict[str, Any], fix: str) -> None:
+    """A finished stage is reused only on the data it was trained on (its record's ``data_pin``): a
+    replaced file or an edited split of the same name is refused, never trained on as if unchanged."""
+    pinned = record.get("data_pin")
+    if not pinned:
+        return
+    now = run_pin(open_run_data(cfg.data))
+    for pde, was in pinned.items():
+        what = pin_mismatch(was, now.get(pde, {})) if pde in now else f"the run's data no longer holds {pde}"
+        if what:
+            raise UserError(f"stage '{name}' in {stage_dir(where, name)} was trained on {was.get('path')}, but the "
+                            f"data given now ({(now.get(pde) or {}).get('path', cfg.data.get('path'))}) differs: "
+                            f"{what}. It is not reused for other data: restore the file and its manifest, or train "
+                            f"on this data in a new run directory: {fix} run_dir=<new directory>.")
 
 
 def _move_aside(final: Path) -> None:
