@@ -63,6 +63,13 @@ TRAIN_CASES = [
     ("optim.schedule=linear", "optim.schedule"),
     ("optim.name=sgd", "optim.name"),
     ("run_dir=", "run_dir"),
+    ("seed=-1", "seed"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.strategy=bogus", "trainer.strategy"),
+    ("trainer.precision=abc", "trainer.precision"),
+    ("trainer.limit_val_batches=0", "trainer.limit_val_batches"),
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
+    ("trainer.num_nodes=2", "trainer.num_nodes"),
     ("optim.ema.enabled=2", "optim.ema.enabled"),
     ("trainer.num_threads=0", "trainer.num_threads"),
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
@@ -95,13 +102,16 @@ def test_bad_training_setting_is_one_paragraph_and_writes_nothing(smoke_data, tm
     assert not (tmp_path / "run").exists()
 
 
-def test_a_stage_that_never_trains_names_the_limit_not_the_learning_rate(smoke_data, tmp_path):
+def test_a_stage_that_never_validates_names_the_limit_not_the_learning_rate(smoke_data, tmp_path):
+    """A validation interval past the run's end: the stage never validated, so it has no checkpoint;
+    the error names the settings that caused it, not the learning rate."""
     cfg = smoke_cfg(smoke_data, f"run_dir={tmp_path / 'run'}", "stage=autoencoder", "model=dim8",
-                    "trainer.limit_train_batches=0")
+                    "stages.autoencoder.max_epochs=1", "trainer.val_every_n_steps=100000")
     with pytest.raises(UserError) as err:
         run(cfg)
     text = str(err.value)
-    assert "trainer.limit_train_batches (now 0" in text and "Lower stages" not in text and "\n" not in text.strip()
+    assert "never validated" in text and "trainer.val_every_n_steps" in text
+    assert "Lower stages" not in text and "\n" not in text.strip()
 
 
 def test_too_few_frames_for_initial_step_is_refused_before_training(smoke_data, tmp_path):

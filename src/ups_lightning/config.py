@@ -419,6 +419,7 @@ TRAIN_RANGES = [
         ("weight_decay", 0.0, True, None), ("warmup_ratio", 0.0, True, 1.0), ("min_lr_ratio", 0.0, True, 1.0),
         ("grad_clip", 0.0, False, None), ("ema_decay", 0.0, True, 1.0))],
     ("model.hidden", 1, True, None), ("model.heads", 1, True, None),
+    ("seed", 0, True, 2 ** 32 - 1),      # what Lightning's seed_everything accepts
     ("trainer.num_nodes", 1, True, None), ("trainer.log_every_n_steps", 1, True, None),
     ("trainer.check_val_every_n_epoch", 1, True, None), ("trainer.val_every_n_steps", 1, True, None), ("trainer.num_threads", 1, True, None),
     ("callbacks.checkpoint.save_top_k", 1, True, None), ("callbacks.early_stopping.patience", 1, True, None),

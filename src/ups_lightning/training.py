@@ -435,12 +435,40 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> str:
                         f"(stage.run is {list(cfg.stage.run)}).")
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file.")
+    check_trainer_settings(cfg)
     fix = train_command(cfg.run_dir, cfg, overrides)
     ensure_data(cfg, overrides)
     open_run_data(cfg.data)   # checks the files, split sizes, parameters, frames against initial_step
     first = next(name for name in STAGE_ORDER if name in cfg.stage.run)
     finished_upstream(cfg, first, fix)
     return fix
+
+
+def check_trainer_settings(cfg: DictConfig) -> None:
+    """Lightning's own checks of the trainer.* settings, run by building a Trainer from them before
+    anything is written, so a bad value is one paragraph instead of a traceback mid-run."""
+    t = cfg.trainer
+    launched = any(k in os.environ for k in ("SLURM_NTASKS", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK"))
+    if int(t.num_nodes) > 1 and not launched:
+        raise UserError(f"trainer.num_nodes={t.num_nodes} needs a multi-node launcher (SLURM, torchrun) that starts "
+                        "the other nodes; on one machine the run would wait for them forever. Use "
+                        "trainer.num_nodes=1 (trainer=ddp trainer.devices=N runs N processes here).")
+    for key in ("limit_train_batches", "limit_val_batches"):
+        value = t[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise UserError(f"trainer.{key}={value}: a stage needs training batches and validation batches "
+                            "(validation chooses its checkpoint); give a fraction in (0, 1] or a count >= 1.")
+    try:
+        L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                  precision=t.precision, limit_train_batches=t.limit_train_batches,
+                  limit_val_batches=t.limit_val_batches, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    except Exception as exc:   # Lightning's MisconfigurationException, ValueError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(f"Lightning refuses the trainer settings (trainer.accelerator={t.accelerator}, "
+                        f"trainer.devices={t.devices}, trainer.strategy={t.strategy}, trainer.precision={t.precision}, "
+                        f"trainer.limit_train_batches={t.limit_train_batches}, trainer.limit_val_batches="
+                        f"{t.limit_val_batches}): {first}") from None
 
 
 def ensure_data(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> None:
