@@ -100,6 +100,18 @@ def test_a_last_checkpoint_from_another_run_is_refused_even_when_its_record_is_r
     assert not (tmp_path / "lb" / "lb.csv").exists()
 
 
+def test_fix_commands_name_the_run_where_it_lies_now(tmp_path):
+    """The saved overrides of a copied or moved run name its old directory: the command does not."""
+    from ups_lightning.artifacts import save_overrides, train_command
+
+    moved = tmp_path / "moved run"
+    moved.mkdir()
+    save_overrides(moved, ["model=dim16", "run_dir=/somewhere/else/original", "stage=operator"])
+    cmd = train_command(moved)
+    assert "/somewhere/else/original" not in cmd and "model=dim16" in cmd
+    assert f"'run_dir={moved}'" in cmd and cmd.endswith("stage=all")
+
+
 def test_a_checkpoint_that_carries_code_is_refused_without_running_it(run_copy, tmp_path):
     cfg, dst = run_copy
     marker = tmp_path / "pwned"

@@ -115,9 +115,10 @@ def train_command(run_dir: str | Path, cfg: Optional[DictConfig] = None,
             if cfg.get("experiment"):
                 overrides.append(f"experiment={cfg.experiment}")
             overrides += [f"data={cfg.data.name}", *model_overrides(cfg.model.name)]
-        overrides.append(f"run_dir={run_dir}")
-    kept = [shlex.quote(o) for o in overrides if not (o.startswith("stage=") or o.startswith("ckpt_path="))]
-    return " ".join(["python -m ups_lightning.train", *kept, f"stage={stage}"])
+    # the run's directory as it is now: a copied or moved run is named where it lies, not where it was made
+    kept = [shlex.quote(o) for o in overrides
+            if not o.lstrip("+").startswith(("stage=", "ckpt_path=", "run_dir="))]
+    return " ".join(["python -m ups_lightning.train", *kept, shlex.quote(f"run_dir={run_dir}"), f"stage={stage}"])
 
 
 # --- records -------------------------------------------------------------------------------------
