@@ -186,6 +186,8 @@ def test_operator_snapshots_are_saved_from_the_evaluated_weights_and_checked_whe
     ("rewards", ["physics"], "consistency"),
     ("hybrid_weights", [2.0], "hybrid_weights"),
     ("sizes", [], "sizes"),
+    ("sizes", ["dim8", "bogus"], r"sizes.*'bogus'"),     # every size at the start, not when the sweep reaches it
+    ("sizes", ["dim8", "dim0"], r"sizes.*'dim0'"),
     ("report_only", "yes", "report_only"),
 ])
 def test_bad_study_settings_are_one_error_naming_the_setting(tmp_path, smoke_data, key, value, match):

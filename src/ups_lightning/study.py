@@ -40,7 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ups_lightning.atomic import atomic_write_json, atomic_write_text
-from ups_lightning.config import compose_config
+from ups_lightning.config import compose_config, model_overrides
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.tables import format_cell, write_csv
 
@@ -59,6 +59,14 @@ def check_config(cfg: DictConfig) -> None:
             fail(f"epochs.{stage}", "a whole number of epochs >= 1, the same for every size")
     if not cfg.sizes or not all(isinstance(s, str) for s in cfg.sizes):
         fail("sizes", "a list of conf/model options, e.g. [dim8, dim16, dim32, dim64]")
+    from ups_lightning.config import validate_train_config
+
+    for size in cfg.sizes:   # every size is checked now, not when the sweep reaches it
+        try:
+            validate_train_config(compose_config("train", model_overrides(size)))
+        except Exception as exc:
+            fail("sizes", f"model sizes that compose (dim<N> with N >= 1, heads dividing N); {size!r} does "
+                          f"not: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
     if (not cfg.seeds or len(cfg.seeds) < 2 or len(set(cfg.seeds)) != len(cfg.seeds)
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.seeds)):
         fail("seeds", "a list of at least 2 distinct integer training seeds, e.g. [0, 1, 2]")
@@ -97,7 +105,7 @@ def _train(cfg: DictConfig, size: str, seed: int, out: Path) -> Dict[str, Any]:
 
     run_dir = out / "runs" / f"{size}-seed{seed}"
     stages = {s: f"stages.{s}" for s in ("autoencoder", "operator")}
-    tcfg = compose_config("train", [f"experiment={cfg.protocol}", f"model={size}", f"seed={seed}",
+    tcfg = compose_config("train", [f"experiment={cfg.protocol}", *model_overrides(size), f"seed={seed}",
                                     "stage=autoencoder_operator", f"run_dir={run_dir}", "callbacks.progress_bar=none",
                                     *[f"{k}.max_epochs={cfg.epochs[s]}" for s, k in stages.items()],
                                     *[f"{k}.max_minutes=null" for k in stages.values()],
