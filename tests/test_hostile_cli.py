@@ -220,3 +220,19 @@ def test_cli_exits_2_with_one_paragraph_and_leaves_nothing(tmp_path, module, arg
     assert res.returncode == 2, res.stderr[-1500:]
     assert needle in res.stderr and "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == []   # no run directory, no outputs/, no .hydra
+
+
+def test_a_missing_sweeper_plugin_names_the_extra_that_installs_it(monkeypatch, capsys):
+    import importlib.util
+
+    from ups_lightning import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins") else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        train.check_plugins(["-m", "sweep=operator_optuna"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "hydra_plugins.hydra_optuna_sweeper" in err and "[sweeps]" in err and "Traceback" not in err
+    train.check_plugins(["stage=operator"])           # nothing asked for a plugin: nothing said

@@ -13,9 +13,32 @@ from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.training import command_overrides, in_multirun, record_failed_job, run, sweep_job
 
 
+#: options that need a Hydra plugin of the `sweeps` extra: (what the command line says, plugin module)
+PLUGINS = ((("sweep=operator_optuna", "hydra/sweeper=optuna"), "hydra_plugins.hydra_optuna_sweeper"),
+           (("hydra/launcher=submitit", "hydra/launcher=slurm"), "hydra_plugins.hydra_submitit_launcher"))
+
+
+def check_plugins(argv: list) -> None:
+    """Hydra's own error for a missing plugin ("Could not find 'hydra/sweeper/optuna'") names no fix:
+    say which extra installs it, before Hydra composes anything."""
+    import importlib.util
+
+    for options, module in PLUGINS:
+        if any(a.startswith(options) for a in argv) and importlib.util.find_spec(module) is None:
+            print(f"error: {next(a for a in argv if a.startswith(options))} needs the Hydra plugin {module}, "
+                  "which is not installed: pip install 'ups_lightning[sweeps]' (in a checkout: "
+                  "pip install -e '.[sweeps]').", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
+def main() -> float:
+    check_plugins(sys.argv[1:])
+    return _main()
+
+
 @hydra.main(config_path="pkg://ups_lightning.conf", config_name="train", version_base="1.3")
 @report_user_errors
-def main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float:
     cfg, overrides = sweep_job(cfg, command_overrides())
     try:
         records = run(cfg, overrides)
