@@ -99,8 +99,28 @@ def set_num_threads(requested: Optional[int], setting: str = "trainer.num_thread
     return n
 
 
+#: Lightning's start-up lines that say nothing a user acts on ("GPU available: False", "`Trainer(
+#: limit_train_batches=1.0)` was configured ...", "Loading `train_dataloader` ..."); warnings stay
+_CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+_NOISE = (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",      # torch vs Lightning's pytree
+          r"The number of training batches \(\d+\) is smaller than the logging interval.*")
+
+
+def quiet_lightning() -> None:
+    """Lightning's informational boilerplate off (our own log says what ran and where its results
+    are); its warnings and errors, and every line of ours, stay."""
+    import warnings
+
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def configure_cpu(requested_threads: Optional[int], setting: str) -> int:
-    """What every entry point does first: the allocator tuned, the threads chosen (both logged)."""
+    """What every entry point does first: the allocator tuned, the threads chosen (both logged),
+    Lightning's boilerplate silenced (``quiet_lightning``)."""
+    quiet_lightning()
     tuned = tune_allocator()
     log.info("allocator: %s", "large blocks kept (mallopt)" if tuned else "system default")
     return set_num_threads(requested_threads, setting)
