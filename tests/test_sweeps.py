@@ -307,3 +307,20 @@ def test_bad_proxy_settings_name_the_setting(override, key):
 
     with pytest.raises(UserError, match=rf"proxy setting {key.replace('.', chr(92) + '.')}="):
         check_config(compose_config("proxy", [override]))
+
+
+def test_a_multirun_naming_one_run_dir_for_every_job_is_refused(monkeypatch, tmp_path):
+    """Jobs of different settings in one run_dir would overwrite each other: refused; a swept run_dir
+    (one per job) is the user's own layout and is left alone."""
+    import sys
+
+    import ups_lightning.training as T
+    from ups_lightning.errors import UserError
+
+    monkeypatch.setattr(T, "in_multirun", lambda: True)
+    cfg = OmegaConf.create({"run_dir": str(tmp_path / "one")})
+    monkeypatch.setattr(sys, "argv", ["train", "-m", f"run_dir={tmp_path / 'one'}", "stages.operator.lr=1e-3,3e-3"])
+    with pytest.raises(UserError, match="overwrite each other"):
+        T.sweep_job(cfg, [f"run_dir={tmp_path / 'one'}", "stages.operator.lr=1e-3"])
+    monkeypatch.setattr(sys, "argv", ["train", "-m", f"run_dir={tmp_path / 'a'},{tmp_path / 'b'}"])
+    assert T.sweep_job(cfg, [f"run_dir={tmp_path / 'a'}"]) == (cfg, [f"run_dir={tmp_path / 'a'}"])

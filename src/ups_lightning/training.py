@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -565,6 +566,12 @@ def sweep_job(cfg: DictConfig, overrides: Optional[List[str]]) -> tuple:
         return cfg, overrides
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides or ()}
     if "run_dir" in given:
+        swept = any(a.lstrip("+~").startswith("run_dir=") and "," in a for a in sys.argv[1:])
+        if not swept:   # every job of the sweep would train into, and move aside, the same directory
+            raise UserError(f"run_dir={cfg.run_dir} is given once for every job of this multirun: the jobs would "
+                            "overwrite each other's stages. Drop run_dir= (each job then trains in its own sweep "
+                            "directory and uses the finished stages it shares by reference), or sweep it "
+                            "(run_dir=a,b, one per job).")
         return cfg, overrides
     hydra_cfg = HydraConfig.get()
     job_dir = hydra_cfg.runtime.output_dir
