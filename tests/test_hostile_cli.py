@@ -236,3 +236,21 @@ def test_a_missing_sweeper_plugin_names_the_extra_that_installs_it(monkeypatch, 
     err = capsys.readouterr().err
     assert "hydra_plugins.hydra_optuna_sweeper" in err and "[sweeps]" in err and "Traceback" not in err
     train.check_plugins(["stage=operator"])           # nothing asked for a plugin: nothing said
+
+
+def test_directories_that_cannot_be_written_are_refused_before_any_work(smoke_data, smoke_run, tmp_path):
+    """A file in the way or a symlink loop: one paragraph naming the setting, before training starts
+    or before an evaluation's rollout (not after it)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    for where, needle in ((blocker / "run", "is a file, not a directory"), (tmp_path / "loop-a" / "run", "symlink")):
+        with pytest.raises(UserError, match=needle) as err:
+            run(smoke_cfg(smoke_data, f"run_dir={where}"))
+        assert str(err.value).startswith("run_dir=") and "\n" not in str(err.value).strip()
+    cfg, _ = smoke_run
+    ecfg = eval_cfg(Path(cfg.run_dir), tmp_path / "lb")
+    ecfg.leaderboard = str(blocker / "lb.csv")
+    with pytest.raises(UserError, match=r"^leaderboard=.*is a file, not a directory"):
+        evaluate(ecfg)

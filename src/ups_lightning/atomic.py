@@ -44,3 +44,26 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def check_writable_dir(path: str | os.PathLike, setting: str) -> None:
+    """Before any work: ``path`` is (or can become) a directory this process can write into, else a
+    UserError naming ``setting``. A symlink loop, a file in the way or a read-only parent would
+    otherwise be a traceback, and for an evaluation only after the whole rollout."""
+    from ups_lightning.errors import UserError
+
+    p = Path(path)
+    try:
+        p.resolve(strict=False)
+        probe = p
+        while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+            probe = probe.parent
+    except (OSError, RuntimeError) as exc:      # a symlink loop: RuntimeError or ELOOP
+        raise UserError(f"{setting}={path} cannot be resolved ({exc}); a symlink loop? Name another directory.") from None
+    if probe.is_symlink() and not probe.exists():
+        raise UserError(f"{setting}={path}: {probe} is a broken symbolic link; name another directory.")
+    if not probe.is_dir():
+        raise UserError(f"{setting}={path}: {probe} is a file, not a directory; name a directory.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{setting}={path}: {probe} is not writable by this user; name a directory you can "
+                        "write to (or fix its permissions).")

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from ups_lightning.atomic import check_writable_dir
 from ups_lightning.artifacts import (DONE, check_carried_networks, load_snapshots, load_stage, read_record, record_config, stage_dir,
                                      train_command, verified_chain)
 from ups_lightning.config import STAGE_ORDER, validate_eval_config
@@ -407,6 +408,10 @@ def evaluate(cfg: DictConfig) -> Any:
     configure_cpu(cfg.num_threads, "num_threads")
     run_dir = Path(cfg.run_dir)
     train_cfg, records, module = load_run(run_dir, cfg.upto)
+    # everything an evaluation writes, checked before its rollout, not after it
+    for where, setting in ((run_dir, "run_dir"), (Path(cfg.leaderboard).parent, "leaderboard"),
+                           (Path(cfg.html).parent, "html")):
+        check_writable_dir(where, setting)
     members = member_configs(train_cfg.data)
     if cfg.data.path is not None or len(members) == 1:
         return evaluate_file(cfg, train_cfg, records, module, eval_member(train_cfg, cfg.data.path))

@@ -32,7 +32,7 @@ from ups_lightning.artifacts import (
     DONE, UPSTREAM, add_reference, drop_reference, latents_dir, load_stage, nonfinite_tensors, read_record,
     save_overrides, sha256_file, stage_config_hash, stage_dir, train_command, verify_checkpoint,
 )
-from ups_lightning.atomic import atomic_write_json
+from ups_lightning.atomic import atomic_write_json, check_writable_dir
 from ups_lightning.config import STAGE_ORDER, stage_optim, validate_train_config
 from ups_lightning.data.cache import build_or_load_latent_cache
 from ups_lightning.data.pin import pin_mismatch, run_pin
@@ -437,6 +437,7 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> str:
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file.")
     check_trainer_settings(cfg)
+    check_writable_dir(cfg.run_dir, "run_dir")
     fix = train_command(cfg.run_dir, cfg, overrides)
     ensure_data(cfg, overrides)
     open_run_data(cfg.data)   # checks the files, split sizes, parameters, frames against initial_step
