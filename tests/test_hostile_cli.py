@@ -254,3 +254,16 @@ def test_directories_that_cannot_be_written_are_refused_before_any_work(smoke_da
     ecfg.leaderboard = str(blocker / "lb.csv")
     with pytest.raises(UserError, match=r"^leaderboard=.*is a file, not a directory"):
         evaluate(ecfg)
+
+
+def test_a_training_command_ends_saying_where_the_run_is_and_what_to_run_next():
+    from ups_lightning.train import closing_summary
+
+    recs = {"autoencoder": {"best_val_nrmse": 0.01, "trivial_metric": "val/nrmse_mean_field", "trivial_val_nrmse": 1.0,
+                            "learned": True},
+            "operator": {"best_val_nrmse": 0.5, "trivial_metric": "val/nrmse_persistence", "trivial_val_nrmse": 0.4,
+                         "learned": False}}
+    text = closing_summary("outputs/runs/x/dim8", recs)
+    assert text.startswith("trained in outputs/runs/x/dim8:") and "DID NOT LEARN" in text
+    assert text.splitlines()[-1].startswith("next: python -m ups_lightning.evaluate run_dir=outputs/runs/x/dim8")
+    assert "stage=all" in closing_summary("r", {"autoencoder": recs["autoencoder"]})

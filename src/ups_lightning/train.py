@@ -50,8 +50,25 @@ def _main(cfg: DictConfig) -> float:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         record_failed_job(cfg.run_dir, overrides, str(exc))
         return float("nan")
+    if not in_multirun():   # where the results are, and what to run next
+        print(closing_summary(cfg.run_dir, records), flush=True)
     # the last stage's validation figure: what a sweeper (hydra/sweeper=optuna) minimises
     return float(list(records.values())[-1]["best_val_nrmse"])
+
+
+def closing_summary(run_dir: str, records: dict) -> str:
+    """The lines a training command ends with: each stage's validation figure and whether it beat
+    its trivial reference, where the run is, and the command that scores it."""
+    lines = [f"trained in {run_dir}:"]
+    for name, r in records.items():
+        learned = {True: "learned", False: "DID NOT LEARN (see the warning above)", None: ""}[r.get("learned")]
+        lines.append(f"  {name:<12} val/nrmse {r['best_val_nrmse']:.4g} ({r.get('trivial_metric')} "
+                     f"{r.get('trivial_val_nrmse') or float('nan'):.4g}) {learned}".rstrip())
+    if "operator" in records:
+        lines.append(f"next: python -m ups_lightning.evaluate run_dir={run_dir}   # test-split scores, leaderboard, report")
+    else:
+        lines.append(f"next: python -m ups_lightning.train stage=all run_dir={run_dir}   # the remaining stages")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
