@@ -116,3 +116,24 @@ def test_each_stage_is_its_own_wandb_run_in_a_directory_that_stays(tmp_path):
         finish=lambda: finished.append(1))), types.SimpleNamespace(_experiment=None)])
     finish_loggers(fake)
     assert finished == [1]
+
+
+def test_lightning_trainer_arguments_pass_through_and_count_in_the_stage_hash():
+    from ups_lightning.artifacts import stage_config_hash
+
+    plain = validate_train_config(_compose("train", []))
+    extra = validate_train_config(_compose("train", ["+trainer.max_steps=3", "+trainer.profiler=simple"]))
+    assert OmegaConf.to_container(extra.trainer.extra) == {"max_steps": 3, "profiler": "simple"}
+    assert "max_steps" not in extra.trainer and OmegaConf.to_container(plain.trainer.extra) == {}
+    # a stage trained with other Lightning arguments is another stage; none keeps the old hashes
+    assert stage_config_hash(plain, "autoencoder", None) != stage_config_hash(extra, "autoencoder", None)
+    old = plain.copy()
+    del old.trainer["extra"]
+    assert stage_config_hash(old, "autoencoder", None) == stage_config_hash(plain, "autoencoder", None)
+
+
+def test_a_passed_through_trainer_argument_reaches_the_trainer(tmp_path):
+    from ups_lightning.training import build_trainer
+
+    cfg = validate_train_config(_compose("train", ["+trainer.max_steps=7", f"run_dir={tmp_path}"]))
+    assert build_trainer(cfg, "operator", tmp_path / "t").max_steps == 7

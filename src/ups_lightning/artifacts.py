@@ -181,6 +181,9 @@ def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, A
         "precision": cfg.trainer.precision,
         "upstream": upstream["ckpt_sha256"] if upstream else None,
     }
+    extra = OmegaConf.select(cfg, "trainer.extra")
+    if extra:   # Lightning arguments passed through (max_steps, ...) change the result; none: old hashes kept
+        relevant["trainer_extra"] = OmegaConf.to_container(extra, resolve=True)
     for k in ("batch_size", "num_workers"):
         relevant["data"].pop(k, None)
     for part, prefix in (("model", "model."), ("settings", f"stages.{name}."), ("optim", "optim.")):

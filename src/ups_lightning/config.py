@@ -162,6 +162,7 @@ class TrainerConfig:
     check_val_every_n_epoch: int = MISSING
     val_every_n_steps: Optional[int] = MISSING  # validate every N training batches (None: at epoch ends)
     num_threads: Optional[int] = MISSING  # torch intra-op threads on CPU (None: torch's default)
+    extra: Dict[str, Any] = MISSING  # any other lightning.Trainer argument (`+trainer.max_steps=100`), passed through
 
 
 @dataclass
@@ -230,7 +231,7 @@ class TrainConfig:
 # unchanged (artifacts.stage_config_hash), so runs finished before the key existed stay valid.
 NEUTRAL_LATER_KEYS: Dict[str, Any] = {
     "model.hidden": None, "model.heads": None, "reuse_runs": [], "trainer.val_every_n_steps": None,
-    "stages.operator.snapshot_every": 0, "optim.ema.bias_correction": False,
+    "stages.operator.snapshot_every": 0, "optim.ema.bias_correction": False, "trainer.extra": {},
     **{f"stages.{s}.optim": STAGE_OPTIM_INHERIT for s in STAGE_ORDER},
 }
 
@@ -295,8 +296,47 @@ def schema_error(exc: OmegaConfBaseException, what: str, where: str) -> UserErro
                      f"the type of its value against {where}.")
 
 
+#: lightning.Trainer arguments the project sets itself (from the setting named): not passed through
+TRAINER_MANAGED = {
+    "default_root_dir": "run_dir", "max_epochs": "stages.<stage>.max_epochs", "max_time": "stages.<stage>.max_minutes",
+    "gradient_clip_val": "optim.grad_clip", "accumulate_grad_batches": "optim.accumulate",
+    "val_check_interval": "trainer.val_every_n_steps", "callbacks": "callbacks.*", "logger": "logger=",
+    "enable_progress_bar": "callbacks.progress_bar", "enable_model_summary": "(always off)",
+}
+
+
+def route_trainer_extras(cfg: DictConfig) -> DictConfig:
+    """``+trainer.<arg>=...`` for a lightning.Trainer argument the schema does not list moves into
+    ``trainer.extra`` (passed through to the Trainer, checked by building one before any work:
+    training.check_trainer_settings); an argument the project sets itself, or one Lightning does not
+    have, is a UserError naming it."""
+    import inspect
+
+    known = set(TrainerConfig.__dataclass_fields__)
+    given = [k for k in (cfg.get("trainer") or {}) if k not in known]
+    if not given:
+        return cfg
+    from lightning import Trainer
+
+    params = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        if cfg.trainer.get("extra") is None:
+            cfg.trainer.extra = {}
+        for k in given:
+            if k in TRAINER_MANAGED:
+                raise UserError(f"trainer.{k} is set by the project from {TRAINER_MANAGED[k]}: set that instead.")
+            if k not in params:
+                raise UserError(f"trainer.{k} is neither a setting of conf/trainer nor an argument of "
+                                f"lightning.Trainer (see its documentation for the arguments it takes).")
+            cfg.trainer.extra[k] = cfg.trainer[k]
+            del cfg.trainer[k]
+    return cfg
+
+
 def validate_train_config(cfg: DictConfig) -> DictConfig:
     """Merge the composed config onto the schema; unknown keys and wrong types become UserError."""
+    cfg = route_trainer_extras(cfg)
     schema = OmegaConf.structured(TrainConfig)
     try:
         merged = OmegaConf.merge(schema, cfg)

@@ -170,7 +170,7 @@ def build_trainer(cfg: DictConfig, name: str, out: Path, spent_s: float = 0.0) -
         check_val_every_n_epoch=None if cfg.trainer.val_every_n_steps else cfg.trainer.check_val_every_n_epoch,
         callbacks=callbacks,
         logger=loggers, enable_progress_bar=cfg.callbacks.progress_bar != "none",
-        enable_model_summary=False,
+        enable_model_summary=False, **trainer_extra(cfg),
     )
 
 
@@ -446,6 +446,12 @@ def preflight(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> str:
     return fix
 
 
+def trainer_extra(cfg: DictConfig) -> Dict[str, Any]:
+    """The lightning.Trainer arguments passed through from ``trainer.extra`` (+trainer.<arg>=...)."""
+    extra = cfg.trainer.get("extra")
+    return OmegaConf.to_container(extra, resolve=True) if extra else {}
+
+
 def check_trainer_settings(cfg: DictConfig) -> None:
     """Lightning's own checks of the trainer.* settings, run by building a Trainer from them before
     anything is written, so a bad value is one paragraph instead of a traceback mid-run."""
@@ -464,13 +470,14 @@ def check_trainer_settings(cfg: DictConfig) -> None:
         L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
                   precision=t.precision, limit_train_batches=t.limit_train_batches,
                   limit_val_batches=t.limit_val_batches, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False)
+                  enable_progress_bar=False, enable_model_summary=False, **trainer_extra(cfg))
     except Exception as exc:   # Lightning's MisconfigurationException, ValueError, ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        extra = "".join(f", trainer.{k}={v}" for k, v in trainer_extra(cfg).items())
         raise UserError(f"Lightning refuses the trainer settings (trainer.accelerator={t.accelerator}, "
                         f"trainer.devices={t.devices}, trainer.strategy={t.strategy}, trainer.precision={t.precision}, "
                         f"trainer.limit_train_batches={t.limit_train_batches}, trainer.limit_val_batches="
-                        f"{t.limit_val_batches}): {first}") from None
+                        f"{t.limit_val_batches}{extra}): {first}") from None
 
 
 def ensure_data(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> None:
