@@ -225,3 +225,27 @@ def test_a_search_over_draws_of_a_corrector_that_did_not_learn_is_skipped_under_
     assert not _skips_corrector_search(cfg("student", rows=True), not_learned, {})   # asked for: searched anyway
     assert not _skips_corrector_search(cfg(None), not_learned, {})             # seed members need no corrector
     assert not _skips_corrector_search(cfg("student", enabled=False), not_learned, {})
+
+
+def test_the_python_api_loads_a_run_in_one_line_and_rolls_it_out_as_evaluation_does(smoke_run, tmp_path):
+    """load(run_dir).rollout(given frames, steps) gives the predictions evaluation scores: its nRMSE
+    on the test split is the leaderboard row's operator figure."""
+    import torch
+
+    from ups_lightning.api import load
+    from ups_lightning.eval.metrics import all_metrics
+    from ups_lightning.evaluation import eval_data, eval_member, load_run
+
+    cfg, _ = smoke_run
+    row = evaluate(eval_cfg(Path(cfg.run_dir), tmp_path / "lb", "ttc=off", "upto=operator"))
+    model = load(cfg.run_dir, upto="operator")
+    assert model.pde == "burgers1d" and model.stages == ("autoencoder", "operator")
+    train_cfg, _, _ = load_run(Path(cfg.run_dir), "operator")
+    test = eval_data(eval_member(train_cfg, None), None, "test").fields
+    k = int(train_cfg.data.initial_step)
+    pred = model.rollout(test[:, :k], steps=test.shape[1] - k)
+    assert pred.shape == test[:, k:].shape and torch.isfinite(pred).all()
+    m = all_metrics(pred, test[:, k:], dx=1.0 / test.shape[2], domain_length=1.0, u0=test[:, k - 1])
+    assert m["nrmse"] == pytest.approx(row["nrmse"], rel=1e-4)
+    with pytest.raises(ValueError, match="on the run's grid"):
+        model.rollout(test[:, 0, :8], steps=2)

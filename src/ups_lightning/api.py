@@ -1,0 +1,80 @@
+"""The Python API: a finished run in one line, rolled out from given frames.
+
+    from ups_lightning.api import load
+    model = load("outputs/runs/burgers1d_small/dim32")      # the verified chain, up to the last stage
+    pred = model.rollout(frames, steps=31)                   # (B, T_given, X, C) or (B, X, C) -> (B, 31, X, C)
+
+The model is loaded as evaluation loads it (``evaluation.load_run``: every checkpoint checked against
+its record, every carried network against its upstream stage), on the grid, equation and
+conditioning of the data it was trained on (its pinned file: ``data/pin.py``), with the guard
+evaluation uses by default (decode, project onto the equation's invariants, re-encode each step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, Optional
+
+import torch
+
+__all__ = ["load", "Model"]
+
+
+@dataclass
+class Model:
+    """A finished run as a surrogate: ``rollout`` from physical frames to physical frames."""
+
+    run_dir: Path
+    pde: str
+    params: Dict[str, float]
+    dt: float
+    stages: tuple
+    surrogate: Any
+
+    @torch.no_grad()
+    def rollout(self, frames: torch.Tensor, steps: int) -> torch.Tensor:
+        """``steps`` predicted frames (B, steps, X, C) from the last of ``frames`` ((B, T, X, C), or
+        (B, X, C) for one frame each), autoregressively, in physical units."""
+        from ups_lightning.inference.rollout import rollout
+
+        u = torch.as_tensor(frames, dtype=torch.float32)
+        if u.ndim == 4:
+            u = u[:, -1]
+        n_x = self.surrogate.x.shape[0]
+        if u.ndim != 3 or u.shape[1] != n_x:
+            raise ValueError(f"frames must be (B, T, {n_x}, C) or (B, {n_x}, C) on the run's grid, got "
+                             f"{tuple(torch.as_tensor(frames).shape)}")
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return rollout(self.surrogate, u, int(steps))
+
+
+def load(run_dir: str | Path, upto: Optional[str] = None, guard: bool = True) -> Model:
+    """The run in ``run_dir`` up to stage ``upto`` (default: the last finished one), ready to roll
+    out. ``guard=False``: a pure latent rollout (no projection, no re-encoding)."""
+    from ups_lightning.data.datamodule import member_configs
+    from ups_lightning.data.pdebench import PDEBenchFile
+    from ups_lightning.errors import UserError
+    from ups_lightning.evaluation import Physics, build_surrogate, load_run, pinned_data, resolve_params
+    from ups_lightning.inference.rollout import Guard
+
+    run_dir = Path(run_dir)
+    train_cfg, records, module = load_run(run_dir, upto)
+    members = member_configs(train_cfg.data)
+    if len(members) != 1:
+        raise UserError(f"{run_dir} was trained on several equations ({', '.join(members)}); load() rolls out "
+                        "single-equation runs.")
+    member = next(iter(members.values()))
+    pin = pinned_data(records, member.pde)
+    path = pin["path"] if pin and Path(pin["path"]).is_file() else member.path
+    with PDEBenchFile(path, member.reduced_resolution, member.reduced_resolution_t, member.pde) as f:
+        meta = f.meta
+
+    grid = SimpleNamespace(meta=meta)    # what build_surrogate reads of a data view: its grid
+    physics = Physics(pde=meta.pde, params=resolve_params(meta, member.get("params"), "data"), dx=meta.dx,
+                      dt=meta.dt, domain_length=meta.domain_length)
+    g = Guard(reencode=guard, invariants=guard)      # evaluation's default guard, or none
+    sur = build_surrogate(train_cfg, module, grid, physics, g)
+    return Model(run_dir=run_dir, pde=meta.pde, params=dict(physics.params), dt=float(meta.dt),
+                 stages=tuple(records), surrogate=sur)
