@@ -549,7 +549,8 @@ def test_the_guard_is_chosen_on_validation_only(monkeypatch, tmp_path):
 def test_a_given_choice_skips_the_search(monkeypatch, tmp_path):
     """given.<method> (an earlier run's choice on validation) trains the seeds at it, with no trial;
     its guard, when given, is used, else chosen on validation; other methods are still searched."""
-    B, b, scored = _fake_bench(monkeypatch, tmp_path, lambda m, r, lr, seed, budget: {1e-4: 0.7, 1e-3: 0.5, 1e-2: 0.6}[lr],
+    B, b, scored = _fake_bench(monkeypatch, tmp_path,
+                               lambda m, r, lr, seed, budget: {1e-4: 0.7, 1e-3: 0.5, 1e-2: 0.6}.get(lr, 0.55),
                                lambda split, guard: 0.3 if guard else 0.5, methods=("ours", "fno"))
     b.checked["given"] = {"fno": {"recipe": "pdebench", "lr": 3e-3, "guard": False}}
     res = B.run_methods(b)

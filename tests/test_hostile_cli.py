@@ -147,7 +147,9 @@ def test_stage_operator_without_upstream_offers_stage_all_with_every_override(sm
     cfg = smoke_cfg(smoke_data, *overrides)
     with pytest.raises(UserError) as err:
         run(cfg, overrides=overrides)
-    expected = "python -m ups_lightning.train " + " ".join(overrides[:-1]) + " stage=all"
+    # every override kept, the run's directory last (where the run lies now), then stage=all
+    kept = [o for o in overrides[:-1] if not o.startswith("run_dir=")]
+    expected = "python -m ups_lightning.train " + " ".join(kept) + f" run_dir={tmp_path / 'run'} stage=all"
     assert expected in str(err.value)
 
 

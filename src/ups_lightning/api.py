@@ -1,7 +1,7 @@
 """The Python API: a finished run in one line, rolled out from given frames.
 
     from ups_lightning.api import load
-    model = load("outputs/runs/burgers1d_small/dim32")      # the verified chain, up to the last stage
+    model = load("outputs/runs/<data>/<model>")     # the verified chain, up to the last stage
     pred = model.rollout(frames, steps=31)                   # (B, T_given, X, C) or (B, X, C) -> (B, 31, X, C)
 
 The model is loaded as evaluation loads it (``evaluation.load_run``: every checkpoint checked against

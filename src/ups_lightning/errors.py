@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from typing import Any, Callable, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -13,6 +14,9 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """Bad input from the user (a file, key or setting). The message names what was wrong and
     what was expected; CLIs print it as one paragraph and exit with code 2."""
+
+
+_STARTED = time.time()   # when this process imported us: a directory made later is this process's
 
 
 def report_user_errors(fn: F) -> F:
@@ -33,21 +37,26 @@ def report_user_errors(fn: F) -> F:
 
 def _drop_empty_hydra_dir() -> None:
     """A refused command leaves nothing behind: Hydra's run directory (made before the command
-    could check its settings) is removed when it holds only empty files, and so is its parent
-    (``logs/``) when that is then empty."""
+    could check its settings: bench and study log under their out_dir) is removed when this process
+    made it (it appeared after the process started), it holds only empty files, and it is neither
+    the current directory nor above it; its parent goes too when it is an emptied ``logs/``."""
     import contextlib
     from pathlib import Path
 
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        out = Path(HydraConfig.get().runtime.output_dir)
+        out = Path(HydraConfig.get().runtime.output_dir).resolve()
     except Exception:   # not under @hydra.main, or no run directory
         return
-    if not out.is_dir() or any(f.is_dir() or f.stat().st_size for f in out.iterdir()):
+    here = Path.cwd().resolve()
+    if out == here or out in here.parents or not out.is_dir() or out.stat().st_mtime < _STARTED:
+        return
+    if any(f.is_dir() or f.stat().st_size for f in out.iterdir()):
         return
     with contextlib.suppress(OSError):
         for f in out.iterdir():
             f.unlink()
         out.rmdir()
-        out.parent.rmdir()      # only when empty
+        if out.parent.name == "logs" and out.parent != here:
+            out.parent.rmdir()      # only when empty
