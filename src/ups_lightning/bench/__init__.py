@@ -503,9 +503,11 @@ def _val_both_ways(b: Bench, rec: Dict[str, Any]) -> Dict[bool, float]:
 def choose_guard(val: Sequence[Dict[bool, float]]) -> bool:
     """The guard setting with the lower mean validation nRMSE over a method's seeds (ties: no
     guard); only validation figures are read."""
+    from ups_lightning.bench.report import mean_std
+
     def mean(g: bool) -> float:
-        v = [x[g] for x in val if math.isfinite(x[g])]
-        return sum(v) / len(v) if v else math.inf
+        m = mean_std([x[g] for x in val])[0]     # over the finite figures; none: never chosen
+        return m if math.isfinite(m) else math.inf
 
     return mean(True) < mean(False)
 
@@ -574,8 +576,9 @@ def run_methods(b: Bench) -> Dict[str, Dict[str, Any]]:
 
 
 def _mean(values: Sequence[float]) -> float:
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-    return sum(v) / len(v) if v else math.nan
+    from ups_lightning.bench.report import mean_std
+
+    return mean_std(values)[0]
 
 
 def run_curves(b: Bench, results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
