@@ -86,8 +86,8 @@ def test_peers_train_with_our_trainer_timer_and_schedule(tiny_burgers_file, tmp_
     from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 
     from ups_lightning.bench.peers import PeerModule
-    from ups_lightning.lit.common import ScheduledAdamW, lr_factor
-    from ups_lightning.lit.stages import STAGE_MODULES
+    from ups_lightning.stages import STAGE_ORDER, get_stage
+    from ups_lightning.stages.base import ScheduledAdamW, lr_factor
 
     torch.set_num_threads(1)
     module, cfg, data, build_trainer = _peer_fit(tiny_burgers_file, modes=4, width=8)
@@ -101,7 +101,7 @@ def test_peers_train_with_our_trainer_timer_and_schedule(tiny_burgers_file, tmp_
     ckpts = [t.checkpoint_callback for t in (peer_trainer, ours_trainer)]
     assert all(isinstance(c, ModelCheckpoint) and c.monitor == "val/nrmse" for c in ckpts)
     assert peer_trainer.gradient_clip_val == ours_trainer.gradient_clip_val
-    for stage in STAGE_MODULES.values():
+    for stage in map(get_stage, STAGE_ORDER):
         assert stage.configure_optimizers is ScheduledAdamW.configure_optimizers
     assert isinstance(module, ScheduledAdamW) and module.recipe == "project"
     peer_trainer.fit(module, datamodule=data)
@@ -202,7 +202,7 @@ def test_pdebench_recipe_is_adam_steplr_summed_mse_without_ema_or_clipping(tiny_
     try:
         for recipe in ("pdebench", "project"):
             with pytest.raises(RuntimeError, match="stop here"):
-                B._train_peer(b, "fno", recipe, 1e-3, 0, 0.1, tmp_path / recipe)
+                B.models._train_peer(b, "fno", recipe, 1e-3, 0, 0.1, tmp_path / recipe)
             assert seen.pop("peer") == ((False, None) if recipe == "pdebench" else (True, cfg.optim.grad_clip))
     finally:
         T.build_trainer = orig
@@ -236,7 +236,7 @@ def test_every_method_gets_the_same_clock():
 
 # --- solver sweep --------------------------------------------------------------------------------
 def test_cell_average_and_linear_upsampling_round_trip():
-    from ups_lightning.bench.solver_sweep import cell_average, upsample_linear
+    from ups_lightning.pdes.coarse import cell_average, upsample_linear
 
     rng = np.random.default_rng(0)
     u = rng.normal(size=(2, 64))
@@ -271,7 +271,7 @@ def test_solver_sweep_errors_fall_with_resolution(tiny_burgers_file):
 
 def test_solve_on_grid_at_the_full_grid_is_the_spec_solver(tiny_burgers_file):
     """n = N: no averaging, no interpolation, just the equation's own solver (frames (B, N, C))."""
-    from ups_lightning.bench.solver_sweep import solve_on_grid
+    from ups_lightning.pdes.coarse import solve_on_grid
     from ups_lightning.pdes import get_pde
 
     view = _tiny_view(tiny_burgers_file)
@@ -355,6 +355,9 @@ def test_summary_files_have_the_expected_columns(tmp_path):
     ("curve_budgets=[0]", "curve_budgets"),
     ("curve_budgets=abc", "curve_budgets"),
     ("curve_seeds=[-1]", "curve_seeds"),
+    ("curves_from=abc", "curves_from"),
+    ("curves_only=true", "curves_only"),
+    ("curves_only=2", "curves_only"),
 ])
 def test_bad_settings_are_user_errors(override, needle):
     from ups_lightning.bench import check_config
@@ -492,9 +495,9 @@ def _fake_bench(monkeypatch, tmp_path, val_of, test_of, seeds=(0, 1, 2), methods
         scored.append((split, guard))
         return {"nrmse": test_of(split, guard)}
 
-    monkeypatch.setattr(B, "_train_ours", lambda b, *a, **k: fake_train(b, "ours", *a))
-    monkeypatch.setattr(B, "_train_peer", fake_train)
-    monkeypatch.setattr(B, "_score", fake_score)
+    monkeypatch.setattr(B.models, "_train_ours", lambda b, *a, **k: fake_train(b, "ours", *a))
+    monkeypatch.setattr(B.models, "_train_peer", fake_train)
+    monkeypatch.setattr(B.models, "_score", fake_score)
     b = types.SimpleNamespace(checked={"seeds": list(seeds), "budget_min": 1.0, "methods": list(methods),
                                        "lr_default": {m: 1e-3 for m in methods},
                                        "recipes": {m: ["project"] if m == "ours" else ["project", "pdebench"]
@@ -641,7 +644,7 @@ def test_ttc_headroom_measures_each_reward_against_plain_and_oracle(smoke_run, t
 
     cfg, _ = smoke_run
     hcfg = OmegaConf.create(dict(run_dir=cfg.run_dir, members=[], split="test", n_candidates=3, perturb=0.0,
-                                 corrector="student", corrector_scale=1.0, mean=False,
+                                 corrector="student", corrector_scale=1.0, mean=False, snapshots=0,
                                  rewards=["physics", "consistency:16", "verifier"],
                                  weights={"mass": 1.0}, verifier_trajectories=8, verifier_steps=20, seed=0,
                                  num_threads=None))
@@ -664,3 +667,61 @@ def test_ttc_headroom_measures_each_reward_against_plain_and_oracle(smoke_run, t
         run_headroom(OmegaConf.merge(hcfg, {"corrector": None}))
     with pytest.raises(UserError, match="consistency:CELLS"):
         run_headroom(OmegaConf.merge(hcfg, {"rewards": ["consistency"]}))
+
+
+def _sitting(folder: Path, rows, data_path="/x/1D_Burgers_Sols_Nu0.001.hdf5", n_test=200, steps=31, curves=()):
+    """A committed results directory of one benchmark sitting (what bench/curves.py reads)."""
+    from ups_lightning.tables import write_csv
+
+    folder.mkdir(parents=True)
+    write_csv(folder / "summary.csv", [{"method": "persistence", "data_path": data_path, "n_test": n_test,
+                                         "steps": steps}], ("method",))
+    base = {"label": "x", "recipe": "project", "lr": 0.003, "guard": True, "learned": True, "train_s": 60.0,
+            "nrmse_pdebench": 0.1}
+    write_csv(folder / "runs.csv", [{**base, **r} for r in rows], ("method",))
+    if curves:
+        write_csv(folder / "curves.csv", [{**base, **r} for r in curves], ("method",))
+    return folder
+
+
+def test_learning_curves_merge_across_sittings_and_say_where_they_cross(tmp_path):
+    """A long curve completes across sittings: points of committed results directories are merged,
+    a model scored twice counts once, other data is refused, and the verdicts need 2 SE."""
+    from ups_lightning.bench.curves import merge_curves, verdicts, write_curves
+    from ups_lightning.errors import UserError
+
+    ten = [{"method": m, "seed": s, "budget_min": 10.0, "nrmse": v + 0.001 * s}
+           for m, v in (("ours", 0.16), ("fno", 0.30)) for s in (0, 1, 2)]
+    a = _sitting(tmp_path / "a", ten)
+    short = [{"method": m, "seed": 0, "budget_min": 2.5, "nrmse": v} for m, v in (("ours", 0.40), ("fno", 0.35))]
+    b = _sitting(tmp_path / "b", short, curves=short + [ten[0]])     # repeats a model of sitting a
+    rows, notes = merge_curves([], None, [a, b])
+    assert len(rows) == 8 and sum(r["budget_min"] == 10.0 and r["method"] == "ours" for r in rows) == 3
+    assert any("not counted twice" in n for n in notes)
+    assert {r["source"] for r in rows} == {str(a), str(b)}
+    said = verdicts(rows)
+    assert any(line.startswith("2.5 min") and "one seed: no winner named" in line for line in said)
+    assert any(line.startswith("10 min") and "**ours lower** beyond two standard errors" in line for line in said)
+    assert any("changes between 2.5 and 10 min" in line for line in said)
+    close = [{**r, "nrmse": 0.2 + 0.05 * r["seed"]} for r in rows if r["budget_min"] == 10.0]
+    assert any("within two standard errors" in line for line in verdicts(close))
+    paths = write_curves(tmp_path / "out", rows, [])
+    assert "changes between 2.5 and 10 min" in paths["curves_md"].read_text()
+    assert (tmp_path / "out" / "curves.csv").read_text().count("\n") == 9
+    other = _sitting(tmp_path / "c", short, n_test=100)
+    with pytest.raises(UserError, match="n_test=100"):
+        merge_curves([], None, [a, other])
+    with pytest.raises(UserError, match="runs.csv"):
+        merge_curves([], None, [tmp_path / "nowhere"])
+
+
+def test_curves_only_merges_and_trains_nothing(tmp_path, monkeypatch):
+    import ups_lightning.bench as B
+
+    a = _sitting(tmp_path / "a", [{"method": "ours", "seed": 0, "budget_min": 10.0, "nrmse": 0.2},
+                                  {"method": "fno", "seed": 0, "budget_min": 10.0, "nrmse": 0.3}])
+    monkeypatch.setattr(B, "run_methods", lambda *a: pytest.fail("curves_only trained a model"))
+    cfg = _bench_cfg(f"curves_from=[{a}]", "curves_only=true", f"out_dir={tmp_path / 'out'}")
+    out = B.run_bench(cfg, say=lambda *x: None)
+    assert len(out["curves"]) == 2 and (tmp_path / "out" / "curves.md").is_file()
+    assert "0.029" in (tmp_path / "out" / "curves.md").read_text()    # Burgers' published FNO figure

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ups_lightning import CONF_DIR
-from ups_lightning.config import STAGE_ORDER, validate_eval_config, validate_train_config
+from ups_lightning.config import validate_eval_config, validate_train_config
+from ups_lightning.stages import STAGE_ORDER
 from ups_lightning.errors import UserError
 
 TRAIN_GROUPS = ("data", "model", "stage", "stages", "optim", "trainer", "logger", "callbacks", "experiment")
@@ -137,3 +138,32 @@ def test_a_passed_through_trainer_argument_reaches_the_trainer(tmp_path):
 
     cfg = validate_train_config(_compose("train", ["+trainer.max_steps=7", f"run_dir={tmp_path}"]))
     assert build_trainer(cfg, "operator", tmp_path / "t").max_steps == 7
+
+
+def _driver_schemas():
+    from ups_lightning.bench.throughput import ThroughputSettings
+    from ups_lightning.bench.ttc_headroom import HeadroomSettings
+    from ups_lightning.proxy import ProxySettings
+    from ups_lightning.study import StudySettings
+
+    return [("proxy", ProxySettings, []), ("study", StudySettings, []),
+            ("ttc_headroom", HeadroomSettings, ["run_dir=some/run"]), ("throughput", ThroughputSettings, [])]
+
+
+def test_the_drivers_declare_their_settings_in_one_schema_each():
+    """proxy, study, ttc_headroom and throughput check their settings with the schema machinery training uses
+    (ups_lightning.schema): the shipped YAML validates, a typo, a wrong type or a number out of
+    range is "<driver> setting key=value: ..."."""
+    from ups_lightning.schema import validate
+
+    for name, cls, base in _driver_schemas():
+        assert not OmegaConf.missing_keys(validate(_compose(name, base), cls, name, f"conf/{name}.yaml"))
+        typed = {"ttc_headroom": ("seed=abc", "seed"), "throughput": ("steps=abc", "steps")}.get(name, ("out_dir=[1]", "out_dir"))
+        for bad, key in (("+bogus=1", "bogus"), typed):
+            with pytest.raises(UserError, match=rf"{name} setting {key}="):
+                validate(_compose(name, base + [bad]), cls, name, f"conf/{name}.yaml")
+    cls = dict((n, c) for n, c, _ in _driver_schemas())["ttc_headroom"]
+    with pytest.raises(UserError, match=r"ttc_headroom setting n_candidates=1 is out of range"):
+        validate(_compose("ttc_headroom", ["run_dir=r", "n_candidates=1"]), cls, "ttc_headroom", "x")
+    with pytest.raises(UserError, match=r"ttc_headroom setting split='all': expected 'train', 'val' or 'test'"):
+        validate(_compose("ttc_headroom", ["run_dir=r", "split=all"]), cls, "ttc_headroom", "x")

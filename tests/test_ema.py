@@ -1,9 +1,9 @@
-"""The weight average every stage and peer is validated and checkpointed with (lit/callbacks.EMA)."""
+"""The weight average every stage and peer is validated and checkpointed with (stages/callbacks.EMA)."""
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from ups_lightning.lit.callbacks import _ema_keeping_constants
+from ups_lightning.stages.callbacks import _ema_keeping_constants
 
 
 def _average(weights, decay, bias_correction):

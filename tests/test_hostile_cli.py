@@ -272,3 +272,28 @@ def test_a_training_command_ends_saying_where_the_run_is_and_what_to_run_next():
     assert text.startswith("trained in outputs/runs/x/dim8:") and "DID NOT LEARN" in text
     assert text.splitlines()[-1].startswith("next: python -m ups_lightning.evaluate run_dir=outputs/runs/x/dim8")
     assert "stage=all" in closing_summary("r", {"autoencoder": recs["autoencoder"]})
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS"])
+def test_a_full_or_read_only_disk_is_one_paragraph_not_a_traceback(capsys, code):
+    import errno
+    import os
+
+    from ups_lightning.errors import report_user_errors
+
+    @report_user_errors
+    def writes():
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/data/run/operator/last.ckpt")
+
+    with pytest.raises(SystemExit) as exit_:
+        writes()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert "/data/run/operator/last.ckpt" in err and "rerun the same command" in err
+
+    @report_user_errors
+    def other_fault():
+        raise FileNotFoundError(errno.ENOENT, "No such file", "x")
+
+    with pytest.raises(FileNotFoundError):    # not a disk fault: not dressed up as one
+        other_fault()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ups_lightning.lit.common import lr_factor
+from ups_lightning.stages.base import lr_factor
 
 S = dict(warmup_ratio=0.05, floor=0.05, cosine=True)
 

@@ -219,7 +219,7 @@ def test_two_channel_1d_metrics() -> None:
 
 
 def test_sample_nrmse_is_the_training_figure() -> None:
-    """sample_nrmse = the relative L2 over all but the batch axis (what lit/common computed)."""
+    """sample_nrmse = the relative L2 over all but the batch axis (what stages/base computed)."""
     pred, true = _rollout((4, 3, 16, 2), seed=5)
     dims = tuple(range(1, pred.ndim))
     ref = (pred - true).pow(2).mean(dims).sqrt() / true.pow(2).mean(dims).sqrt().clamp_min(1e-12)

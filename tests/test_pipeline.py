@@ -18,8 +18,8 @@ from ups_lightning.data.cache import build_or_load_latent_cache
 from ups_lightning.data.contract import DataContract
 from ups_lightning.data.datamodule import LatentDataModule, open_run_data, unit_coords
 from ups_lightning.errors import UserError
-from ups_lightning.lit.common import sample_nrmse
-from ups_lightning.lit.stages import STAGE_MODULES
+from ups_lightning.eval.metrics import sample_nrmse
+from ups_lightning.stages import STAGE_ORDER, UPSTREAM, get_stage
 from ups_lightning.artifacts import checkpoint_file, load_stage
 from ups_lightning.training import run
 
@@ -36,8 +36,8 @@ def test_all_stages_finish_and_log_physical_figures(smoke_run):
     cfg, records = smoke_run
     assert list(records) == ["autoencoder", "operator", "diffusion", "distill"]
     # the stage registry: each stage after its upstream, one chain
-    assert list(STAGE_MODULES) == list(records)
-    assert [(c.name, c.upstream) for c in STAGE_MODULES.values()] == [
+    assert STAGE_ORDER == list(records) and [get_stage(n).name for n in STAGE_ORDER] == STAGE_ORDER
+    assert list(UPSTREAM.items()) == [
         ("autoencoder", None), ("operator", "autoencoder"), ("diffusion", "operator"), ("distill", "diffusion")]
     # every checkpoint carries the data contract it was trained for (from the data, not a name)
     for name, rec in records.items():

@@ -17,7 +17,7 @@ from ups_lightning.errors import UserError
 from ups_lightning.inference.rewards import ConsistencyReward, make_reward, train_verifier
 from ups_lightning.inference.rollout import Physics
 from ups_lightning.pdes import get_pde
-from ups_lightning.lit.common import sample_nrmse
+from ups_lightning.eval.metrics import sample_nrmse
 
 NX, DT = 64, 0.05
 PHYSICS = Physics("burgers1d", {"nu": 0.01}, dx=1.0 / NX, dt=DT, domain_length=1.0)

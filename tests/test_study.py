@@ -149,7 +149,7 @@ def test_the_claims_table_says_yes_no_or_not_testable_from_the_figures():
 # --- snapshots: the one-run members -----------------------------------------------------------------
 def test_operator_snapshots_are_saved_from_the_evaluated_weights_and_checked_when_loaded(tmp_path):
     from ups_lightning.artifacts import load_snapshots
-    from ups_lightning.lit.callbacks import Snapshots
+    from ups_lightning.stages.callbacks import Snapshots
 
     net = torch.nn.Linear(3, 2)
     module = SimpleNamespace(operator=net)

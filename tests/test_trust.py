@@ -167,6 +167,26 @@ def test_a_tampered_latent_cache_is_encoded_again(run_copy):
     assert all(torch.isfinite(z).all() for z in fresh["z"].values())
 
 
+def test_an_edited_and_re_signed_latent_cache_is_refused_by_its_shapes(run_copy):
+    """A cache whose bytes match a re-signed sidecar but whose splits no longer fit the data (rows
+    dropped) is encoded anew, not handed to a stage that would fail mid-training."""
+    import json
+
+    from ups_lightning.atomic import sha256_file
+    from ups_lightning.data.cache import _load_verified
+
+    _, dst = run_copy
+    cache = next((dst / "latents").glob("latents-*.pt"))
+    sidecar = json.loads(cache.with_suffix(".json").read_text())
+    blob = torch.load(cache, weights_only=True)
+    sizes = {s: int(blob["z"][s].shape[0]) for s in blob["z"]}
+    assert _load_verified(cache, sidecar["fingerprint"], sizes) is not None
+    blob["z"]["train"], blob["u"]["train"] = blob["z"]["train"][1:], blob["u"]["train"][1:]
+    torch.save(blob, cache)
+    cache.with_suffix(".json").write_text(json.dumps({**sidecar, "sha256": sha256_file(cache)}))
+    assert _load_verified(cache, sidecar["fingerprint"], sizes) is None
+
+
 def test_a_refused_run_writes_nothing_and_relabels_nothing(run_copy):
     cfg, dst = run_copy
     before = {p: p.read_bytes() for p in (dst / "config.yaml", dst / "overrides.json") if p.exists()}

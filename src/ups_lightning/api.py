@@ -54,9 +54,9 @@ def load(run_dir: str | Path, upto: Optional[str] = None, guard: bool = True) ->
     """The run in ``run_dir`` up to stage ``upto`` (default: the last finished one), ready to roll
     out. ``guard=False``: a pure latent rollout (no projection, no re-encoding)."""
     from ups_lightning.data.datamodule import member_configs
-    from ups_lightning.data.pdebench import PDEBenchFile
+    from ups_lightning.data.pdebench import open_dataset, split_options
     from ups_lightning.errors import UserError
-    from ups_lightning.evaluation import Physics, build_surrogate, load_run, pinned_data, resolve_params
+    from ups_lightning.evaluation import CHECK_ROWS, EvalData, build_surrogate, file_physics, load_run, pinned_data
     from ups_lightning.inference.rollout import Guard
 
     run_dir = Path(run_dir)
@@ -68,12 +68,14 @@ def load(run_dir: str | Path, upto: Optional[str] = None, guard: bool = True) ->
     member = next(iter(members.values()))
     pin = pinned_data(records, member.pde)
     path = pin["path"] if pin and Path(pin["path"]).is_file() else member.path
-    with PDEBenchFile(path, member.reduced_resolution, member.reduced_resolution_t, member.pde) as f:
-        meta = f.meta
-
+    view = open_dataset(path, reduced_resolution=member.reduced_resolution,
+                        reduced_resolution_t=member.reduced_resolution_t, pde=member.pde, n_train=member.n_train,
+                        n_val=member.n_val, n_test=member.n_test, **split_options(member))
+    meta = view.meta
     grid = SimpleNamespace(meta=meta)    # what build_surrogate reads of a data view: its grid
-    physics = Physics(pde=meta.pde, params=resolve_params(meta, member.get("params"), "data"), dx=meta.dx,
-                      dt=meta.dt, domain_length=meta.domain_length)
+    # the domain its frames follow, checked on a few training rows (evaluation.file_physics)
+    physics = file_physics(EvalData(path, meta, torch.empty(0), "train",
+                                    view.read("train", rows=slice(0, CHECK_ROWS))), member)
     g = Guard(reencode=guard, invariants=guard)      # evaluation's default guard, or none
     sur = build_surrogate(train_cfg, module, grid, physics, g)
     return Model(run_dir=run_dir, pde=meta.pde, params=dict(physics.params), dt=float(meta.dt),

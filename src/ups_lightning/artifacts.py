@@ -5,12 +5,12 @@ record) is there. A record holds the training config the stage was trained under
 its result depends on (`config_hash`: data, model, its settings, optimiser, seed, precision and the
 exact upstream checkpoint), and its checkpoint's path *relative to the stage directory* with that
 file's sha256. So a run directory can be moved, copied and shared, and a reader can verify, from the
-records alone, that the chain autoencoder -> operator -> diffusion -> distill is the one that was
-trained together: each checkpoint's bytes match its record, and each record names its upstream's
-current checkpoint. Checkpoints are loaded with `weights_only=True`: a checkpoint is data, never code.
+records alone, that the chain of stages (``stages.chain``) is the one that was trained together:
+each checkpoint's bytes match its record, and each record names its upstream's current checkpoint. Checkpoints are loaded with
+`weights_only=True`: a checkpoint is data, never code.
 
 A run may also use another run's finished stages *by reference* (a sweep job reusing the shared
-autoencoder: `training.run` with `reuse_runs=`): `<run_dir>/references.json` maps such a stage to
+first stage: `training.run` with `reuse_runs=`): `<run_dir>/references.json` maps such a stage to
 the run directory that holds it, and `stage_dir` resolves it there. Nothing is copied or moved, and the
 records and hashes are checked across the reference exactly as within one directory.
 """
@@ -26,24 +26,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ups_lightning.atomic import atomic_write_json
-from ups_lightning.config import NEUTRAL_LATER_KEYS, STAGE_ORDER, fill_later_keys, model_overrides, stage_optim
+from ups_lightning.atomic import atomic_write_json, sha256_file  # noqa: F401 (sha256_file: part of this API)
+from ups_lightning.config import fill_later_keys, model_overrides, neutral_later_keys, stage_optim
 from ups_lightning.errors import UserError
-from ups_lightning.lit.stages import STAGE_MODULES
+from ups_lightning.stages import STAGE_ORDER, UPSTREAM, chain, get_stage, with_role
 
 DONE = "done.json"
 OVERRIDES = "overrides.json"    # the command-line overrides of the run's last training command
 REFERENCES = "references.json"  # stage -> the run directory (relative to this one) that holds it
-UPSTREAM: Dict[str, Optional[str]] = {name: cls.upstream for name, cls in STAGE_MODULES.items()}
 RECORD_KEYS = ("stage", "config_hash", "best_ckpt", "ckpt_sha256")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stage_dir(run_dir: str | Path, name: str) -> Path:
@@ -89,9 +80,9 @@ def drop_reference(run_dir: str | Path, name: str) -> None:
 
 
 def latents_dir(run_dir: str | Path) -> Path:
-    """The latent cache lives beside the autoencoder that made it, so runs sharing an autoencoder
+    """The latent cache lives beside the encoder stage that made it, so runs sharing an encoder
     share its encodings."""
-    return stage_dir(run_dir, "autoencoder").parent / "latents"
+    return stage_dir(run_dir, with_role("encoder")[0]).parent / "latents"
 
 
 # --- the command that fixes a run ----------------------------------------------------------------
@@ -170,7 +161,7 @@ def verify_checkpoint(run_dir: str | Path, name: str, record: Dict[str, Any], fi
 def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, Any]]) -> str:
     """What a stage's result depends on: data, model, its own settings, the optimiser settings it
     trains with, seed, precision, and the exact upstream checkpoint it was trained on. Keys added
-    later are left out at their neutral values (config.NEUTRAL_LATER_KEYS): older runs keep their hash."""
+    later are left out at their neutral values (config.neutral_later_keys): older runs keep their hash."""
     relevant = {
         "stage": name,
         "data": OmegaConf.to_container(cfg.data, resolve=True),
@@ -187,7 +178,7 @@ def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, A
     for k in ("batch_size", "num_workers"):
         relevant["data"].pop(k, None)
     for part, prefix in (("model", "model."), ("settings", f"stages.{name}."), ("optim", "optim.")):
-        for key, value in NEUTRAL_LATER_KEYS.items():
+        for key, value in neutral_later_keys().items():
             if not key.startswith(prefix):
                 continue
             *path, leaf = key[len(prefix):].split(".")
@@ -214,7 +205,7 @@ def verified_chain(run_dir: Path, last: str, fix: str) -> Dict[str, Dict[str, An
     bytes match, it was trained on its upstream's current checkpoint, and its config hash is the one
     its own config gives. Any break is a UserError saying which stage and the command that fixes it."""
     records: Dict[str, Dict[str, Any]] = {}
-    for name in STAGE_ORDER[: STAGE_ORDER.index(last) + 1]:
+    for name in chain(last):
         record = read_record(run_dir, name)
         if record is None:
             raise UserError(f"stage '{name}' of {run_dir} is not finished, and '{last}' builds on it. "
@@ -247,7 +238,7 @@ def load_stage(run_dir: str | Path, name: str, record: Dict[str, Any], fix: str 
     """The stage's LightningModule from its verified checkpoint, loaded as data (weights_only)."""
     path = verify_checkpoint(run_dir, name, record, fix or train_command(run_dir))
     try:
-        module = STAGE_MODULES[name].load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        module = get_stage(name).load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a checkpoint that is not ours: refused, never executed
         raise UserError(f"stage '{name}' of {run_dir}: {path} is not a checkpoint this version can load "
                         f"as plain weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
@@ -282,7 +273,7 @@ def load_snapshots(run_dir: str | Path, name: str, record: Dict[str, Any]) -> Di
     """{epoch: state_dict} of the network snapshots a stage saved (``stages.<stage>.snapshot_every``),
     each file checked against the digest its record keeps and loaded as data (weights_only). A stage
     trained without snapshots gives {}."""
-    from ups_lightning.lit.callbacks import SNAPSHOTS
+    from ups_lightning.stages.callbacks import SNAPSHOTS
 
     out: Dict[int, Dict[str, torch.Tensor]] = {}
     folder = stage_dir(run_dir, name) / SNAPSHOTS

@@ -1,12 +1,22 @@
 """Atomic writes: a temporary file beside the target, then os.replace. A reader never sees half a
-file, and an interrupted write leaves the target as it was (and no temporary file behind)."""
+file, and an interrupted write leaves the target as it was (and no temporary file behind). And the
+digest a written file is recorded and verified by (``sha256_file``)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def temp_path(path: Path) -> Path:

@@ -18,9 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 from ups_lightning.errors import UserError
 from ups_lightning.eval.leaderboard import GateConfig
 
-from ups_lightning.lit.stages import STAGE_MODULES
-
-STAGE_ORDER = tuple(STAGE_MODULES)   # the registered stages, each after its upstream
+from ups_lightning.stages import STAGE_ORDER, get_stage
+from ups_lightning.schema import check_ranges, check_settings, schema_error, settings_rules
 
 
 @dataclass
@@ -73,81 +72,6 @@ class StageSelect:
 
 
 @dataclass
-class StageOptim:
-    """One stage's own optimiser settings; each None takes the global `optim` value (stage_optim)."""
-
-    betas: Optional[List[float]] = MISSING
-    weight_decay: Optional[float] = MISSING
-    schedule: Optional[str] = MISSING
-    warmup_ratio: Optional[float] = MISSING
-    min_lr_ratio: Optional[float] = MISSING
-    grad_clip: Optional[float] = MISSING
-    ema_decay: Optional[float] = MISSING
-
-
-STAGE_OPTIM_KEYS = tuple(StageOptim.__dataclass_fields__)
-STAGE_OPTIM_INHERIT: Dict[str, Any] = {k: None for k in STAGE_OPTIM_KEYS}
-
-
-@dataclass
-class AutoencoderStage:
-    max_epochs: int = MISSING
-    max_minutes: Optional[float] = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    optim: StageOptim = field(default_factory=StageOptim)  # per-stage overrides of optim.*
-    val_frames: int = MISSING  # frames per validation trajectory (evenly spaced)
-    n_query: int = MISSING  # random query points per field in training (0: the whole grid)
-
-
-@dataclass
-class OperatorStage:
-    max_epochs: int = MISSING
-    max_minutes: Optional[float] = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    optim: StageOptim = field(default_factory=StageOptim)  # per-stage overrides of optim.*
-    rollout_steps: int = MISSING  # >1: multi-step (pushforward) loss over this many steps
-    pushforward_detach: bool = MISSING  # True: stop gradients between the unrolled steps
-    decoded_weight: float = MISSING  # weight of the decoded-space loss through the frozen decoder
-    noise_std: float = MISSING  # latent noise injection on the input state
-    relative_loss: bool = MISSING  # weigh each sample's error by 1 / its field's mean square (as nRMSE does)
-    snapshot_every: int = MISSING  # >0: save the operator's weights every this many epochs (one-run TTC members)
-
-
-@dataclass
-class DiffusionStage:
-    max_epochs: int = MISSING
-    max_minutes: Optional[float] = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    optim: StageOptim = field(default_factory=StageOptim)  # per-stage overrides of optim.*
-    sample_steps: int = MISSING  # K teacher steps at sampling time
-    val_batches: Optional[int] = MISSING  # validation batches per epoch (None: trainer.limit_val_batches)
-
-
-@dataclass
-class DistillStage:
-    max_epochs: int = MISSING
-    max_minutes: Optional[float] = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    optim: StageOptim = field(default_factory=StageOptim)  # per-stage overrides of optim.*
-    n_grid: int = MISSING  # teacher ODE grid the student is made consistent along
-    student_steps: int = MISSING  # 1 or 2 sampling steps
-    target_decay: float = MISSING  # EMA of the consistency target
-    val_batches: Optional[int] = MISSING  # validation batches per epoch (None: trainer.limit_val_batches)
-
-
-@dataclass
-class StagesConfig:
-    autoencoder: AutoencoderStage = field(default_factory=AutoencoderStage)
-    operator: OperatorStage = field(default_factory=OperatorStage)
-    diffusion: DiffusionStage = field(default_factory=DiffusionStage)
-    distill: DistillStage = field(default_factory=DistillStage)
-
-
-@dataclass
 class TrainerConfig:
     accelerator: str = MISSING
     devices: Any = MISSING
@@ -169,7 +93,7 @@ class TrainerConfig:
 class EMAConfig:
     enabled: bool = MISSING
     decay: float = MISSING
-    bias_correction: bool = MISSING  # True: Adam's bias-corrected average (lit/callbacks.EMA); conf/optim sets it
+    bias_correction: bool = MISSING  # True: Adam's bias-corrected average (stages/callbacks.EMA); conf/optim sets it
 
 
 @dataclass
@@ -213,7 +137,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stage: StageSelect = field(default_factory=StageSelect)
-    stages: StagesConfig = field(default_factory=StagesConfig)
+    stages: Any = MISSING  # each registered stage's Settings (stages_schema: built when a config is checked)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -226,21 +150,48 @@ class TrainConfig:
     experiment: Optional[str] = MISSING
 
 
+def stages_schema(names: Sequence[str]) -> type:
+    """The schema of ``stages``: one field per stage in ``names``, its ``Settings`` (imports the
+    stages' modules, so it is built when a config is checked, not when this module is imported)."""
+    from dataclasses import make_dataclass
+
+    return make_dataclass("StagesConfig", [(n, get_stage(n).Settings, field(default_factory=get_stage(n).Settings))
+                                           for n in names])
+
+
+def train_schema(cfg: DictConfig) -> DictConfig:
+    """The training schema for ``cfg``: the settings of each registered stage that ``cfg.stages``
+    holds (a run trained before a stage was added has no block for it; stage.run may not name it)."""
+    given = cfg.get("stages") if isinstance(cfg, DictConfig) else None
+    schema = OmegaConf.structured(TrainConfig)
+    schema.stages = OmegaConf.structured(stages_schema([n for n in STAGE_ORDER if given is None or n in given]))
+    return schema
+
+
 # Keys added after runs were trained without them, each with the value that means "as before": an
 # older record is read with them filled in, and a key at that value leaves a stage's config hash
-# unchanged (artifacts.stage_config_hash), so runs finished before the key existed stay valid.
+# unchanged (artifacts.stage_config_hash), so runs finished before the key existed stay valid. A
+# stage's own later keys say so in its Settings (stages.settings.setting(later=...)).
 NEUTRAL_LATER_KEYS: Dict[str, Any] = {
     "model.hidden": None, "model.heads": None, "reuse_runs": [], "trainer.val_every_n_steps": None,
-    "stages.operator.snapshot_every": 0, "optim.ema.bias_correction": False, "trainer.extra": {},
-    **{f"stages.{s}.optim": STAGE_OPTIM_INHERIT for s in STAGE_ORDER},
+    "optim.ema.bias_correction": False, "trainer.extra": {},
 }
 
 
+def neutral_later_keys() -> Dict[str, Any]:
+    """NEUTRAL_LATER_KEYS and the registered stages' later keys (``stages.<name>.<key>``)."""
+    out = dict(NEUTRAL_LATER_KEYS)
+    for name in STAGE_ORDER:
+        out.update({k: m["later"] for k, m in settings_rules(get_stage(name).Settings, f"stages.{name}")
+                    if "later" in m})
+    return out
+
+
 def fill_later_keys(cfg: DictConfig) -> DictConfig:
-    """An older run's config with the later keys at their neutral values (NEUTRAL_LATER_KEYS)."""
+    """An older run's config with the later keys at their neutral values (neutral_later_keys)."""
     cfg = cfg.copy()
     with open_dict(cfg):
-        for key, value in NEUTRAL_LATER_KEYS.items():
+        for key, value in neutral_later_keys().items():
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
             if isinstance(node, DictConfig) and leaf not in node:
@@ -288,14 +239,6 @@ def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         return compose(name, overrides=list(overrides))
 
 
-def schema_error(exc: OmegaConfBaseException, what: str, where: str) -> UserError:
-    """One paragraph from OmegaConf's multi-line message: the key, the first line, where to look."""
-    key = getattr(exc, "full_key", None) or "?"
-    first = str(getattr(exc, "msg", None) or exc).strip().splitlines()[0]
-    return UserError(f"invalid {what} config at key '{key}': {first}. Check the spelling of the key and "
-                     f"the type of its value against {where}.")
-
-
 #: lightning.Trainer arguments the project sets itself (from the setting named): not passed through
 TRAINER_MANAGED = {
     "default_root_dir": "run_dir", "max_epochs": "stages.<stage>.max_epochs", "max_time": "stages.<stage>.max_minutes",
@@ -337,13 +280,17 @@ def route_trainer_extras(cfg: DictConfig) -> DictConfig:
 def validate_train_config(cfg: DictConfig) -> DictConfig:
     """Merge the composed config onto the schema; unknown keys and wrong types become UserError."""
     cfg = route_trainer_extras(cfg)
-    schema = OmegaConf.structured(TrainConfig)
+    schema = train_schema(cfg)
     try:
         merged = OmegaConf.merge(schema, cfg)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
-        raise schema_error(exc, "training", "src/ups_lightning/config.py (the config schema) or the "
-                                            "YAML files under conf/") from None
+        key = str(getattr(exc, "full_key", "") or "")
+        stage = key.split(".")[1] if key.startswith("stages.") and key.count(".") >= 1 else None
+        where = (f"the Settings of ups_lightning/stages/ for stage {stage} (the schema of stages.{stage}) or "
+                 "conf/stages/default.yaml") if stage in STAGE_ORDER else \
+            "ups_lightning/config.py (the config schema) or the YAML files under ups_lightning/conf/"
+        raise schema_error(exc, "training", where) from None
     if not str(merged.run_dir).strip():     # Path('') is the current directory: stages would land there
         raise UserError("run_dir='' names no directory: give the training run's output directory (by default "
                         "outputs/runs/<data>/<model>).")
@@ -351,14 +298,16 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
     if unknown:
         raise UserError(
             f"stage.run lists unknown stage(s) {unknown}; known stages are {list(STAGE_ORDER)} "
-            "(pick a stage with stage=autoencoder|operator|diffusion|distill|all)."
+            f"(pick a stage with stage={'|'.join(STAGE_ORDER)}|all)."
         )
+    unset = [s for s in merged.stage.run if s not in merged.stages]
+    if unset:
+        raise UserError(f"stage.run lists {unset} but the config holds no stages.{unset[0]} settings: add its "
+                        "block to conf/stages/default.yaml (or +stages.<name>={...} on the command line).")
     if merged.model.attn_backend not in ("sdpa", "flash"):
         raise UserError(f"model.attn_backend={merged.model.attn_backend!r}: expected 'sdpa' or 'flash'.")
-    for key in ["optim.schedule", *(f"stages.{s}.optim.schedule" for s in STAGE_ORDER)]:
-        schedule = OmegaConf.select(merged, key)
-        if schedule is not None and schedule not in ("cosine", "constant"):
-            raise UserError(f"{key}={schedule!r}: expected 'cosine' or 'constant'.")
+    if merged.optim.schedule not in ("cosine", "constant"):
+        raise UserError(f"optim.schedule={merged.optim.schedule!r}: expected 'cosine' or 'constant'.")
     for key in ("logger.target", "callbacks.early_stopping", "callbacks.lr_monitor"):
         built = OmegaConf.select(merged, key)
         if built is not None and not str(built.get("_target_") or "").strip():
@@ -368,7 +317,7 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
         raw = OmegaConf.select(cfg, key)
         if raw is not None and not isinstance(raw, bool):
             raise UserError(f"{key}={raw!r}: expected true or false.")
-    if merged.optim.name != "adamw":     # the one optimiser the stages build (lit.common.ScheduledAdamW)
+    if merged.optim.name != "adamw":     # the one optimiser the stages build (stages.base.ScheduledAdamW)
         raise UserError(f"optim.name={merged.optim.name!r}: expected 'adamw', the optimiser every stage trains "
                         "with (conf/optim/adamw.yaml); no other is implemented.")
     if merged.callbacks.progress_bar not in ("rich", "tqdm", "none"):
@@ -377,11 +326,13 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
     if not (isinstance(compiled, bool) or (OmegaConf.is_list(compiled)
                                           and all(c in STAGE_ORDER for c in compiled))):
         raise UserError(f"trainer.compile={compiled!r}: expected true (every stage), false (none) or a list "
-                        f"of stage names from {list(STAGE_ORDER)}, e.g. trainer.compile=[operator].")
-    if merged.stages.distill.student_steps not in (1, 2):
-        raise UserError(f"stages.distill.student_steps={merged.stages.distill.student_steps}: expected 1 or 2.")
+                        f"of stage names from {list(STAGE_ORDER)}, e.g. trainer.compile=[{STAGE_ORDER[-1]}].")
     _check_complete(merged, "training")
     check_ranges(merged, TRAIN_RANGES)
+    for name in STAGE_ORDER:
+        check_settings(merged, get_stage(name).Settings, f"stages.{name}")
+    for key in ["optim.betas", *(f"stages.{s}.optim.betas" for s in STAGE_ORDER)]:
+        check_betas(merged, key)
     if merged.model.heads is not None and merged.model.dim % merged.model.heads:
         raise UserError(f"model.heads={merged.model.heads} must divide model.dim={merged.model.dim} (each head "
                         "gets dim / heads features); pick a divisor, or null for the rule from dim.")
@@ -445,19 +396,9 @@ TRAIN_RANGES = [
     ("data.num_workers", 0, True, None),
     *[(f"model.{k}", 1, True, None) for k in ("dim", "n_tokens", "depth", "levels", "ae_depth",
                                               "decoder_depth", "n_fourier", "diffusion_depth")],
-    *[(f"stages.{s}.{k}", 1, True, None) for s in STAGE_ORDER for k in ("max_epochs", "batch_size")],
-    *[(f"stages.{s}.{k}", 0.0, False, None) for s in STAGE_ORDER for k in ("lr", "max_minutes")],
-    *[(f"stages.{s}.val_batches", 1, True, None) for s in ("diffusion", "distill")],
-    ("stages.autoencoder.val_frames", 1, True, None), ("stages.autoencoder.n_query", 0, True, None),
-    ("stages.operator.rollout_steps", 1, True, None), ("stages.operator.decoded_weight", 0.0, True, None),
-    ("stages.operator.noise_std", 0.0, True, None), ("stages.operator.snapshot_every", 0, True, None), ("stages.diffusion.sample_steps", 1, True, None),
-    ("stages.distill.n_grid", 2, True, None), ("stages.distill.target_decay", 0.0, True, 1.0),
     ("optim.weight_decay", 0.0, True, None), ("optim.warmup_ratio", 0.0, True, 1.0),
     ("optim.min_lr_ratio", 0.0, True, 1.0), ("optim.grad_clip", 0.0, False, None),
     ("optim.accumulate", 1, True, None), ("optim.ema.decay", 0.0, True, 1.0),
-    *[(f"stages.{s}.optim.{k}", low, ok, high) for s in STAGE_ORDER for k, low, ok, high in (
-        ("weight_decay", 0.0, True, None), ("warmup_ratio", 0.0, True, 1.0), ("min_lr_ratio", 0.0, True, 1.0),
-        ("grad_clip", 0.0, False, None), ("ema_decay", 0.0, True, 1.0))],
     ("model.hidden", 1, True, None), ("model.heads", 1, True, None),
     ("seed", 0, True, 2 ** 32 - 1),      # what Lightning's seed_everything accepts
     ("trainer.num_nodes", 1, True, None), ("trainer.log_every_n_steps", 1, True, None),
@@ -467,22 +408,10 @@ TRAIN_RANGES = [
 ]
 
 
-def check_ranges(cfg: DictConfig, ranges: List[tuple]) -> None:
-    """Each listed number (None where optional) lies in its range and is finite; else a UserError
-    naming the key, the value and the range."""
-    for key, low, low_ok, high in ranges:
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (value >= low if low_ok else value > low) and (high is None or value <= high)
-        if not ok:
-            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-            raise UserError(f"setting {key}={value!r} is out of range: expected a finite number {bound}.")
-    for key in ["optim.betas", *(f"stages.{s}.optim.betas" for s in STAGE_ORDER)]:
-        betas = OmegaConf.select(cfg, key)
-        if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
-            raise UserError(f"setting {key}={list(betas)}: expected two numbers in [0, 1).")
+def check_betas(cfg: DictConfig, key: str) -> None:
+    betas = OmegaConf.select(cfg, key)
+    if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
+        raise UserError(f"setting {key}={list(betas)}: expected two numbers in [0, 1).")
 
 
 def to_container(cfg: Any) -> Dict[str, Any]:
@@ -579,8 +508,8 @@ def validate_eval_config(cfg: DictConfig) -> DictConfig:
         merged = OmegaConf.merge(OmegaConf.structured(EvaluateConfig), cfg)
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as exc:
-        raise schema_error(exc, "evaluation", "src/ups_lightning/config.py (EvaluateConfig) or "
-                                              "conf/evaluate.yaml") from None
+        raise schema_error(exc, "evaluation", "ups_lightning/config.py (EvaluateConfig) or "
+                                              "ups_lightning/conf/evaluate.yaml") from None
     if OmegaConf.is_missing(merged, "run_dir") or not str(merged.run_dir).strip():
         raise UserError("evaluate needs run_dir=DIR: the output directory of a training run "
                         "(by default outputs/runs/<data>/<model>).")

@@ -1,6 +1,7 @@
 """User-facing errors: one clear paragraph, a non-zero exit, no traceback."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 import time
@@ -14,6 +15,20 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """Bad input from the user (a file, key or setting). The message names what was wrong and
     what was expected; CLIs print it as one paragraph and exit with code 2."""
+
+
+#: file-system faults a user can mend (a full disk or quota, a read-only file system): one paragraph
+DISK_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def disk_fault_message(exc: OSError) -> str:
+    where = exc.filename or "a file"
+    fix = {errno.EROFS: "make that file system writable or point run_dir / out_dir / leaderboard elsewhere"}.get(
+        exc.errno, "free space on that file system (or point run_dir / out_dir / leaderboard elsewhere)")
+    return (f"{exc.strerror or exc} while writing {where}: {fix}, then rerun the same command. Records, "
+            "caches and reports are written to a temporary file and moved into place, so none is half-written; "
+            "finished stages are reused, and a stage that was cut off resumes from its last checkpoint (one "
+            "cut off while it was written is set aside and the stage starts over).")
 
 
 _STARTED = time.time()   # when this process imported us: a directory made later is this process's
@@ -30,6 +45,11 @@ def report_user_errors(fn: F) -> F:
         except UserError as exc:
             _drop_empty_hydra_dir()
             print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+        except OSError as exc:
+            if exc.errno not in DISK_FAULTS:
+                raise
+            print(f"error: {disk_fault_message(exc)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]

@@ -9,12 +9,13 @@ import hydra
 from omegaconf import DictConfig
 
 from ups_lightning.errors import report_user_errors
-from ups_lightning.evaluation import evaluate
 
 
 @hydra.main(config_path="pkg://ups_lightning.conf", config_name="evaluate", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
+    from ups_lightning.evaluation import evaluate   # imported when a command runs (fast completion)
+
     evaluate(cfg)
 
 

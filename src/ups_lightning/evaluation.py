@@ -29,7 +29,7 @@ from rich.table import Table
 from ups_lightning.atomic import check_writable_dir
 from ups_lightning.artifacts import (DONE, check_carried_networks, load_snapshots, load_stage, read_record, record_config, stage_dir,
                                      train_command, verified_chain)
-from ups_lightning.config import STAGE_ORDER, validate_eval_config
+from ups_lightning.config import validate_eval_config
 from ups_lightning.data.datamodule import check_frames, member_configs, resolve_params, unit_coords
 from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset, split_options
 from ups_lightning.errors import UserError
@@ -38,12 +38,25 @@ from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench, nrmse_per_fr
 from ups_lightning.inference.rollout import Guard, Physics, Surrogate, ensemble_rollout, rollout, ttc_rollout
 from ups_lightning.inference.ttc import TTCConfig
 from ups_lightning.runtime import configure_cpu
+from ups_lightning.stages import STAGE_ORDER, chain, get_stage, with_role
 
 log = logging.getLogger("ups_lightning.evaluation")
 
 # metrics copied to the leaderboard for every method, prefixed by the method's name
 PER_METHOD = ("nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "crmse", "brmse", "correlation_horizon",
               "ms_per_traj")
+
+
+# Evaluation finds stages by what they do (their ``role``), never by name: the plain rollout is the
+# stepper stage's (its row is named after it), the corrected rows the correctors'.
+STEPPER = with_role("stepper")[0]
+#: corrector (its ``corrector`` name in the evaluate settings: teacher, student) -> its stage
+CORRECTOR_STAGES = {get_stage(n).corrector: n for n in with_role("corrector")}
+
+
+def networks_upto(last: str) -> List[str]:
+    """The networks (module attributes) of the stages up to ``last``: what its rollout runs."""
+    return [net for n in chain(last) for net in get_stage(n).trains]
 
 
 def git_commit() -> str:
@@ -81,11 +94,12 @@ def load_run(run_dir: Path, stage: Optional[str] = None) -> tuple:
         saved_cfg = None
     fix = train_command(run_dir, saved_cfg)
     finished = [name for name in STAGE_ORDER if (stage_dir(run_dir, name) / DONE).exists()]
-    if "operator" not in finished or (stage is not None and stage not in finished):
-        want = stage or "operator"
+    if STEPPER not in finished or (stage is not None and stage not in finished):
+        want = stage or STEPPER
         raise UserError(
             f"run_dir={run_dir} has no finished {want} stage (finished: {finished or 'none'}); an "
-            f"evaluation needs at least the autoencoder and the operator. Train them with: {fix}")
+            f"evaluation needs at least the stages up to the {STEPPER} "
+            f"({', '.join(chain(STEPPER))}). Train them with: {fix}")
     last = stage or finished[-1]
     records = verified_chain(run_dir, last, fix)
     train_cfg = record_config(records[last], stage_dir(run_dir, last) / DONE)
@@ -96,19 +110,20 @@ def load_run(run_dir: Path, stage: Optional[str] = None) -> tuple:
 
 
 def snapshot_modules(run_dir: Path, records: Dict[str, Any], module: Any) -> List[tuple]:
-    """[(epoch, module)] of the operator snapshots the run saved (``stages.operator.snapshot_every``),
-    latest first: copies of ``module`` with the snapshot's operator weights (the one-run TTC members
-    of issue 21: the same autoencoder, earlier points of the same training). A snapshot holding the
-    module's own operator weights (the best checkpoint's epoch) is left out: it would repeat it."""
+    """[(epoch, module)] of the stepper's snapshots the run saved (``stages.<stepper>.snapshot_every``),
+    latest first: copies of ``module`` with the snapshot's stepper weights (the one-run TTC members
+    of issue 21: the same encoder, earlier points of the same training). A snapshot holding the
+    module's own stepper weights (the best checkpoint's epoch) is left out: it would repeat it."""
     import copy
 
-    own = module.operator.state_dict()
+    net = get_stage(STEPPER).trains[0]
+    own = getattr(module, net).state_dict()
     out = []
-    for epoch, state in sorted(load_snapshots(run_dir, "operator", records["operator"]).items(), reverse=True):
+    for epoch, state in sorted(load_snapshots(run_dir, STEPPER, records[STEPPER]).items(), reverse=True):
         if state.keys() == own.keys() and all(torch.equal(state[k], own[k]) for k in own):
             continue
         m = copy.deepcopy(module)
-        m.operator.load_state_dict(state)
+        getattr(m, net).load_state_dict(state)
         out.append((epoch, m.eval()))
     return out
 
@@ -121,6 +136,7 @@ class EvalData:
     meta: Any
     fields: torch.Tensor   # (n, T, X, C) physical units
     split: str
+    check_rows: Optional[np.ndarray] = None   # a few training rows: which equation form the file follows (file_physics)
 
 
 def pinned_data(records: Dict[str, Any], pde: str) -> Optional[Dict[str, Any]]:
@@ -160,7 +176,8 @@ def eval_data(d: DictConfig, path: Optional[str], split: Optional[str],
                              path, f.meta.n_samples)
     if split == "all":
         with PDEBenchFile(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
-            return EvalData(path, f.meta, torch.from_numpy(f.read(slice(None))).float(), split)
+            rows = f.read(slice(None))
+            return EvalData(path, f.meta, torch.from_numpy(rows).float(), split, rows[:CHECK_ROWS])
     sizes = {"n_train": d.n_train, "n_val": d.n_val, "n_test": d.n_test}
     if manifest is not None:   # another file with its own splits
         sizes = {f"n_{s}": r["stop"] - r["start"] for s, r in manifest["splits"].items()
@@ -181,7 +198,8 @@ def eval_data(d: DictConfig, path: Optional[str], split: Optional[str],
             raise UserError(f"{path} is not the data this run was trained on ({pin['path']}): {what}. Its "
                             f"'{split}' rows would not be the ones the run held out; restore the file and its "
                             "manifest, or score another file with data.path=FILE (its own splits) or split=all.")
-    return EvalData(path, view.meta, torch.from_numpy(view.read(split)).float(), split)
+    check = view.read("train", rows=slice(0, CHECK_ROWS)) if "train" in view.splits else None
+    return EvalData(path, view.meta, torch.from_numpy(view.read(split)).float(), split, check)
 
 
 def eval_member(train_cfg: DictConfig, path: Optional[str]) -> DictConfig:
@@ -223,19 +241,36 @@ def rollout_frames(fields: torch.Tensor, n_given: int) -> tuple:
     return fields[:, n_given - 1], fields[:, n_given:]   # u0: all the rollout ever sees
 
 
+CHECK_ROWS = 4   # rows the equation's form is checked on (pdes.fit)
+
+
 def file_physics(data: EvalData, member: DictConfig) -> Physics:
     """The equation, parameters and spacings of the scored file (parameters as the file states
-    them, the member config's only for ones it does not)."""
+    them, the member config's only for ones it does not), on the domain its frames follow: checked
+    on a few of its training rows (pdes.fit: the file's own coordinates for every file this project
+    writes, another domain where the spec knows a released layout that follows it), or a UserError
+    if none fits."""
+    from ups_lightning.pdes import get_pde
+    from ups_lightning.pdes.fit import fit_domain
+
     meta = data.meta
-    return Physics(pde=meta.pde, params=resolve_params(meta, member.get("params"), "data"), dx=meta.dx,
-                   dt=meta.dt, domain_length=meta.domain_length)
+    params = resolve_params(meta, member.get("params"), "data")
+    rows = data.check_rows if data.check_rows is not None else data.fields[:CHECK_ROWS].numpy()
+    # the last interval between given frames: the check reads no frame a rollout may not read
+    fit = fit_domain(get_pde(meta.pde), params, rows, meta.dt, meta.domain_length, str(data.path),
+                     k=max(0, min(int(member.initial_step) - 2, rows.shape[1] - 2)))
+    if fit.domain_length != meta.domain_length:
+        log.info("%s follows %s (domain length %g; misses %s): the solver, its rewards and the guard use it",
+                 data.path, fit.label, fit.domain_length, fit.describe())
+    return Physics(pde=meta.pde, params=params, dx=fit.domain_length / meta.n_x, dt=meta.dt,
+                   domain_length=fit.domain_length)
 
 
 def build_surrogate(train_cfg: DictConfig, module: Any, data: Any, physics: Physics, guard: Guard) -> Surrogate:
     """The run's module as a Surrogate on the grid and conditioning of `data`."""
     cond = module.contract.conditioning(physics.pde, physics.params, physics.dt)
-    return Surrogate(module, unit_coords(data), cond, teacher_steps=train_cfg.stages.diffusion.sample_steps,
-                     student_steps=train_cfg.stages.distill.student_steps, guard=guard, pde=physics.spec)
+    steps = {f"{c}_steps": train_cfg.stages[n][get_stage(n).steps_setting] for c, n in CORRECTOR_STAGES.items()}
+    return Surrogate(module, unit_coords(data), cond, guard=guard, pde=physics.spec, **steps)
 
 
 def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: Any,
@@ -244,8 +279,8 @@ def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: A
     snapshots, perturb, corrector, corrector_scale, mean) around ``sur``; each member run is loaded
     through the verified chain and must fit the data. A member named twice, or the evaluated run
     (``run_dir``) named as a member, is refused: it would only repeat candidates and count its
-    parameters again. ``snapshots``: the evaluated run's own latest operator snapshots join as members
-    (the same autoencoder; only their operators' parameters are extra)."""
+    parameters again. ``snapshots``: the evaluated run's own latest stepper snapshots join as members
+    (the same encoder; only their steppers' parameters are extra)."""
     from ups_lightning.inference.candidates import Proposer
 
     named = [Path(p).resolve() for p in candidates.members]
@@ -261,21 +296,22 @@ def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: A
         extra_train_s += sum(r.get("wall_clock_s") or 0.0 for r in m_records.values())
         check_fits_model(view_of, m_cfg, m_module)
         members.append(build_surrogate(m_cfg, m_module, view_of, physics, sur.guard))
-        extra_params += sum(p.numel() for part in ("autoencoder", "operator") if hasattr(m_module, part)
+        extra_params += sum(p.numel() for part in networks_upto(STEPPER) if hasattr(m_module, part)
                             for p in getattr(m_module, part).parameters())
     n_snap = int(candidates.get("snapshots") or 0)
     if n_snap:
         if run_dir is None:
             raise UserError("ttc.candidates.snapshots needs the evaluated run's directory (run_dir).")
-        # the evaluated run is already loaded and verified (sur): only its operator record is read again
-        snaps = snapshot_modules(Path(run_dir), {"operator": read_record(run_dir, "operator") or {}}, sur.m)
+        # the evaluated run is already loaded and verified (sur): only its stepper record is read again
+        snaps = snapshot_modules(Path(run_dir), {STEPPER: read_record(run_dir, STEPPER) or {}}, sur.m)
         if len(snaps) < n_snap:
-            raise UserError(f"ttc.candidates.snapshots={n_snap}: {run_dir} holds {len(snaps)} operator snapshot(s) "
-                            "besides its best operator. Train its operator with stages.operator.snapshot_every=1 "
+            raise UserError(f"ttc.candidates.snapshots={n_snap}: {run_dir} holds {len(snaps)} {STEPPER} snapshot(s) "
+                            f"besides its best {STEPPER}. Train its {STEPPER} with stages.{STEPPER}.snapshot_every=1 "
                             "(a snapshot every epoch) or ask for fewer.")
+        net = get_stage(STEPPER).trains[0]
         for _, m in snaps[:n_snap]:
             members.append(sur.with_module(m))
-            extra_params += sum(p.numel() for p in m.operator.parameters())
+            extra_params += sum(p.numel() for p in getattr(m, net).parameters())
     proposer = Proposer(members, perturb=float(candidates.perturb), corrector=candidates.corrector,
                         corrector_scale=float(candidates.corrector_scale), mean=bool(candidates.mean),
                         generator=generator)
@@ -330,11 +366,11 @@ def _ttc_baselines(cfg: DictConfig, sur: Surrogate, proposer: Any, reward: Any, 
     preds["candidates_mean"], walls["candidates_mean"] = _timed("candidates' mean", lambda: _batched(
         "candidates' mean", lambda u: bl.candidates_mean_rollout(proposer, u, steps, k), u0, B))
     if len(proposer.members) > 1:
-        # the first member's rollout is the operator row: its frames are reused, its time counted
+        # the first member's rollout is the stepper's row: its frames are reused, its time counted
         preds["members_mean"], wall = _timed("members' rollouts", lambda: _batched(
             "members' rollouts", lambda idx: bl.members_mean_rollout(
-                proposer.members, u0[idx], steps, first=preds["operator"][idx]), torch.arange(len(u0)), B))
-        walls["members_mean"] = walls["operator"] + wall
+                proposer.members, u0[idx], steps, first=preds[STEPPER][idx]), torch.arange(len(u0)), B))
+        walls["members_mean"] = walls[STEPPER] + wall
     if not reward.solver_cells:
         return
     cells = reward.solver_cells
@@ -366,9 +402,6 @@ def _ttc_baselines(cfg: DictConfig, sur: Surrogate, proposer: Any, reward: Any, 
         "solver hybrid", lambda u: hybrid(float(weight), u), u0, B))
 
 
-CORRECTOR_STAGES = {"teacher": "diffusion", "student": "distill"}
-
-
 def _scored_corrector(setting: Any, corrector: Optional[str], records: Dict[str, Any]) -> Optional[str]:
     """The corrector whose corrected and ensemble rows are scored, or None. ``corrector_rows``: true
     always, false never, auto only when the corrector's stage learned (its record: it beat doing
@@ -386,8 +419,8 @@ def _scored_corrector(setting: Any, corrector: Optional[str], records: Dict[str,
 
 def _skips_corrector_search(cfg: DictConfig, records: Dict[str, Any], extra: Dict[str, Any]) -> bool:
     """Under ``corrector_rows=auto`` a search whose extra candidates are draws of a corrector that did
-    not learn (its stage record: it did not beat the uncorrected operator step) is not run: its draws
-    are worse than the operator step, so it can only cost time (issue 21: ttc=default on eval-small
+    not learn (its stage record: it did not beat the uncorrected step) is not run: its draws
+    are worse than the plain step, so it can only cost time (issue 21: ttc=default on eval-small
     gained nothing at 5.7x the cost). ``corrector_rows=true`` runs it anyway."""
     c = cfg.ttc.candidates.corrector
     if not cfg.ttc.enabled or c is None or cfg.corrector_rows != "auto":
@@ -450,8 +483,8 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
     sol, walls["solver"] = _timed("solver", lambda: physics.spec.solve(
         u0.double().numpy(), physics.params, t_rel, domain_length=physics.domain_length))
     preds["solver"] = torch.from_numpy(sol[:, 1:]).float()
-    preds["operator"], walls["operator"] = _timed("operator rollout", lambda: _batched(
-        "operator rollout", lambda u: rollout(sur, u, steps), u0, B))
+    preds[STEPPER], walls[STEPPER] = _timed(f"{STEPPER} rollout", lambda: _batched(
+        f"{STEPPER} rollout", lambda u: rollout(sur, u, steps), u0, B))
     ens = None
     if corrector is not None:
         preds["corrected"], walls["corrected"] = _timed("corrected rollout", lambda: _batched(
@@ -479,7 +512,7 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
         extra["ttc_evals_per_step"] = float(np.mean([i["evals_per_step"] for i in infos]))
         extra["ttc_operator_step_kept"] = float(np.mean([i["operator_step_kept"] for i in infos]))
         if reward.solver_cells:   # fairness: the reward's solver on its own, from the same given frame
-            from ups_lightning.bench.solver_sweep import solve_on_grid
+            from ups_lightning.pdes.coarse import solve_on_grid
 
             n_c = reward.solver_cells
             sol, walls[f"solver_{n_c}"] = solve_on_grid(u0.double().numpy(), n_c, physics.pde, physics.params,
@@ -490,16 +523,16 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
 
     metrics: Dict[str, Dict[str, float]] = {}
     for name, pred in preds.items():
-        m = all_metrics(pred, truth, dx=physics.dx, domain_length=physics.domain_length, u0=u0,
+        m = all_metrics(pred, truth, dx=meta.dx, domain_length=meta.domain_length, u0=u0,   # the file's grid
                         ens=ens if name == "ensemble" else None)
         m["ms_per_traj"] = 1000.0 * walls[name] / n
         metrics[name] = m
-    headline = "ttc" if ttc_on else "operator"
+    headline = "ttc" if ttc_on else STEPPER
     broken = [name for name, m in metrics.items() if name != "solver" and not math.isfinite(m["nrmse"])]
     if broken:   # never a row, a plot or a champion from a model that diverged
         raise UserError(f"the rollout of {run_dir} produced non-finite fields ({', '.join(broken)}: nRMSE "
                         f"{metrics[broken[0]]['nrmse']}); nothing was recorded. Retrain the run's stages or "
-                        "evaluate an earlier stage with upto=operator.")
+                        f"evaluate an earlier stage with upto={STEPPER}.")
     row = _row(cfg, train_cfg, records, module, data, metrics, headline, steps, n, fields, preds, extra, corrector)
     row.update(pde=physics.pde, pde_params=json.dumps(physics.params))
     artifacts = _write_artifacts(run_dir, row["run_id"], preds, truth, meta, cfg.n_show)
@@ -514,11 +547,11 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
          preds: Dict[str, torch.Tensor], extra: Dict[str, Any], corrector: Optional[str]) -> Dict[str, Any]:
     train_yaml = OmegaConf.to_yaml(train_cfg)
     params = {part: sum(p.numel() for p in getattr(module, part).parameters())
-              for part in ("autoencoder", "operator", "flow", "student") if hasattr(module, part)}
-    used = params.get("autoencoder", 0) + params.get("operator", 0)
+              for part in [net for n in STAGE_ORDER for net in get_stage(n).trains] if hasattr(module, part)}
+    used = sum(params.get(part, 0) for part in networks_upto(STEPPER))
     ttc_corrector = cfg.ttc.candidates.corrector if headline == "ttc" else None
     if ttc_corrector:
-        used += params.get("flow" if ttc_corrector == "teacher" else "student", 0)
+        used += sum(params.get(part, 0) for part in get_stage(CORRECTOR_STAGES[ttc_corrector]).trains)
     if headline == "ttc":
         used += extra.get("ttc_member_params", 0)
     row: Dict[str, Any] = {
@@ -561,8 +594,8 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
     if "ttc" in metrics:
         from ups_lightning.inference.baselines import BASELINES, credited_gain
 
-        row["ttc_gain_nrmse"] = metrics["operator"]["nrmse"] - metrics["ttc"]["nrmse"]
-        row["ttc_cost_ratio"] = metrics["ttc"]["ms_per_traj"] / max(metrics["operator"]["ms_per_traj"], 1e-9)
+        row["ttc_gain_nrmse"] = metrics[STEPPER]["nrmse"] - metrics["ttc"]["nrmse"]
+        row["ttc_cost_ratio"] = metrics["ttc"]["ms_per_traj"] / max(metrics[STEPPER]["ms_per_traj"], 1e-9)
         rivals = {k: metrics[k]["nrmse"] for k in metrics if k in BASELINES or k.startswith("solver_")}
         best, gain = credited_gain(metrics["ttc"]["nrmse"], rivals)
         row["ttc_best_baseline"] = best or "none"
@@ -572,8 +605,8 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
         if rec:
             row[f"train_s_{name}"] = round(rec["wall_clock_s"], 1)
             row[f"val_nrmse_{name}"] = rec.get("best_val_nrmse")
-    last = CORRECTOR_STAGES[ttc_corrector] if ttc_corrector else "operator"   # the headline uses every stage up to it
-    used_stages = STAGE_ORDER[: STAGE_ORDER.index(last) + 1]
+    last = CORRECTOR_STAGES[ttc_corrector] if ttc_corrector else STEPPER   # the headline uses every stage up to it
+    used_stages = chain(last)
     # a stage that never beat its trivial reference: the row can never be champion (leaderboard.check_gates)
     row["not_learned"] = " ".join(n for n in used_stages if (records.get(n) or {}).get("learned") is False)
     if "ttc" in metrics:   # the search's whole training cost: the stages it runs and its members' training
@@ -589,7 +622,7 @@ def _write_artifacts(run_dir: Path, run_id: str, preds: Dict[str, torch.Tensor],
     out.mkdir(parents=True, exist_ok=True)
     curves = {name: nrmse_per_frame(p, truth).tolist() for name, p in preds.items()}
     (out / "curves.json").write_text(json.dumps(curves))
-    model_key = "ttc" if "ttc" in preds else "operator"
+    model_key = "ttc" if "ttc" in preds else STEPPER
     show = np.linspace(0, len(truth) - 1, max(1, n_show)).round().astype(int)
     np.savez_compressed(out / "samples.npz", true=truth[show].numpy(),
                         pred=preds[model_key][show].numpy(), x=np.asarray(meta.x),

@@ -16,15 +16,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ups_lightning.atomic import atomic_write_text
 from ups_lightning.config import compose_config
 from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.schema import setting, validate
 from ups_lightning.tables import format_cell, write_csv
 
 log = logging.getLogger("ups_lightning.proxy")
@@ -57,24 +59,47 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return cov / var if var > 0 else math.nan
 
 
+@dataclass
+class Protocols:
+    small: str = MISSING       # conf/experiment option of each protocol
+    full: str = MISSING
+
+
+@dataclass
+class Budgets:
+    small: float = setting(0.0, low_ok=False)   # minutes per configuration (autoencoder + operator)
+    full: float = setting(0.0, low_ok=False)
+
+
+@dataclass
+class Shares:
+    autoencoder: float = setting(0.0, low_ok=False, high=1.0)
+    operator: float = setting(0.0, low_ok=False, high=1.0)
+
+
+@dataclass
+class ProxySettings:
+    """conf/proxy.yaml: its keys, types and ranges (ups_lightning.schema)."""
+
+    experiments: Protocols = field(default_factory=Protocols)
+    budget_min: Budgets = field(default_factory=Budgets)
+    shares: Shares = field(default_factory=Shares)
+    configs: List[List[str]] = MISSING     # each a list of training overrides
+    train_overrides: List[str] = MISSING
+    out_dir: str = MISSING
+
+
 def check_config(cfg: DictConfig) -> Dict[str, Any]:
-    configs = cfg.get("configs")
-    if not configs or len(configs) < 2 or not all(isinstance(c, (list, tuple)) or OmegaConf.is_list(c)
-                                                    for c in configs):
-        raise UserError(f"proxy setting configs={configs!r}: expected a list of configurations, each a list of "
-                        "training overrides (conf/proxy.yaml ships 6; a rank correlation needs at least 2).")
-    budgets = {}
-    for p in PROTOCOLS:
-        b = OmegaConf.select(cfg, f"budget_min.{p}")
-        if not isinstance(b, (int, float)) or isinstance(b, bool) or not b > 0:
-            raise UserError(f"proxy setting budget_min.{p}={b!r}: expected minutes > 0 (autoencoder + operator).")
-        budgets[p] = float(b)
-        if not cfg.experiments.get(p):
-            raise UserError(f"proxy setting experiments.{p} is unset: name the conf/experiment option of the {p} protocol.")
-    extra = cfg.get("train_overrides")
-    if extra is None or not OmegaConf.is_list(extra):
-        raise UserError(f"proxy setting train_overrides={extra!r}: expected a list of training overrides ([] for none).")
-    return {"configs": [[str(o) for o in c] for c in configs], "budgets": budgets}
+    """The settings checked against ProxySettings; a bad one is "proxy setting key=value: ..."."""
+    merged = validate(cfg, ProxySettings, "proxy", "conf/proxy.yaml")
+    if len(merged.configs) < 2:
+        raise UserError(f"proxy setting configs={list(merged.configs)!r}: expected a list of configurations, each a "
+                        "list of training overrides (conf/proxy.yaml ships 6; a rank correlation needs at least 2).")
+    if not all(merged.experiments[p].strip() for p in PROTOCOLS):
+        raise UserError("proxy setting experiments: name the conf/experiment option of each protocol "
+                        f"({', '.join(PROTOCOLS)}).")
+    return {"configs": [[str(o) for o in c] for c in merged.configs],
+            "budgets": {p: float(merged.budget_min[p]) for p in PROTOCOLS}}
 
 
 def _train_and_validate(cfg: DictConfig, protocol: str, i: int, overrides: List[str], budget: float,

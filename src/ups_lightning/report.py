@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ups_lightning.artifacts import DONE, OVERRIDES, REFERENCES, read_record, train_command
 from ups_lightning.atomic import atomic_write_text
-from ups_lightning.config import STAGE_ORDER
+from ups_lightning.stages import STAGE_ORDER
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.eval.leaderboard import read_rows
 from ups_lightning.tables import format_cell, write_csv

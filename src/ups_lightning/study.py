@@ -31,17 +31,19 @@ import itertools
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ups_lightning.atomic import atomic_write_json, atomic_write_text
 from ups_lightning.config import compose_config, model_overrides
 from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.schema import setting, validate
 from ups_lightning.tables import format_cell, write_csv
 
 log = logging.getLogger("ups_lightning.study")
@@ -49,14 +51,41 @@ log = logging.getLogger("ups_lightning.study")
 MEMBER_KINDS = ("seeds", "snapshots")
 
 
+@dataclass
+class Epochs:
+    autoencoder: int = setting(1)    # the same for every size (docs/STUDY.md)
+    operator: int = setting(1)
+
+
+@dataclass
+class StudySettings:
+    """conf/study.yaml: its keys, types and ranges (ups_lightning.schema); check_config adds the
+    rules between keys."""
+
+    protocol: str = MISSING
+    epochs: Epochs = field(default_factory=Epochs)
+    snapshot_every: int = setting(1)
+    sizes: List[str] = MISSING
+    seeds: List[int] = MISSING
+    members: List[str] = MISSING
+    budgets: List[int] = MISSING
+    rewards: List[str] = MISSING
+    hybrid_weights: List[float] = MISSING
+    n_test: Optional[int] = setting(1)
+    eval_batch_size: int = setting(1)
+    threads: Optional[int] = setting(1)
+    train_overrides: List[str] = MISSING
+    out_dir: str = MISSING
+    report_only: bool = MISSING
+
+
 def check_config(cfg: DictConfig) -> None:
     def fail(key: str, want: str) -> None:
         raise UserError(f"study setting {key}={OmegaConf.select(cfg, key)!r}: expected {want} (conf/study.yaml).")
 
-    for stage in ("autoencoder", "operator"):
-        e = OmegaConf.select(cfg, f"epochs.{stage}")
-        if not isinstance(e, int) or isinstance(e, bool) or e < 1:
-            fail(f"epochs.{stage}", "a whole number of epochs >= 1, the same for every size")
+    if not isinstance(cfg.get("report_only"), bool):    # the schema would read "yes" as true
+        fail("report_only", "true or false")
+    validate(cfg, StudySettings, "study", "conf/study.yaml")
     if not cfg.sizes or not all(isinstance(s, str) for s in cfg.sizes):
         fail("sizes", "a list of conf/model options, e.g. [dim8, dim16, dim32, dim64]")
     from ups_lightning.config import validate_train_config
@@ -91,8 +120,6 @@ def check_config(cfg: DictConfig) -> None:
             fail("rewards", "physics or consistency:CELLS entries (the verifier is measured by bench.ttc_headroom)")
     if not any(parse_reward(r)[0] == "consistency" for r in cfg.rewards):
         fail("rewards", "at least one consistency:CELLS reward (its solver is the hybrid and solver rows' solver)")
-    if not isinstance(cfg.report_only, bool):
-        fail("report_only", "true or false")
     if not cfg.hybrid_weights or not all(isinstance(w, (int, float)) and 0 <= w <= 1 for w in cfg.hybrid_weights):
         fail("hybrid_weights", "blend weights in [0, 1] to choose the solver hybrid's among on validation")
 
@@ -306,7 +333,7 @@ class _Size:
 
 
 def _solver_alone(sp: _Split, cells: int) -> Dict[str, Any]:
-    from ups_lightning.bench.solver_sweep import solve_on_grid
+    from ups_lightning.pdes.coarse import solve_on_grid
 
     p = sp.physics
     sol, wall = solve_on_grid(sp.u0.double().numpy(), cells, p.pde, p.params, sp.t_rel, p.domain_length)

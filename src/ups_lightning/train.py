@@ -1,6 +1,8 @@
 """`python -m ups_lightning.train [model=dim64] [stage=operator|all|...] [experiment=smoke] ...`
 
 The command line of ``ups_lightning.training.run``: Hydra composes the config, the library runs it.
+The library (torch, Lightning) is imported only once a command runs, so Hydra's shell completion
+and ``--help`` answer without it.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import hydra
 from omegaconf import DictConfig
 
 from ups_lightning.errors import UserError, report_user_errors
-from ups_lightning.training import command_overrides, in_multirun, record_failed_job, run, sweep_job
 
 
 #: options that need a Hydra plugin of the `sweeps` extra: (what the command line says, plugin module)
@@ -39,6 +40,8 @@ def main() -> float:
 @hydra.main(config_path="pkg://ups_lightning.conf", config_name="train", version_base="1.3")
 @report_user_errors
 def _main(cfg: DictConfig) -> float:
+    from ups_lightning.training import command_overrides, in_multirun, record_failed_job, run, sweep_job
+
     cfg, overrides = sweep_job(cfg, command_overrides())
     try:
         records = run(cfg, overrides)
@@ -64,7 +67,9 @@ def closing_summary(run_dir: str, records: dict) -> str:
         learned = {True: "learned", False: "DID NOT LEARN (see the warning above)", None: ""}[r.get("learned")]
         lines.append(f"  {name:<12} val/nrmse {r['best_val_nrmse']:.4g} ({r.get('trivial_metric')} "
                      f"{r.get('trivial_val_nrmse') or float('nan'):.4g}) {learned}".rstrip())
-    if "operator" in records:
+    from ups_lightning.stages import with_role
+
+    if with_role("stepper")[0] in records:
         lines.append(f"next: python -m ups_lightning.evaluate run_dir={run_dir}   # test-split scores, leaderboard, report")
     else:
         lines.append(f"next: python -m ups_lightning.train stage=all run_dir={run_dir}   # the remaining stages")

@@ -29,19 +29,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ups_lightning.artifacts import (
-    DONE, UPSTREAM, add_reference, drop_reference, latents_dir, load_stage, nonfinite_tensors, read_record,
+    DONE, add_reference, drop_reference, latents_dir, load_stage, nonfinite_tensors, read_record,
     save_overrides, sha256_file, stage_config_hash, stage_dir, train_command, verify_checkpoint,
 )
 from ups_lightning.atomic import atomic_write_json, check_writable_dir
-from ups_lightning.config import STAGE_ORDER, stage_optim, validate_train_config
-from ups_lightning.data.cache import build_or_load_latent_cache
+from ups_lightning.config import stage_optim, validate_train_config
 from ups_lightning.data.pin import pin_mismatch, run_pin
-from ups_lightning.data.datamodule import FrameDataModule, LatentDataModule, open_run_data, unit_coords
+from ups_lightning.data.datamodule import open_run_data, unit_coords
 from ups_lightning.errors import UserError
-from ups_lightning.lit.callbacks import EMA, SNAPSHOTS, EagerValidation, NonFiniteLossStop, RNGState, Snapshots
-from ups_lightning.lit.common import StageModule
-from ups_lightning.lit.stages import STAGE_MODULES
 from ups_lightning.runtime import configure_cpu
+from ups_lightning.stages import STAGE_ORDER, UPSTREAM, get_stage
+from ups_lightning.stages.base import StageModule
+from ups_lightning.stages.callbacks import EMA, SNAPSHOTS, EagerValidation, NonFiniteLossStop, RNGState
 
 log = logging.getLogger("ups_lightning.training")
 
@@ -130,11 +129,13 @@ def finish_loggers(trainer: L.Trainer) -> None:
             experiment.finish()
 
 
-def build_trainer(cfg: DictConfig, name: str, out: Path, spent_s: float = 0.0) -> L.Trainer:
+def build_trainer(cfg: DictConfig, name: str, out: Path, spent_s: float = 0.0,
+                  own: Sequence[Any] = ()) -> L.Trainer:
     """The stage's Trainer writing into `out`. Besides checkpointing, early stopping and EMA, a
     non-finite training loss stops the stage (NonFiniteLossStop) and checkpoints carry the RNG
     state (RNGState), so a killed and resumed stage reproduces the uninterrupted one. ``spent_s``:
-    the stage's time before its fit, taken off its ``max_minutes`` (``time_limit``)."""
+    the stage's time before its fit, taken off its ``max_minutes`` (``time_limit``); ``own``: the
+    stage's own callbacks (``StageModule.stage_callbacks``)."""
     settings, optim = cfg.stages[name], stage_optim(cfg, name)
     callbacks: List[cb.Callback] = [NonFiniteLossStop(), RNGState(),
         cb.ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/nrmse", mode="min",
@@ -148,8 +149,7 @@ def build_trainer(cfg: DictConfig, name: str, out: Path, spent_s: float = 0.0) -
         callbacks.append(EMA(decay=optim["ema"]["decay"], bias_correction=bool(optim["ema"].get("bias_correction"))))
     if compiles(cfg.trainer.compile, name):
         callbacks.append(EagerValidation())
-    if settings.get("snapshot_every"):
-        callbacks.append(Snapshots(settings.snapshot_every, "operator", out / SNAPSHOTS))
+    callbacks += list(own)
     bar = PROGRESS_BARS[cfg.callbacks.progress_bar]
     if bar is not None:
         callbacks.append(bar())
@@ -178,7 +178,7 @@ def build_trainer(cfg: DictConfig, name: str, out: Path, spent_s: float = 0.0) -
 def _stage_module(cfg: DictConfig, name: str, contract: Any) -> StageModule:
     """The registered stage, built with the one constructor signature every stage has (and the
     optimiser settings this stage trains with)."""
-    return STAGE_MODULES[name](OmegaConf.to_container(cfg.model, resolve=True), stage_optim(cfg, name),
+    return get_stage(name)(OmegaConf.to_container(cfg.model, resolve=True), stage_optim(cfg, name),
                                OmegaConf.to_container(cfg.stages, resolve=True), contract.to_dict())
 
 
@@ -189,11 +189,11 @@ def compiles(setting: Any, stage: str) -> bool:
 
 def compile_networks(module: StageModule) -> None:
     """torch.compile the networks in place (nn.Module.compile): checkpoints keep the plain parameter
-    names, so compiled and eager runs read each other's checkpoints. The operator is called as a
-    whole, so it is compiled as one graph (its blocks sit in ModuleLists, which compiling its children
-    never reached: issue 20 measured 1.7x on the dim32 training step); the autoencoder and the flows
-    are entered through methods (encode/decode, loss/sample), so their called children are compiled.
-    Frozen upstream networks stay eager: most run only in validation, where a compile (a new graph
+    names, so compiled and eager runs read each other's checkpoints. The networks a stage trains
+    (``trains``) are compiled; a network called as a whole (``compile_whole``: the latent stepper,
+    whose blocks sit in ModuleLists, which compiling its children never reached: issue 20 measured
+    1.7x on the dim32 training step) as one graph, the others, entered through methods
+    (encode/decode, loss/sample), child by child. Frozen upstream networks stay eager: most run only in validation, where a compile (a new graph
     per batch shape) costs more of the stage's clock than it saves. On a CPU without a C++ compiler
     (inductor needs one) the stage runs eager, with a warning, instead of failing mid-stage."""
     on_cpu = all(p.device.type == "cpu" for p in module.parameters())
@@ -203,11 +203,11 @@ def compile_networks(module: StageModule) -> None:
                     "CPU; the stage trains eager. Install g++ or set CXX, or set trainer.compile=false.",
                     compiler)
         return
-    for part in ("autoencoder", "operator", "flow", "student"):
+    for part in module.trains:
         net = getattr(module, part, None)
         if net is None or not any(p.requires_grad for p in net.parameters()):
             continue
-        units = [net] if part == "operator" else [
+        units = [net] if part in module.compile_whole else [
             c for c in net.children() if not isinstance(c, (nn.ModuleList, nn.ModuleDict, nn.ParameterList))]
         for unit in units:
             unit.compile()
@@ -256,24 +256,9 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
         module = _stage_module(cfg, name, data.contract)
     except ValueError as exc:  # the networks' own checks of the model settings
         raise UserError(f"model={cfg.model.name}: {exc} Adjust the model.* settings.") from None
-    if name == "autoencoder":
-        module.set_data_context(x, data.normalizer.mean, data.normalizer.std)
-        datamodule: L.LightningDataModule = FrameDataModule(
-            cfg.data, cfg.stages.autoencoder.batch_size, cfg.stages.autoencoder.val_frames)
-    else:
-        up_module = load_stage(run_dir, UPSTREAM[name], upstream, fix)
-        cache = build_or_load_latent_cache(up_module.autoencoder, data, x, latents_dir(run_dir))
-        module.load_upstream(up_module)
-        module.set_data_context(x, data.normalizer.mean, data.normalizer.std, cache.latent_mean,
-                                cache.latent_std)
-        steps = cfg.stages.operator.rollout_steps if name == "operator" else 1
-        cond = {split: data.cond(split) for split in ("train", "val")}
-        datamodule = LatentDataModule(cache, cond, cfg.stages[name].batch_size, steps=steps,
-                                      num_workers=cfg.data.num_workers)
-        if name == "diffusion":
-            module.fit_residual_scale(datamodule.train_dataloader(shuffle=False))  # same on every rank
-        elif name == "distill":
-            module.start_from_teacher()
+    up = UPSTREAM[name]
+    up_module = load_stage(run_dir, up, upstream, fix) if up is not None else None
+    datamodule = module.prepare(cfg, data, x, up_module, latents_dir(run_dir))
 
     resume = cfg.ckpt_path
     last = attempt / "checkpoints" / "last.ckpt"
@@ -287,7 +272,7 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
             log.warning("stage %s: %s cannot be read (truncated or damaged: a kill or a full disk while it "
                         "was written); it is set aside as %s and the stage starts over", name, last, aside.name)
     prep_s = time.time() - prep_start
-    trainer = build_trainer(cfg, name, attempt, spent_s=prep_s)
+    trainer = build_trainer(cfg, name, attempt, spent_s=prep_s, own=module.stage_callbacks(attempt))
     if compiles(cfg.trainer.compile, name):
         compile_networks(module)
     start = time.time()

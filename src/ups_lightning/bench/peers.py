@@ -7,7 +7,7 @@ same wall-clock Timer and checkpoint on the best ``val/nrmse``) under one of two
 (``RECIPES``); the benchmark trains both and keeps the one better on validation:
 
 - ``project``: our stages' recipe: AdamW with warm-up + cosine fitted to the clock
-  (``lit.common.ScheduledAdamW``), the relative loss (each sample weighed as nRMSE weighs it), a
+  (``stages.base.ScheduledAdamW``), the relative loss (each sample weighed as nRMSE weighs it), a
   bias-corrected EMA and gradient clipping (conf/optim);
 - ``pdebench``: its authors' recipe (PDEBench's ``train_models_forward.py`` and
   ``config_Bgs.yaml``): Adam with weight decay 1e-4, StepLR (step 100 epochs, gamma 0.5), the
@@ -36,7 +36,7 @@ from torchmetrics import MeanMetric
 from ups_lightning.bench.fno import FNOSettings, build_fno
 from ups_lightning.bench.unet import UNetSettings, build_unet
 from ups_lightning.eval.metrics import frame_nrmse
-from ups_lightning.lit.common import ScheduledAdamW, relative_mse
+from ups_lightning.stages.base import ScheduledAdamW, relative_mse
 
 __all__ = ["PEERS", "RECIPES", "PDEBENCH_RECIPE", "PeerModule", "TrajectoryData", "rollout_peer", "predict_peer", "count_params"]
 

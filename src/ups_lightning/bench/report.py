@@ -167,8 +167,8 @@ def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str,
                         published: Sequence[Any] = ()) -> Dict[str, Path]:
     """The benchmark's files: summary.md (aggregated table with error bars, winners in words, the
     search, persistence and solver rows, the published figures), summary.csv (aggregated + fixed
-    rows), runs.csv (every scored model), lr_search.csv (every trial) and, with learning curves,
-    curves.csv and curves.png."""
+    rows), runs.csv (every scored model), lr_search.csv (every trial); with learning curves their
+    table (their files: bench/curves.write_curves)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for res in results.values() for r in res["runs"]]
@@ -223,10 +223,7 @@ def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str,
             m, sd, n = mean_std([r["nrmse"] for r in rs])
             md.append(f"| {rs[0]['label']} | {budget:g} | {n} | {m:.4f}{f' ± {sd:.4f}' if n > 1 else ''} | "
                       f"{mean_std([r['train_s'] for r in rs])[0]:.0f} |")
-        paths["curves"] = write_csv(out / "curves.csv", list(curves), ("method", "budget_min", "seed", "nrmse"))
-        png = plot_curves(curves, published, out / "curves.png")
-        if png:
-            paths["curves_png"] = png
+        md += ["", "Where they cross, the sittings and the plot: curves.md, curves.png (bench/curves.py)."]
     if published:
         md += ["", "## Published figures (not ours: another setting, never mixed with the rows above)", "",
                "| method | nRMSE (PDEBench's metric) | setting | source |", "|---|---:|---|---|"]

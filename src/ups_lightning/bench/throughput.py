@@ -31,6 +31,7 @@ import platform
 import sys
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -38,13 +39,14 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from ups_lightning.atomic import atomic_write_json
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.pdes import get_pde, registered
+from ups_lightning.schema import setting, validate
 
 log = logging.getLogger("ups_lightning.throughput")
 
@@ -269,23 +271,49 @@ def _machine(threads: int, busy_before: Optional[float]) -> Dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+@dataclass
+class RolloutSettings:
+    sizes: List[str] = MISSING
+    trajectories: int = setting(1)
+    steps: int = setting(1)
+    repeats: int = setting(1)
+    reward_cells: int = setting(3)
+    ttc_members: int = setting(2)
+
+
+@dataclass
+class ThroughputSettings:
+    """conf/throughput.yaml: its keys, types and ranges (ups_lightning.schema)."""
+
+    pde: str = MISSING
+    smoke: bool = MISSING
+    sizes: List[str] = MISSING
+    train_stages: List[str] = MISSING
+    precisions: List[str] = MISSING
+    compile: bool = MISSING
+    batch_scales: List[float] = MISSING
+    warmup_steps: int = setting(1)
+    steps: int = setting(1)
+    peak_size: int = setting(1)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    threads: Optional[int] = setting(1)
+    out: str = MISSING
+    seed: int = setting(0)
+
+
 def check_config(cfg: DictConfig) -> Dict[str, Any]:
     """The settings to run, smoke mode applied; a UserError naming a bad one."""
-    from ups_lightning.lit.stages import STAGE_MODULES
+    from ups_lightning.stages import STAGE_ORDER
 
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    settings.pop("hydra", None)
+    settings = OmegaConf.to_container(validate(cfg, ThroughputSettings, "throughput", "conf/throughput.yaml"))
     if settings["smoke"]:
         for k, v in SMOKE.items():
             settings[k] = {**settings[k], **v} if isinstance(v, dict) else v
     if settings["pde"] not in registered():
         raise UserError(f"throughput: pde={settings['pde']!r} is not an equation; choose from {sorted(registered())}.")
-    bad = [s for s in settings["train_stages"] if s not in STAGE_MODULES]
+    bad = [s for s in settings["train_stages"] if s not in STAGE_ORDER]
     if bad:
-        raise UserError(f"throughput: train_stages={bad} are not stages; choose from {list(STAGE_MODULES)}.")
-    for key in ("warmup_steps", "steps", "peak_size"):
-        if not isinstance(settings[key], int) or settings[key] < 1:
-            raise UserError(f"throughput: {key}={settings[key]!r} must be an integer >= 1.")
+        raise UserError(f"throughput: train_stages={bad} are not stages; choose from {STAGE_ORDER}.")
     if any(not isinstance(s, (int, float)) or s <= 0 for s in settings["batch_scales"]):
         raise UserError(f"throughput: batch_scales={settings['batch_scales']} must be positive numbers.")
     from ups_lightning import CONF_DIR

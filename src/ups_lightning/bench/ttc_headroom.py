@@ -21,14 +21,15 @@ Prints a table and writes ``ttc_headroom.json`` in the Hydra run directory.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import Tensor
 
 from ups_lightning.atomic import atomic_write_json
@@ -37,7 +38,8 @@ from ups_lightning.inference.candidates import Proposer
 from ups_lightning.inference.rewards import Reward, make_reward, parse_reward, save_verifier, train_verifier
 from ups_lightning.inference.rollout import Guard, ttc_rollout
 from ups_lightning.inference.ttc import TTCConfig
-from ups_lightning.lit.common import sample_nrmse
+from ups_lightning.eval.metrics import sample_nrmse
+from ups_lightning.schema import setting, validate
 
 __all__ = ["run_headroom", "candidate_errors", "rank_correlation", "Oracle"]
 
@@ -92,18 +94,37 @@ def _rollout_row(proposer: Proposer, u0: Tensor, truth: Tensor, k: int, reward: 
             "operator_step_kept": info["operator_step_kept"], "ms_per_traj": 1000.0 * wall / len(u0)}
 
 
+@dataclass
+class HeadroomSettings:
+    """conf/ttc_headroom.yaml: its keys, types and ranges (ups_lightning.schema)."""
+
+    run_dir: str = MISSING
+    members: List[str] = MISSING
+    split: str = setting(choices=("train", "val", "test"))
+    n_candidates: int = setting(2)          # the operator step and at least one more
+    perturb: float = setting(0.0)
+    corrector: Optional[str] = setting(choices=("student", "teacher"))
+    corrector_scale: float = setting(0.0)
+    mean: bool = MISSING
+    snapshots: int = setting(0)
+    rewards: List[str] = MISSING
+    weights: Dict[str, float] = MISSING
+    verifier_trajectories: int = setting(1)
+    verifier_steps: int = setting(1)
+    seed: int = setting(0)
+    num_threads: Optional[int] = setting(1)
+
+
 def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
-    from ups_lightning.bench.solver_sweep import solve_on_grid
+    from ups_lightning.pdes.coarse import solve_on_grid
     from ups_lightning.evaluation import (build_proposer, build_surrogate, check_fits_model, eval_data, eval_member,
                                           file_physics, load_run, rollout_frames)
 
     from ups_lightning.runtime import configure_cpu
 
+    cfg = validate(cfg, HeadroomSettings, "ttc_headroom", "conf/ttc_headroom.yaml")
     configure_cpu(cfg.num_threads, "num_threads")
     k = int(cfg.n_candidates)
-    if k < 2:
-        raise UserError(f"n_candidates={cfg.n_candidates}: the search needs the operator step and at least "
-                        "one more candidate (n_candidates >= 2).")
     rewards = [parse_reward(r) for r in cfg.rewards]
     train_cfg, _, module = load_run(Path(cfg.run_dir))
     member = eval_member(train_cfg, None)

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ups_lightning.artifacts import sha256_file
+from ups_lightning.atomic import sha256_file
 from ups_lightning.atomic import atomic_torch_save, atomic_write_json
 from ups_lightning.errors import UserError
 
@@ -72,9 +72,22 @@ def cache_path(cache_dir: Path, fingerprint: str) -> Path:
     return Path(cache_dir) / f"latents-{fingerprint[:16]}.pt"
 
 
-def _load_verified(path: Path, fingerprint: str) -> Optional[LatentCache]:
-    """The cache at `path` if its bytes match the sha256 of its sidecar and every tensor is finite;
-    else None (with the reason in the log), and the caller encodes it anew."""
+def _check_shapes(blob: Dict[str, Any], sizes: Dict[str, int]) -> None:
+    """Every split holds its rows (``sizes``), latents and fields the same frames, the statistics
+    one value per latent channel: a cache edited and re-signed is refused here, not mid-training."""
+    dim = blob["latent_mean"].shape
+    for split in SPLITS:
+        z, u = blob["z"][split], blob["u"][split]
+        if z.ndim < 3 or z.shape[0] != sizes.get(split, z.shape[0]) or u.shape[:2] != z.shape[:2] \
+                or blob["latent_std"].shape != dim or tuple(dim) != tuple(z.shape[-1:]):
+            raise ValueError(f"its {split} split holds latents {tuple(z.shape)} and fields {tuple(u.shape)} "
+                             f"(statistics {tuple(dim)}), not {sizes.get(split)} rows of matching frames")
+
+
+def _load_verified(path: Path, fingerprint: str, sizes: Optional[Dict[str, int]] = None) -> Optional[LatentCache]:
+    """The cache at `path` if its bytes match the sha256 of its sidecar, every tensor is finite and
+    the shapes fit the data (``sizes``: rows per split); else None (with the reason in the log), and
+    the caller encodes it anew."""
     if not path.exists():
         return None
     try:
@@ -86,6 +99,7 @@ def _load_verified(path: Path, fingerprint: str) -> Optional[LatentCache]:
         tensors = [*blob["z"].values(), *blob["u"].values(), blob["latent_mean"], blob["latent_std"]]
         if blob.get("fingerprint") != fingerprint or not all(torch.isfinite(t).all() for t in tensors):
             raise ValueError("it holds NaN/Inf or another fingerprint")
+        _check_shapes(blob, sizes or {})
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
         log.warning("latent cache %s is not usable (%s): encoding it anew", path, exc)
         return None
@@ -107,7 +121,7 @@ def build_or_load_latent_cache(
         (module_fingerprint(autoencoder) + data_fingerprint(view)).encode()
     ).hexdigest()
     path = cache_path(cache_dir, fingerprint)
-    cached = _load_verified(path, fingerprint)
+    cached = _load_verified(path, fingerprint, view.sizes())
     if cached is not None:
         return cached
     log.info("encoding every frame of every split into %s", path)

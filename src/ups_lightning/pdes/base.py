@@ -106,6 +106,20 @@ def solver_rows(u0, who: str) -> tuple:
     return u, squeeze
 
 
+def solver_fields_2d(w0, channels: int, who: str) -> tuple:
+    """``w0`` (B, Y, X, channels) or (Y, X, channels) as a float64 copy (B, Y, X, channels), and
+    whether it was one state; refuses other shapes, grids under 2 x 2 and non-finite values."""
+    w = np.array(w0, dtype=np.float64, copy=True)
+    squeeze = w.ndim == 3
+    if squeeze:
+        w = w[None]
+    if w.ndim != 4 or w.shape[-1] != channels or min(w.shape[1:3]) < 2:
+        raise ValueError(f"{who}: the initial state must be (B, Y, X, {channels}) with Y, X >= 2, got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError(f"{who}: the initial state has non-finite values")
+    return w, squeeze
+
+
 def check_save_times(t_save, who: str) -> np.ndarray:
     t = np.asarray(t_save, dtype=np.float64)
     if t.ndim != 1 or t.size == 0 or not np.isfinite(t).all() or t[0] != 0.0 or np.any(np.diff(t) <= 0):
@@ -219,6 +233,13 @@ class PDE:
         0): (B, len(t_save), X, C) float64, frame 0 = u0. Row-local: a row's result never depends
         on the other rows of its batch."""
         raise NotImplementedError
+
+    def domain_forms(self, file_length: float) -> list:
+        """[(what it is, domain length)] of the physical domains a file of this equation may follow,
+        its coordinates spanning ``file_length``: the file's own first. ``pdes.fit.fit_domain`` picks
+        the one whose solver step reproduces the file's frames (a spec adds a released layout whose
+        stored coordinates are not the ones its data was solved on)."""
+        return [("the file's coordinates", float(file_length))]
 
     def scalar_solve_inputs(self, u0: np.ndarray, params: Mapping[str, float]) -> tuple:
         """For a one-field equation's ``solve``: ``u0`` (B, X, 1) as (B, X) and the checked

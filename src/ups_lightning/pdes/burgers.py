@@ -352,6 +352,16 @@ class Burgers1D(PDE):
         seeds = np.asarray(seeds).reshape(-1)
         return init_multi(seeds.size, nx, seeds)[..., None]
 
+    def domain_forms(self, file_length):
+        """PDEBench's released Burgers files store x in (-1, 1) while its generation config of the
+        same version solves on (0, 1) (PDEBench issue #51): the unit interval is the second form,
+        and the file's frames decide (pdes.fit)."""
+        forms = super().domain_forms(file_length)
+        if not math.isclose(float(file_length), 1.0, rel_tol=1e-6):
+            forms.append(("the unit interval (PDEBench's Burgers generation; its released files store x in "
+                          "(-1, 1): PDEBench issue #51)", 1.0))
+        return forms
+
     def solve(self, u0, params, t_save, domain_length=1.0):
         u0 = np.asarray(u0)
         return solve_burgers(u0[..., 0], float(params["nu"]), t_save, domain_length)[..., None]

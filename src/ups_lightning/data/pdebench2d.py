@@ -1,0 +1,171 @@
+"""PDEBench's 2D file layouts, read unchanged and lazily (issue 25; not yet wired into training).
+
+Two layouts, told apart by the file's top-level keys:
+
+- **groups** (``2D_diff-react_NA_NA.h5``, ``2D_rdb_NA_NA.h5``): one group per sample named by its
+  seed (``0000``, ``0001``, ...), each with ``data`` (T, X, Y, C) and ``grid/x``, ``grid/y``,
+  ``grid/t``; every sample on the same grid (checked on the first and the last).
+- **fields** (the 2D CFD files, ``2D_CFD_*.hdf5``): one dataset per field, ``density``, ``pressure``,
+  ``Vx``, ``Vy``, each (N, T, X, Y), with ``x-coordinate``, ``y-coordinate``, ``t-coordinate``
+  (which may hold one more entry than there are frames, as in the 1D releases).
+
+Both read as (n, T, X, Y, C) float32 with PDEBench's reduction (a stride in x, y and t), the axis
+order of PDEBench's own loaders (time, then x, then y, then the fields). A bad file is a UserError
+naming it and what was expected.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List, Sequence
+
+import h5py
+import numpy as np
+
+from ups_lightning.data.pdebench import _check_reduction, _uniform_step
+from ups_lightning.errors import UserError
+
+__all__ = ["CFD_FIELDS", "Grid2DMeta", "PDEBench2DFile"]
+
+CFD_FIELDS = ("density", "pressure", "Vx", "Vy")
+
+
+@dataclass(frozen=True, eq=False)
+class Grid2DMeta:
+    """What a 2D file holds after reduction: cell centres ``x``, ``y``, frame times ``t``."""
+
+    path: str
+    layout: str                 # groups | fields
+    fields: tuple               # channel names, in channel order
+    n_samples: int
+    n_t: int
+    n_x: int
+    n_y: int
+    x: np.ndarray
+    y: np.ndarray
+    t: np.ndarray
+    dx: float
+    dy: float
+    dt: float
+    reduced_resolution: int = 1
+    reduced_resolution_t: int = 1
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.fields)
+
+    @property
+    def shape(self) -> tuple:
+        return (self.n_samples, self.n_t, self.n_x, self.n_y, self.n_channels)
+
+
+def _numbers(h5: Any, key: str, path: str) -> np.ndarray:
+    if key not in h5 or not isinstance(h5[key], h5py.Dataset):
+        raise UserError(f"{path}: no dataset {key!r}; a PDEBench 2D file holds it beside the fields.")
+    try:
+        return np.asarray(h5[key][...], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: dataset {key!r} does not hold numbers ({exc}).") from None
+
+
+class PDEBench2DFile:
+    """An open 2D PDEBench file (context manager): ``.meta`` and ``.read(indices)``."""
+
+    def __init__(self, path: str | os.PathLike, reduced_resolution: int = 1, reduced_resolution_t: int = 1) -> None:
+        self.path = str(path)
+        self.rr = _check_reduction("reduced_resolution", reduced_resolution)
+        self.rt = _check_reduction("reduced_resolution_t", reduced_resolution_t)
+        if not os.path.isfile(self.path):
+            raise UserError(f"{self.path}: no such file.")
+        try:
+            self.h5 = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise UserError(f"{self.path} is not a readable HDF5 file ({exc}).") from None
+        try:
+            self.meta = self._read_meta()
+        except BaseException:
+            self.h5.close()
+            raise
+
+    # -- layout and grid ---------------------------------------------------------------------
+    def _read_meta(self) -> Grid2DMeta:
+        keys = sorted(self.h5.keys())
+        samples = [k for k in keys if k.isdigit() and isinstance(self.h5[k], h5py.Group)]
+        if samples:
+            return self._groups_meta(samples)
+        if all(f in self.h5 for f in CFD_FIELDS):
+            return self._fields_meta()
+        raise UserError(f"{self.path}: neither of PDEBench's 2D layouts: expected groups named by sample "
+                        f"('0000/data', '0000/grid/x', ...) or the datasets {', '.join(CFD_FIELDS)} with "
+                        f"x-, y- and t-coordinate; found {', '.join(keys[:8]) or 'nothing'}.")
+
+    def _grid(self, layout: str, fields: tuple, n: int, shape: Sequence[int], x, y, t) -> Grid2DMeta:
+        n_t, n_x, n_y = shape
+        if x.size != n_x or y.size != n_y:
+            raise UserError(f"{self.path}: the grid has {x.size} x and {y.size} y coordinates but the data "
+                            f"{n_x} x {n_y} cells.")
+        if t.size not in (n_t, n_t + 1):
+            raise UserError(f"{self.path}: {t.size} times for {n_t} frames.")
+        x, y, t = x[:: self.rr], y[:: self.rr], t[:n_t][:: self.rt]
+        if min(x.size, y.size) < 2 or t.size < 2:
+            raise UserError(f"{self.path}: reduced_resolution={self.rr}, reduced_resolution_t={self.rt} leave "
+                            f"{x.size} x {y.size} cells and {t.size} frames; need at least 2 of each.")
+        return Grid2DMeta(self.path, layout, fields, n, t.size, x.size, y.size, x, y, t,
+                          _uniform_step(x, "x", self.path), _uniform_step(y, "y", self.path),
+                          _uniform_step(t, "t", self.path), self.rr, self.rt)
+
+    def _groups_meta(self, samples: List[str]) -> Grid2DMeta:
+        self.samples = samples
+        first = self._group_data(samples[0])
+        if first.ndim != 4:
+            raise UserError(f"{self.path}: {samples[0]}/data has shape {first.shape}; expected (T, X, Y, C).")
+        last = self._group_data(samples[-1])
+        if last.shape != first.shape:
+            raise UserError(f"{self.path}: samples {samples[0]} and {samples[-1]} have data of shapes {first.shape} "
+                            f"and {last.shape}; every sample must be on one grid.")
+        g = self.h5[samples[0]]
+        coords = [_numbers(g, f"grid/{c}", f"{self.path}:{samples[0]}") for c in ("x", "y", "t")]
+        fields = tuple(f"field{c}" for c in range(first.shape[-1]))
+        return self._grid("groups", fields, len(samples), first.shape[:3], *coords)
+
+    def _group_data(self, name: str) -> Any:
+        g = self.h5[name]
+        if "data" not in g or not isinstance(g["data"], h5py.Dataset):
+            raise UserError(f"{self.path}: sample group {name!r} has no 'data' dataset (keys: {sorted(g.keys())}).")
+        return g["data"]
+
+    def _fields_meta(self) -> Grid2DMeta:
+        shapes = {f: self.h5[f].shape for f in CFD_FIELDS}
+        if len(set(shapes.values())) != 1 or len(shapes["density"]) != 4:
+            raise UserError(f"{self.path}: the fields must share one (N, T, X, Y) shape; found "
+                            + ", ".join(f"{f} {s}" for f, s in shapes.items()) + ".")
+        n, *rest = shapes["density"]
+        coords = [_numbers(self.h5, f"{c}-coordinate", self.path) for c in ("x", "y", "t")]
+        return self._grid("fields", CFD_FIELDS, n, rest, *coords)
+
+    # -- rows ---------------------------------------------------------------------------------
+    def read(self, indices: Any = slice(None)) -> np.ndarray:
+        """Rows ``indices`` (slice, int or list) as (n, T, X, Y, C) float32, reduced; a row holding
+        NaN/Inf is a UserError naming it."""
+        m = self.meta
+        idx = np.arange(m.n_samples)[indices].reshape(-1)
+        t_end = m.n_t * self.rt
+        out = np.empty((idx.size, m.n_t, m.n_x, m.n_y, m.n_channels), dtype=np.float32)
+        for j, i in enumerate(idx):
+            if m.layout == "groups":
+                raw = self._group_data(self.samples[i])[:t_end:self.rt, :: self.rr, :: self.rr, :]
+            else:
+                raw = np.stack([self.h5[f][i, :t_end:self.rt, :: self.rr, :: self.rr] for f in CFD_FIELDS], -1)
+            out[j] = raw
+            if not np.isfinite(out[j]).all():
+                raise UserError(f"{self.path}: sample {i} holds NaN/Inf values.")
+        return out
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __enter__(self) -> "PDEBench2DFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
