@@ -68,7 +68,9 @@ def read_sitting(folder: str | Path) -> Tuple[List[Dict[str, Any]], Dict[str, An
         if _key(r) in seen:   # curves.csv repeats the main table's models at its budget
             continue
         seen.add(_key(r))
-        out.append({**{k: r.get(k) for k in CURVE_COLUMNS}, "source": str(d)})
+        # a point this sitting merged from an earlier one keeps that sitting as its source
+        own = r.get("source") in (None, "", "this run")
+        out.append({**{k: r.get(k) for k in CURVE_COLUMNS}, "source": str(d) if own else r["source"]})
     return out, common
 
 
