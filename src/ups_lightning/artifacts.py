@@ -177,8 +177,9 @@ def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, A
         relevant["trainer_extra"] = OmegaConf.to_container(extra, resolve=True)
     for k in ("batch_size", "num_workers"):
         relevant["data"].pop(k, None)
+    later = neutral_later_keys()
     for part, prefix in (("model", "model."), ("settings", f"stages.{name}."), ("optim", "optim.")):
-        for key, value in neutral_later_keys().items():
+        for key, value in later.items():
             if not key.startswith(prefix):
                 continue
             *path, leaf = key[len(prefix):].split(".")

@@ -54,9 +54,10 @@ STEPPER = with_role("stepper")[0]
 CORRECTOR_STAGES = {get_stage(n).corrector: n for n in with_role("corrector")}
 
 
-def networks_upto(last: str) -> List[str]:
-    """The networks (module attributes) of the stages up to ``last``: what its rollout runs."""
-    return [net for n in chain(last) for net in get_stage(n).trains]
+def networks_upto(last: Optional[str] = None) -> List[str]:
+    """The networks (module attributes) of the stages up to ``last`` (what its rollout runs), or of
+    every registered stage."""
+    return [net for n in (STAGE_ORDER if last is None else chain(last)) for net in get_stage(n).trains]
 
 
 def git_commit() -> str:
@@ -547,7 +548,7 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
          preds: Dict[str, torch.Tensor], extra: Dict[str, Any], corrector: Optional[str]) -> Dict[str, Any]:
     train_yaml = OmegaConf.to_yaml(train_cfg)
     params = {part: sum(p.numel() for p in getattr(module, part).parameters())
-              for part in [net for n in STAGE_ORDER for net in get_stage(n).trains] if hasattr(module, part)}
+              for part in networks_upto() if hasattr(module, part)}
     used = sum(params.get(part, 0) for part in networks_upto(STEPPER))
     ttc_corrector = cfg.ttc.candidates.corrector if headline == "ttc" else None
     if ttc_corrector:
