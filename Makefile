@@ -33,10 +33,10 @@ test-slow: setup
 	PYTHONDONTWRITEBYTECODE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 eval-small: setup
-	$(BIN)/python -m ups_lightning.pipeline small $(if $(DATA),data=$(DATA))
+	$(BIN)/python -m ups_lightning.pipeline experiment=eval_small $(if $(DATA),data=$(DATA))
 
 eval-full: setup
-	$(BIN)/python -m ups_lightning.pipeline full $(if $(DATA),data=$(DATA))
+	$(BIN)/python -m ups_lightning.pipeline experiment=eval_full $(if $(DATA),data=$(DATA))
 
 # BUDGET=<minutes per learned model>, SEEDS=<n training seeds>, DATA=<data config: burgers1d (default),
 # advection1d, reacdiff1d>, BENCH_ARGS=<more overrides>; the data is made when missing

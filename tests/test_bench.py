@@ -5,6 +5,7 @@ from __future__ import annotations
 from ups_lightning import CONF_DIR
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -185,11 +186,12 @@ def test_pdebench_recipe_is_adam_steplr_summed_mse_without_ema_or_clipping(tiny_
             per_frame.append(torch.mean((nxt - traj[:, t]) ** 2))
             window = torch.cat([window[:, 1:], nxt.unsqueeze(1)], dim=1)
     assert float(summed.detach()) == pytest.approx(float(torch.stack(per_frame).sum()), rel=1e-5)
-    # through the bench: the Trainer of a pdebench model has no EMA and no clipping, the project's has both
+    # through the bench: the Trainer of a pdebench model has no EMA, no clipping and no early stop (it
+    # trains to its clock and keeps its best on validation); the project's has all three
     seen = {}
 
     def fake_build_trainer(tcfg, name, out, spent_s=0.0):
-        seen[name] = (bool(tcfg.optim.ema.enabled), tcfg.optim.grad_clip)
+        seen[name] = (bool(tcfg.optim.ema.enabled), tcfg.optim.grad_clip, tcfg.callbacks.early_stopping is not None)
         raise RuntimeError("stop here")
 
     import ups_lightning.training as T
@@ -203,10 +205,10 @@ def test_pdebench_recipe_is_adam_steplr_summed_mse_without_ema_or_clipping(tiny_
         for recipe in ("pdebench", "project"):
             with pytest.raises(RuntimeError, match="stop here"):
                 B.models._train_peer(b, "fno", recipe, 1e-3, 0, 0.1, tmp_path / recipe)
-            assert seen.pop("peer") == ((False, None) if recipe == "pdebench" else (True, cfg.optim.grad_clip))
+            assert seen.pop("peer") == ((False, None, False) if recipe == "pdebench" else (True, cfg.optim.grad_clip, True))
     finally:
         T.build_trainer = orig
-    assert cfg.optim.ema.enabled and cfg.optim.grad_clip     # the shared config is left as it was
+    assert cfg.optim.ema.enabled and cfg.optim.grad_clip and cfg.callbacks.early_stopping   # left as it was
 
 
 def test_one_clock_counts_a_stage_preparation_in_its_budget():
@@ -467,6 +469,13 @@ def test_bench_of_peers_writes_summary_and_reuses_models(tiny_burgers_file, tmp_
     assert {c["budget_min"] for c in curves} == {0.01, 0.02} and len({c["method"] for c in curves}) == 1
     assert sum(c["budget_min"] == 0.02 for c in curves) == 2 and (tmp_path / "curves.csv").exists()
     assert (tmp_path / "curves.png").stat().st_size > 0
+    # provenance.json (the one results layout): the command, the commit, and test scored once per row
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["driver"] == "bench" and prov["git_commit"] and prov["seeds"] == [0, 1]
+    assert prov["settings"]["budget_min"] == 0.02 and "python" in prov["command"]
+    extra_points = sum(c["budget_min"] != 0.02 for c in curves)      # the curve's other budget: its own models
+    assert prov["test_scored"] == len(out["fixed"]) + sum(len(r["runs"]) for r in out["results"].values()) + extra_points
+    assert prov["splits_scored"]["val"] == 2 * 4                       # the guard, both ways, per model
     # a second run reuses every finished model
     out2 = run_bench(cfg, say=lambda *a: None)
     assert [r["nrmse"] for r in out2["results"]["fno"]["runs"]] == [r["nrmse"] for r in out["results"]["fno"]["runs"]]

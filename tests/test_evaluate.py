@@ -179,8 +179,10 @@ def test_ttc_with_the_operator_as_its_only_candidate_is_the_plain_rollout(smoke_
     assert info["evals_per_step"] == 1.0 and info["operator_step_kept"] == 1.0
     # corrector draws as the extra candidates: the search takes some of them
     draws = Proposer([sur], corrector="student", generator=torch.Generator().manual_seed(0))
-    with_corrections, info = ttc_rollout(draws, u0, 3, TTCConfig(n_candidates=4, beam_width=1), reward)
-    assert info["operator_step_kept"] < 1.0 and info["evals_per_step"] == 4.0
+    ticks = []   # the progress bar's hook: once per step
+    with_corrections, info = ttc_rollout(draws, u0, 3, TTCConfig(n_candidates=4, beam_width=1), reward,
+                                         on_step=lambda: ticks.append(1))
+    assert info["operator_step_kept"] < 1.0 and info["evals_per_step"] == 4.0 and len(ticks) == 3
     # extra candidates that can only repeat the operator step are refused, naming the setting
     with pytest.raises(UserError, match="ttc.n_candidates=2"):
         ttc_rollout(Proposer([sur]), u0, 3, TTCConfig(n_candidates=2, beam_width=1), reward)

@@ -297,3 +297,65 @@ def test_a_full_or_read_only_disk_is_one_paragraph_not_a_traceback(capsys, code)
 
     with pytest.raises(FileNotFoundError):    # not a disk fault: not dressed up as one
         other_fault()
+
+
+def test_messages_name_the_console_script_a_user_started(monkeypatch):
+    """An installed user who typed `ups-train ...` is told `ups-evaluate ...`, not `python -m ...`;
+    from a checkout (`python -m`, make) the module form stays. The scripts are the package's own."""
+    from importlib.metadata import entry_points
+
+    from ups_lightning import errors
+    from ups_lightning.train import closing_summary
+
+    recs = {"operator": {"best_val_nrmse": 0.5, "trivial_metric": "val/nrmse_persistence", "trivial_val_nrmse": 0.9,
+                         "learned": True}}
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/python -m", "x"])
+    assert errors.command("ups_lightning.evaluate") == "python -m ups_lightning.evaluate"
+    ours = {ep.name for ep in entry_points(group="console_scripts") if ep.value.startswith("ups_lightning")}
+    if not ours:
+        pytest.skip("the package is not installed here (no console-script metadata)")
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/ups-train", "stage=all"])
+    assert errors.command("ups_lightning.evaluate") == "ups-evaluate"
+    assert errors.command("ups_lightning.bench") == "ups-bench"              # bench's script runs __main__
+    assert closing_summary("r", recs).splitlines()[-1].startswith("next: ups-evaluate run_dir=r")
+    assert errors.command("ups_lightning.not_a_command") == "python -m ups_lightning.not_a_command"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "needs one experiment"),
+    (["medium"], "is not a key=value override"),
+    (["experiment=smoke"], "needs one experiment"),
+    (["small", "experiment=eval_full"], "needs one experiment"),
+    (["experiment=eval_small", "stages.operator.bogus=1"], "pipeline overrides"),
+])
+def test_the_pipeline_takes_key_value_overrides_and_refuses_the_rest(argv, needle, capsys, tmp_path, monkeypatch):
+    from ups_lightning import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "_step", lambda *a: pytest.fail("a step ran after a bad argument"))
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and needle in err and "Traceback" not in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+    # the shorthands and the key=value form mean the same
+    assert pipeline.train_overrides(["small", "data=advection1d"]) == ["experiment=eval_small", "data=advection1d"]
+    assert pipeline.train_overrides(["experiment=eval_full"]) == ["experiment=eval_full"]
+
+
+def test_evaluation_and_the_search_draw_progress_bars_where_asked(capsys):
+    """progress_bar=tqdm draws a bar over a mode's trajectories; auto off a terminal (pytest's captured
+    stderr) and none draw nothing; the TTC rollout reports every step to its bar."""
+    import torch
+
+    from ups_lightning.evaluation import _batched
+    from ups_lightning.progress import progress_bar
+
+    u0 = torch.zeros(10, 4, 1)
+    for mode, drawn in (("tqdm", True), ("auto", False), ("none", False)):
+        out = _batched("operator rollout", lambda u: u * 2, u0, 4, bar=mode)
+        assert out.shape == u0.shape
+        err = capsys.readouterr().err
+        assert ("operator rollout" in err and "/10" in err) is drawn, (mode, err)
+    with pytest.raises(ValueError, match="progress bar mode"):
+        progress_bar("x", 1, "traj", "rich")

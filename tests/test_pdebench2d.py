@@ -100,3 +100,20 @@ def test_a_sample_holding_nan_is_named(tmp_path):
         f.read([0, 1])
         with pytest.raises(UserError, match="sample 2 holds NaN"):
             f.read(2)
+
+
+def test_inspect_shows_both_2d_layouts_and_checks_their_values(tmp_path, capsys):
+    from ups_lightning.data import inspect as I
+
+    assert I.main([str(_groups(tmp_path / "g.h5")), "--full"]) == 0
+    out = capsys.readouterr().out
+    assert "PDEBench 2D, one group per sample (groups)" in out and "(N, T, X, Y, C) = (3, 11, 8, 6, 2)" in out
+    assert "finite over 3 of 3 rows: OK" in out and "dt = 0.1" in out
+    assert I.main([str(_fields(tmp_path / "f.h5")), "--reduced-resolution", "2", "--rows", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "one dataset per field (fields); fields density, pressure, Vx, Vy" in out
+    assert "(N, T, X, Y, C) = (2, 11, 4, 3, 4)" in out and "finite over 2 of 2 rows" in out   # first and last
+    with pytest.raises(SystemExit) as exit_:
+        I.main([str(_groups(tmp_path / "nan.h5", nan_in=1)), "--full"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "sample 1 holds NaN/Inf" in err and "Traceback" not in err

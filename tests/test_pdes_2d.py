@@ -132,3 +132,69 @@ def test_the_radial_dam_keeps_its_mass_symmetry_and_positive_depth():
     np.testing.assert_allclose(h, h[::-1, ::-1], atol=1e-10)             # and about the centre
     alone = solve_swe2d(q0, np.linspace(0.0, 1.0, 6))
     assert np.array_equal(alone, sol[0])                                 # each row at its own steps
+
+
+# --- the spec modules: PDEBench's parameters and recipes, the solvers behind one interface ---------
+def test_the_2d_specs_follow_pdebenchs_recipes_and_call_their_solvers():
+    from ups_lightning.pdes.reacdiff2d import ReactionDiffusion2D
+    from ups_lightning.pdes.swe2d import ShallowWater2D
+
+    fhn, swe = ReactionDiffusion2D(), ShallowWater2D()
+    assert fhn.spatial_dims == swe.spatial_dims == 2 and fhn.fields == ("u", "v") and swe.fields == ("h",)
+    assert fhn.default_params() == PARAMS and swe.default_params() == {"g": 1.0}
+    w0 = fhn.initial_conditions([4, 5], (6, 8))
+    assert w0.shape == (2, 6, 8, 2) and np.array_equal(w0[1], initial_noise(5, 6, 8))   # one seed per row
+    t = [0.0, 0.05, 0.1]
+    np.testing.assert_array_equal(fhn.solve(w0, PARAMS, t), solve_fhn2d(w0, t))
+    h0 = swe.initial_conditions([0, 1], (16, 16))
+    assert h0.shape == (2, 16, 16, 1) and set(np.unique(h0)) == {1.0, 2.0}
+    np.testing.assert_array_equal(h0[0], dam_break_state(dam_radius(0), 16, 16)[..., :1])
+    full = solve_swe2d(dam_break_state(dam_radius(0), 16, 16)[None], t)
+    np.testing.assert_array_equal(swe.solve(h0[:1], {"g": 1.0}, t), full[..., :1])      # a depth at rest
+    np.testing.assert_array_equal(swe.solve(full[:, 0], {"g": 1.0}, t), full)            # the full state
+    with pytest.raises(ValueError, match="must be"):
+        swe.solve(np.ones((1, 8, 8, 2)), {"g": 1.0}, t)
+    with pytest.raises(ValueError, match="g"):
+        swe.solve(h0, {"g": -1.0}, t)
+    assert {p.method for p in fhn.published} == {"FNO", "U-Net"} and all(p.applies({}) for p in swe.published)
+
+
+def test_the_guard_keeps_the_waters_volume_over_both_axes_and_its_depth_non_negative():
+    import torch
+
+    from ups_lightning.pdes.swe2d import ShallowWater2D
+
+    g = torch.Generator().manual_seed(0)
+    given = 1.0 + torch.rand(3, 6, 7, 1, generator=g)
+    pred = given + 0.5 * torch.randn(3, 6, 7, 1, generator=g) - 0.2
+    pred[0, 0, 0, 0] = -5.0                                   # a decoded depth below the bed
+    out = ShallowWater2D().project(pred, given)
+    assert (out >= 0).all()
+    unclamped = pred - pred.mean((1, 2), keepdim=True) + given.mean((1, 2), keepdim=True)
+    torch.testing.assert_close(out, unclamped.clamp_min(0.0))   # the mean over Y and X, then the bed
+    torch.testing.assert_close(out[1:].mean((1, 2)), given[1:].mean((1, 2)))
+
+
+def test_the_2d_rewards_rank_the_true_next_state_above_perturbed_ones():
+    """PDE.rewards over both spatial axes: the diffusion-reaction residual and the water's volume are
+    lower for the solver's next frame than for the same frame perturbed."""
+    import torch
+
+    from ups_lightning.pdes.reacdiff2d import ReactionDiffusion2D
+    from ups_lightning.pdes.swe2d import ShallowWater2D
+
+    fhn, swe = ReactionDiffusion2D(), ShallowWater2D()
+    assert swe.penalties == ("mass",) and fhn.penalties == ("pde",)
+    g = torch.Generator().manual_seed(0)
+    w = torch.from_numpy(fhn.solve(0.3 * fhn.initial_conditions([0, 1], (16, 16)), PARAMS, [0.0, 0.01])).float()
+    prev, nxt = w[:, 0], w[:, 1]
+    noisy = nxt + 0.05 * torch.randn(nxt.shape, generator=g)
+    dx = 2.0 / 16
+    good, bad = fhn.rewards(prev, nxt, PARAMS, dx, 0.01)["pde"], fhn.rewards(prev, noisy, PARAMS, dx, 0.01)["pde"]
+    assert good.shape == (2,) and (good < 0.1).all() and (bad > 3 * good).all()
+    h = torch.from_numpy(swe.solve(swe.initial_conditions([0], (24, 24)), {"g": 1.0}, [0.0, 0.05])).float()
+    kept = swe.rewards(h[:, 0], h[:, 1], {"g": 1.0}, 5.0 / 24, 0.05)["mass"]
+    added = swe.rewards(h[:, 0], h[:, 1] + 0.01, {"g": 1.0}, 5.0 / 24, 0.05)["mass"]
+    assert float(kept) < 1e-6 and float(added) > 1e-3
+    with pytest.raises(ValueError, match=r"\(B, Y, X, C\)"):
+        swe.rewards(h[:, 0, 0], h[:, 1, 0], {"g": 1.0}, 0.1, 0.05)

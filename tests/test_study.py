@@ -3,6 +3,7 @@ search beside its members without search, and the verdict's and claims' rules on
 from __future__ import annotations
 
 import csv
+import json
 import math
 from types import SimpleNamespace
 
@@ -60,6 +61,10 @@ def test_study_writes_every_row_with_its_costs_and_choices_made_on_validation(tm
     md = (study / "study.md").read_text()
     assert "| dim8 | plain |" in md and "**Verdict:**" in md and "| claim | measured | holds |" in md
     assert (study / "study.png").stat().st_size > 1000 and (study / "study.json").exists()
+    # provenance.json counts the scorings where they happen: test once per row and member group
+    prov = json.loads((study / "provenance.json").read_text())
+    assert prov["driver"] == "study" and prov["seeds"] == list(_cfg(tmp_path, smoke_data).seeds)
+    assert prov["test_scored"] == sum(r["groups"] for r in rows) and prov["splits_scored"]["val"] > 0
     # the same one-run members in a single evaluation: the run's operator and its latest snapshot
     from conftest import eval_cfg
     from ups_lightning.evaluation import evaluate
@@ -243,3 +248,5 @@ def test_report_only_rewrites_the_reports_from_the_saved_rows_and_needs_them(tmp
     md = (tmp_path / "study" / "study.md").read_text()
     assert "scored at git abc1234" in md and "| dim16 | ttc ✓ |" in md
     assert not (tmp_path / "study" / "runs").exists()   # nothing trained
+    prov = json.loads((tmp_path / "study" / "provenance.json").read_text())
+    assert prov["driver"] == "study (report_only)" and prov["test_scored"] == 0

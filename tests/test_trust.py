@@ -141,13 +141,16 @@ def test_a_record_naming_a_file_outside_its_stage_is_refused(run_copy, tmp_path)
         evaluate(eval_cfg(dst, tmp_path / "lb", "upto=operator"))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "not_json", "not_utf8", "missing_keys", "list"])
+@pytest.mark.parametrize("damage", ["truncate", "not_json", "not_utf8", "missing_keys", "list", "wall_clock_text",
+                                    "learned_text"])
 def test_a_broken_stage_record_is_a_clear_error_and_stage_all_retrains(run_copy, tmp_path, damage):
     cfg, dst = run_copy
     path = dst / "distill" / "done.json"
     text = path.read_bytes()
+    edited = {**json.loads(text), **{"wall_clock_text": {"wall_clock_s": "12 s"},
+                                    "learned_text": {"learned": "yes"}}.get(damage, {})}
     path.write_bytes({"truncate": text[: len(text) // 2], "not_json": b"{oops", "not_utf8": b"\xff\xfe{}",
-                      "missing_keys": b'{"stage": "distill"}', "list": b"[1, 2]"}[damage])
+                      "missing_keys": b'{"stage": "distill"}', "list": b"[1, 2]"}.get(damage, json.dumps(edited).encode()))
     with pytest.raises(UserError, match=r"distill/done.json"):
         evaluate(eval_cfg(dst, tmp_path / "lb"))
     if damage == "truncate":

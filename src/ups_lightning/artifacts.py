@@ -28,13 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ups_lightning.atomic import atomic_write_json, sha256_file  # noqa: F401 (sha256_file: part of this API)
 from ups_lightning.config import fill_later_keys, model_overrides, neutral_later_keys, stage_optim
-from ups_lightning.errors import UserError
+from ups_lightning.errors import UserError, command
 from ups_lightning.stages import STAGE_ORDER, UPSTREAM, chain, get_stage, with_role
 
 DONE = "done.json"
 OVERRIDES = "overrides.json"    # the command-line overrides of the run's last training command
 REFERENCES = "references.json"  # stage -> the run directory (relative to this one) that holds it
 RECORD_KEYS = ("stage", "config_hash", "best_ckpt", "ckpt_sha256")
+RECORD_NUMBERS = ("wall_clock_s", "prep_s", "best_val_nrmse", "trivial_val_nrmse")   # numbers (or null) when present
 
 
 def stage_dir(run_dir: str | Path, name: str) -> Path:
@@ -109,7 +110,7 @@ def train_command(run_dir: str | Path, cfg: Optional[DictConfig] = None,
     # the run's directory as it is now: a copied or moved run is named where it lies, not where it was made
     kept = [shlex.quote(o) for o in overrides
             if not o.lstrip("+").startswith(("stage=", "ckpt_path=", "run_dir="))]
-    return " ".join(["python -m ups_lightning.train", *kept, shlex.quote(f"run_dir={run_dir}"), f"stage={stage}"])
+    return " ".join([command("ups_lightning.train"), *kept, shlex.quote(f"run_dir={run_dir}"), f"stage={stage}"])
 
 
 # --- records -------------------------------------------------------------------------------------
@@ -125,6 +126,10 @@ def read_record(run_dir: str | Path, name: str) -> Optional[Dict[str, Any]]:
         raise UserError(f"{path}: not a readable stage record ({type(exc).__name__}: {exc}); it was "
                         "truncated or edited. Delete the stage directory and retrain the stage.") from None
     missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+    missing += [k for k in RECORD_NUMBERS if isinstance(record, dict) and k in record
+                and (isinstance(record[k], bool) or not isinstance(record[k], (int, float, type(None))))]
+    if isinstance(record, dict) and not isinstance(record.get("learned"), (bool, type(None))):
+        missing.append("learned")
     if missing:
         raise UserError(f"{path}: stage record lacks {missing} (or holds them with the wrong type); it was "
                         "edited or written by an older version. Delete the stage directory and retrain it.")
@@ -219,7 +224,7 @@ def verified_chain(run_dir: Path, last: str, fix: str) -> Dict[str, Dict[str, An
                 f"stage '{name}' of {run_dir} is stale: it was trained on the '{up}' checkpoint that has "
                 f"since been replaced (retrained or swept), so evaluating it would score the old '{up}'. "
                 f"Retrain the stages after '{up}' with: {fix} -- or evaluate the chain up to '{up}' "
-                f"with upto={up} (python -m ups_lightning.evaluate run_dir={run_dir} upto={up}).")
+                f"with upto={up} ({command('ups_lightning.evaluate')} run_dir={run_dir} upto={up}).")
         cfg = record_config(record, stage_dir(run_dir, name) / DONE)
         if stage_config_hash(cfg, name, upstream) != record["config_hash"]:
             raise UserError(f"stage '{name}' of {run_dir}: its record's config hash does not match the "

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.table import Table
 
-from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.errors import UserError, report_user_errors, command
 from ups_lightning.eval.leaderboard import read_rows
 
 METRICS = ("nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "nrmse_pdebench", "rmse", "max_err", "crmse", "brmse",
@@ -107,7 +107,7 @@ def compare(a: str, b: str, leaderboard: str) -> None:
 
 @report_user_errors
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ups_lightning.compare", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog=command("ups_lightning.compare"), description=__doc__.split("\n\n")[1])
     parser.add_argument("run_a")
     parser.add_argument("run_b")
     parser.add_argument("--leaderboard", default="outputs/leaderboard.csv")

@@ -481,6 +481,7 @@ class EvaluateConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     batch_size: int = MISSING
     n_show: int = MISSING
+    progress_bar: str = MISSING   # auto (on a terminal) | tqdm | none: evaluation's modes and the TTC search
     seed: int = MISSING
     num_threads: Optional[int] = MISSING
     note: str = MISSING
@@ -521,6 +522,11 @@ def validate_eval_config(cfg: DictConfig) -> DictConfig:
         raise UserError(f"split={merged.split!r}: expected one of {list(EVAL_SPLITS)} (all: every row of the file).")
     if merged.corrector not in ("student", "teacher"):
         raise UserError(f"corrector={merged.corrector!r}: expected student or teacher.")
+    from ups_lightning.progress import PROGRESS_BARS
+
+    if merged.progress_bar not in PROGRESS_BARS:
+        raise UserError(f"progress_bar={merged.progress_bar!r}: expected auto (a bar on a terminal), tqdm (always) "
+                        "or none.")
     if merged.corrector_rows not in ("auto", True, False):
         raise UserError(f"corrector_rows={merged.corrector_rows!r}: expected auto (score the corrected and "
                         "ensemble rows only when the corrector's stage learned), true or false.")

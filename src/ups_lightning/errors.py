@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Dict, Optional, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -15,6 +16,38 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """Bad input from the user (a file, key or setting). The message names what was wrong and
     what was expected; CLIs print it as one paragraph and exit with code 2."""
+
+
+_SCRIPTS: Optional[Dict[str, str]] = None
+
+
+def _console_scripts() -> Dict[str, str]:
+    """module -> console script of the installed package (``ups_lightning.train`` -> ``ups-train``)."""
+    global _SCRIPTS
+    if _SCRIPTS is None:
+        from importlib.metadata import entry_points
+
+        try:
+            eps = entry_points(group="console_scripts")
+        except Exception:   # broken metadata of an unrelated distribution: name modules instead
+            eps = []
+        _SCRIPTS = {}
+        for ep in eps:
+            module = ep.value.split(":")[0].strip()
+            if module.startswith("ups_lightning"):
+                _SCRIPTS[module.removesuffix(".__main__")] = ep.name
+    return _SCRIPTS
+
+
+def command(module: str) -> str:
+    """How a message names the command of ``module`` (``ups_lightning.train``): in the user's own
+    way. Started by a console script (``ups-train ...``): that package's script for it; started as
+    ``python -m ...`` (a checkout, make): ``python -m module``."""
+    if os.path.basename(sys.argv[0] if sys.argv else "").startswith("ups-"):
+        script = _console_scripts().get(module)
+        if script:
+            return script
+    return f"python -m {module}"
 
 
 #: file-system faults a user can mend (a full disk or quota, a read-only file system): one paragraph

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import resource
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,7 +31,9 @@ from ups_lightning.artifacts import (DONE, check_carried_networks, load_snapshot
 from ups_lightning.config import validate_eval_config
 from ups_lightning.data.datamodule import check_frames, member_configs, resolve_params, unit_coords
 from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset, split_options
-from ups_lightning.errors import UserError
+from ups_lightning.errors import UserError, command
+from ups_lightning.progress import progress_bar
+from ups_lightning.provenance import git_commit, package_version, scored
 from ups_lightning.eval import leaderboard as lb
 from ups_lightning.eval.metrics import all_metrics, nrmse_pdebench, nrmse_per_frame
 from ups_lightning.inference.rollout import Guard, Physics, Surrogate, ensemble_rollout, rollout, ttc_rollout
@@ -60,34 +61,13 @@ def networks_upto(last: Optional[str] = None) -> List[str]:
     return [net for n in (STAGE_ORDER if last is None else chain(last)) for net in get_stage(n).trains]
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def package_version() -> str:
-    """The installed ups_lightning's version (beside git_commit, which is "unknown" outside a checkout)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ups_lightning")
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def load_run(run_dir: Path, stage: Optional[str] = None) -> tuple:
     """(training config, verified records, module) of the chain up to `stage` (default: the last
     finished stage). The config is the one the evaluated stage was trained under, from its record,
     so a row's settings always describe the model it scores (artifacts.verified_chain)."""
     if not run_dir.is_dir():
-        raise UserError(f"run_dir={run_dir}: no such directory. Pass the directory a `python -m "
-                        "ups_lightning.train ... stage=all` run wrote (by default outputs/runs/<data>/<model>).")
+        raise UserError(f"run_dir={run_dir}: no such directory. Pass the directory a `{command('ups_lightning.train')} "
+                        "... stage=all` run wrote (by default outputs/runs/<data>/<model>).")
     cfg_path = run_dir / "config.yaml"
     try:
         saved_cfg = OmegaConf.load(cfg_path) if cfg_path.is_file() else None
@@ -342,15 +322,19 @@ def _timed(what: str, fn: Callable[[], Any]) -> tuple:
 
 
 def _batched(what: str, fn: Callable[[torch.Tensor], torch.Tensor], u0: torch.Tensor, batch: int,
-             dim: int = 0) -> torch.Tensor:
-    """fn over batches of u0, concatenated; progress per batch in the log when there are several."""
+             dim: int = 0, bar: str = "none") -> torch.Tensor:
+    """fn over batches of u0, concatenated; progress per batch in the log when there are several,
+    and on a bar over the trajectories (``bar``: progress.PROGRESS_BARS)."""
     n_batches = -(-len(u0) // batch)
     out, start = [], time.perf_counter()
+    shown = progress_bar(what, len(u0), "traj", bar)
     for k, i in enumerate(range(0, len(u0), batch), 1):
         out.append(fn(u0[i : i + batch]))
+        shown.update(min(batch, len(u0) - i))
         if n_batches > 1:
             log.info("%s: batch %d/%d (%d trajectories) after %.1f s", what, k, n_batches,
                      min(i + batch, len(u0)), time.perf_counter() - start)
+    shown.close()
     return torch.cat(out, dim=dim)
 
 
@@ -365,12 +349,13 @@ def _ttc_baselines(cfg: DictConfig, sur: Surrogate, proposer: Any, reward: Any, 
 
     B, k = cfg.batch_size, plan(tcfg).n_first
     preds["candidates_mean"], walls["candidates_mean"] = _timed("candidates' mean", lambda: _batched(
-        "candidates' mean", lambda u: bl.candidates_mean_rollout(proposer, u, steps, k), u0, B))
+        "candidates' mean", lambda u: bl.candidates_mean_rollout(proposer, u, steps, k), u0, B, bar=cfg.progress_bar))
     if len(proposer.members) > 1:
         # the first member's rollout is the stepper's row: its frames are reused, its time counted
         preds["members_mean"], wall = _timed("members' rollouts", lambda: _batched(
             "members' rollouts", lambda idx: bl.members_mean_rollout(
-                proposer.members, u0[idx], steps, first=preds[STEPPER][idx]), torch.arange(len(u0)), B))
+                proposer.members, u0[idx], steps, first=preds[STEPPER][idx]), torch.arange(len(u0)), B,
+            bar=cfg.progress_bar))
         walls["members_mean"] = walls[STEPPER] + wall
     if not reward.solver_cells:
         return
@@ -391,7 +376,8 @@ def _ttc_baselines(cfg: DictConfig, sur: Surrogate, proposer: Any, reward: Any, 
         v0, v_truth = rollout_frames(val.fields, n_given)
 
         def val_nrmse(w: float) -> float:
-            pred = _batched("solver hybrid (validation)", lambda u: hybrid(w, u, v_truth.shape[1]), v0, B)
+            pred = _batched("solver hybrid (validation)", lambda u: hybrid(w, u, v_truth.shape[1]), v0, B,
+                            bar=cfg.progress_bar)
             return float(nrmse_per_frame(pred, v_truth).mean())
 
         weight, scores = bl.choose_weight(val_nrmse, list(cfg.baselines.hybrid_weights))
@@ -400,7 +386,7 @@ def _ttc_baselines(cfg: DictConfig, sur: Surrogate, proposer: Any, reward: Any, 
         log.info("solver hybrid: blend weight %.2f chosen on validation (nRMSE by weight: %s)", weight, scores)
     extra["solver_hybrid_weight"] = float(weight)
     preds["solver_hybrid"], walls["solver_hybrid"] = _timed("solver hybrid", lambda: _batched(
-        "solver hybrid", lambda u: hybrid(float(weight), u), u0, B))
+        "solver hybrid", lambda u: hybrid(float(weight), u), u0, B, bar=cfg.progress_bar))
 
 
 def _scored_corrector(setting: Any, corrector: Optional[str], records: Dict[str, Any]) -> Optional[str]:
@@ -484,16 +470,17 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
     sol, walls["solver"] = _timed("solver", lambda: physics.spec.solve(
         u0.double().numpy(), physics.params, t_rel, domain_length=physics.domain_length))
     preds["solver"] = torch.from_numpy(sol[:, 1:]).float()
+    bar = cfg.progress_bar
     preds[STEPPER], walls[STEPPER] = _timed(f"{STEPPER} rollout", lambda: _batched(
-        f"{STEPPER} rollout", lambda u: rollout(sur, u, steps), u0, B))
+        f"{STEPPER} rollout", lambda u: rollout(sur, u, steps), u0, B, bar=bar))
     ens = None
     if corrector is not None:
         preds["corrected"], walls["corrected"] = _timed("corrected rollout", lambda: _batched(
-            "corrected rollout", lambda u: rollout(sur, u, steps, corrector, cfg.correct_every, gen), u0, B))
+            "corrected rollout", lambda u: rollout(sur, u, steps, corrector, cfg.correct_every, gen), u0, B, bar=bar))
         ens, walls["ensemble"] = _timed("ensemble", lambda: _batched(
             "ensemble",
             lambda u: ensemble_rollout(sur, u, steps, cfg.ensemble_members, corrector, cfg.correct_every, gen),
-            u0, max(1, B // cfg.ensemble_members), dim=1))
+            u0, max(1, B // cfg.ensemble_members), dim=1, bar=bar))
         preds["ensemble"] = ens.mean(0)
     ttc_on = cfg.ttc.enabled and not _skips_corrector_search(cfg, records, extra)
     if ttc_on:
@@ -503,13 +490,15 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
         tcfg = TTCConfig(n_candidates=cfg.ttc.n_candidates, beam_width=cfg.ttc.beam_width,
                          horizon=cfg.ttc.horizon, budget=cfg.ttc.budget)
         infos = []
+        ttc_bar = progress_bar("TTC", len(u0) * steps, "traj-step", bar)   # the slow mode: by the step
 
         def run_ttc(u: torch.Tensor) -> torch.Tensor:
-            out, info = ttc_rollout(proposer, u, steps, tcfg, reward)
+            out, info = ttc_rollout(proposer, u, steps, tcfg, reward, on_step=lambda: ttc_bar.update(len(u)))
             infos.append(info)
             return out
 
         preds["ttc"], walls["ttc"] = _timed("TTC", lambda: _batched("TTC", run_ttc, u0, B))
+        ttc_bar.close()
         extra["ttc_evals_per_step"] = float(np.mean([i["evals_per_step"] for i in infos]))
         extra["ttc_operator_step_kept"] = float(np.mean([i["operator_step_kept"] for i in infos]))
         if reward.solver_cells:   # fairness: the reward's solver on its own, from the same given frame
@@ -602,6 +591,7 @@ def _row(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any], module
         row["ttc_best_baseline"] = best or "none"
         row["ttc_gain_beyond_baselines"] = gain     # the search's own gain: > 0 only if it beats them all
     row.update(extra)
+    scored(data.split)   # one model scored on this split (provenance.json counts them)
     for name, rec in records.items():
         if rec:
             row[f"train_s_{name}"] = round(rec["wall_clock_s"], 1)

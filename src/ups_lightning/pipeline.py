@@ -1,4 +1,6 @@
-"""`python -m ups_lightning.pipeline small|full [data=NAME] [train overrides ...]`: the main job.
+"""`python -m ups_lightning.pipeline experiment=eval_small|eval_full [data=NAME] [train overrides ...]`:
+the main job, in the key=value style of every other command (``small`` / ``full`` alone still mean
+``experiment=eval_small`` / ``experiment=eval_full``).
 
 Behind `make eval-small` and `make eval-full` (`DATA=<data config>` picks another data
 config): make the dataset if it is absent, train the default
@@ -13,16 +15,13 @@ import sys
 import time
 from typing import List
 
-from hydra import compose, initialize_config_dir
+from ups_lightning.errors import UserError, command, report_user_errors
 
-from ups_lightning import CONF_DIR
-
-CONF = CONF_DIR
 PRESETS = {"small": "eval_small", "full": "eval_full"}   # the experiment configs (each names its data)
 
 
 def _step(title: str, module: str, args: List[str]) -> float:
-    print(f"\n=== {title}: python -m {module} {' '.join(args)}", flush=True)
+    print(f"\n=== {title}: {command(module)} {' '.join(args)}", flush=True)
     start = time.time()
     rc = subprocess.call([sys.executable, "-m", module, *args])
     if rc != 0:
@@ -32,15 +31,36 @@ def _step(title: str, module: str, args: List[str]) -> float:
     return took
 
 
+def train_overrides(argv: List[str]) -> List[str]:
+    """The training overrides ``argv`` means: key=value throughout, one ``experiment=`` among the
+    presets (``small`` / ``full`` are shorthands for them)."""
+    args = [f"experiment={PRESETS[a]}" if a in PRESETS else a for a in argv]
+    bad = [a for a in args if "=" not in a]
+    experiments = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == "experiment"]
+    usage = (f"usage: {command('ups_lightning.pipeline')} experiment={'|'.join(PRESETS.values())} "
+             "[data=NAME] [train overrides key=value ...]")
+    if bad:
+        raise UserError(f"pipeline argument {bad[0]!r} is not a key=value override. {usage}")
+    if len(experiments) != 1 or experiments[0] not in PRESETS.values():
+        raise UserError(f"pipeline needs one experiment among {', '.join(PRESETS.values())} (got "
+                        f"{', '.join(experiments) or 'none'}): it is the protocol the main job runs. {usage}")
+    return args
+
+
+@report_user_errors
 def main(argv: List[str]) -> None:
-    if not argv or argv[0] not in PRESETS:
-        print(f"usage: python -m ups_lightning.pipeline {{{'|'.join(PRESETS)}}} [train overrides ...]",
-              file=sys.stderr)
-        sys.exit(2)
-    experiment, extra = PRESETS[argv[0]], argv[1:]
-    train_args = [f"experiment={experiment}", *extra]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=train_args)
+    train_args = train_overrides(argv)
+    from ups_lightning.config import compose_config
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:   # a bad override is the user's, named before any step runs
+        cfg = compose_config("train", train_args)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(f"pipeline overrides {' '.join(train_args)}: {str(exc).strip().splitlines()[0]}. Each is "
+                        "a training override (key=value of conf/train.yaml or a conf/ group option).") from None
+    extra = [a for a in train_args if not a.startswith("experiment=")]
     data_args = [f"data={cfg.data.name}"] + [a for a in extra if a.startswith("data.")]
     start = time.time()
     times = {

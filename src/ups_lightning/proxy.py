@@ -25,8 +25,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ups_lightning.atomic import atomic_write_text
 from ups_lightning.config import compose_config
-from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.errors import UserError, report_user_errors, command
+from ups_lightning.provenance import reset_scored
 from ups_lightning.schema import setting, validate
+from ups_lightning.stages.settings import BudgetShares
 from ups_lightning.tables import format_cell, write_csv
 
 log = logging.getLogger("ups_lightning.proxy")
@@ -72,18 +74,12 @@ class Budgets:
 
 
 @dataclass
-class Shares:
-    autoencoder: float = setting(0.0, low_ok=False, high=1.0)
-    operator: float = setting(0.0, low_ok=False, high=1.0)
-
-
-@dataclass
 class ProxySettings:
     """conf/proxy.yaml: its keys, types and ranges (ups_lightning.schema)."""
 
     experiments: Protocols = field(default_factory=Protocols)
     budget_min: Budgets = field(default_factory=Budgets)
-    shares: Shares = field(default_factory=Shares)
+    shares: BudgetShares = field(default_factory=BudgetShares)
     configs: List[List[str]] = MISSING     # each a list of training overrides
     train_overrides: List[str] = MISSING
     out_dir: str = MISSING
@@ -126,6 +122,7 @@ def _train_and_validate(cfg: DictConfig, protocol: str, i: int, overrides: List[
 
 def run_proxy(cfg: DictConfig) -> Dict[str, Any]:
     checked = check_config(cfg)
+    reset_scored()
     out = Path(cfg.out_dir)
     start = time.time()
     rows: List[Dict[str, Any]] = []
@@ -151,8 +148,9 @@ def run_proxy(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def _write(out: Path, cfg: DictConfig, checked: Dict[str, Any], s: Dict[str, Any]) -> None:
-    from ups_lightning.evaluation import git_commit
+    from ups_lightning.provenance import git_commit, write_provenance
 
+    write_provenance(out, "proxy", cfg, seeds=None, seconds=round(s["seconds"]))
     rows = s["rows"]
     write_csv(out / "proxy.csv", rows, ["config", "overrides", "small_val_nrmse", "full_val_nrmse", "small_rank",
                                         "full_rank"])
@@ -173,7 +171,7 @@ def _write(out: Path, cfg: DictConfig, checked: Dict[str, Any], s: Dict[str, Any
     if ok:
         small_best = min(ok, key=lambda r: r["small_val_nrmse"])
         full_best = min(ok, key=lambda r: r["full_val_nrmse"])
-        promote = " ".join(["python -m ups_lightning.pipeline full", *checked["configs"][small_best["config"]]])
+        promote = " ".join([command("ups_lightning.pipeline"), "full", *checked["configs"][small_best["config"]]])
         md += ["", f"- Small-protocol winner: config {small_best['config']} ({small_best['overrides']}); on the full "
                    f"protocol it ranks {small_best['full_rank']:g} of {len(ok)} (val nRMSE "
                    f"{small_best['full_val_nrmse']:.4f}; the full winner, config {full_best['config']}, "

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ups_lightning.artifacts import DONE, OVERRIDES, REFERENCES, read_record, train_command
 from ups_lightning.atomic import atomic_write_text
 from ups_lightning.stages import STAGE_ORDER
-from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.errors import UserError, report_user_errors, command
 from ups_lightning.eval.leaderboard import read_rows
 from ups_lightning.tables import format_cell, write_csv
 from ups_lightning.training import FAILED
@@ -140,7 +140,7 @@ def build_report(sweep_dir: str | Path, leaderboard: str = "outputs/leaderboard.
     jobs_found = job_dirs(sweep_dir)
     if not jobs_found:
         raise UserError(f"{sweep_dir}: no job directories in it (subdirectories with an {OVERRIDES} or a "
-                        f"finished stage). Pass the directory of a `python -m ups_lightning.train -m ...` sweep.")
+                        f"finished stage). Pass the directory of a `{command('ups_lightning.train')} -m ...` sweep.")
     rows = read_rows(leaderboard) if Path(leaderboard).is_file() else []
     jobs = [read_job(j, rows) for j in jobs_found]
     swept = swept_settings(jobs)
@@ -154,7 +154,7 @@ def build_report(sweep_dir: str | Path, leaderboard: str = "outputs/leaderboard.
 
 def _reproduce(best: Dict[str, Any]) -> List[str]:
     job = Path(best["run_dir"])
-    return [train_command(job, stage=best["stage"]), f"python -m ups_lightning.evaluate run_dir={job}"]
+    return [train_command(job, stage=best["stage"]), f"{command('ups_lightning.evaluate')} run_dir={job}"]
 
 
 def write_report(sweep_dir: str | Path, leaderboard: str = "outputs/leaderboard.csv") -> Dict[str, Path]:
@@ -257,7 +257,7 @@ class SweepReportCallback(_HydraCallback):
 
 @report_user_errors
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ups_lightning.report", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog=command("ups_lightning.report"), description=__doc__.split("\n\n")[1])
     parser.add_argument("sweep_dir")
     parser.add_argument("--leaderboard", default="outputs/leaderboard.csv",
                         help="the evaluations' leaderboard (test figures of evaluated jobs)")

@@ -28,6 +28,7 @@ parts. Writes ``study.json``, ``study.csv``, ``study.md`` and ``study.png`` into
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import time
@@ -43,6 +44,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from ups_lightning.atomic import atomic_write_json, atomic_write_text
 from ups_lightning.config import compose_config, model_overrides
 from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.provenance import reset_scored, scored
 from ups_lightning.schema import setting, validate
 from ups_lightning.tables import format_cell, write_csv
 
@@ -155,6 +157,7 @@ class _Split:
         from ups_lightning.inference.rollout import Guard
 
         train_cfg = runs[0][0]
+        self.split = split
         member = eval_member(train_cfg, None)
         view = eval_data(member, None, split)
         self.physics = file_physics(view, member)
@@ -175,6 +178,7 @@ class _Split:
         from ups_lightning.eval.metrics import all_metrics
 
         p = self.physics
+        scored(self.split)   # provenance.json counts every scoring
         return float(all_metrics(pred, self.truth, dx=p.dx, domain_length=p.domain_length, u0=self.u0)["nrmse"])
 
 
@@ -344,6 +348,7 @@ def _solver_alone(sp: _Split, cells: int) -> Dict[str, Any]:
 
 def run_study(cfg: DictConfig) -> Dict[str, Any]:
     check_config(cfg)
+    reset_scored()      # this run's scorings only (provenance.json): none with report_only
     if cfg.report_only:
         return rewrite_report(cfg)
     from ups_lightning.runtime import configure_cpu
@@ -564,9 +569,15 @@ COLUMNS = ("size", "method", "members", "budget", "params_held", "train_s", "ms_
 
 
 def _write(out: Path, cfg: DictConfig, s: Dict[str, Any]) -> None:
-    from ups_lightning.evaluation import git_commit
+    from ups_lightning.provenance import git_commit, write_provenance
 
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.report_only:   # nothing scored now: the scoring run's provenance is kept inside the new one
+        old = out / "provenance.json"
+        earlier = json.loads(old.read_text()) if old.is_file() else None
+        write_provenance(out, "study (report_only)", cfg, seeds=list(cfg.seeds), report_of=earlier)
+    else:
+        write_provenance(out, "study", cfg, seeds=list(cfg.seeds))
     rows = s["rows"]
     write_csv(out / "study.csv", [{k: r.get(k) for k in COLUMNS} for r in rows], COLUMNS)
     atomic_write_json(out / "study.json", {"settings": OmegaConf.to_container(cfg), "git_commit": git_commit(), **s})

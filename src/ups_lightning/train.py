@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ups_lightning.errors import UserError, report_user_errors
+from ups_lightning.errors import UserError, report_user_errors, command
 
 
 #: options that need a Hydra plugin of the `sweeps` extra: (what the command line says, plugin module)
@@ -70,9 +70,9 @@ def closing_summary(run_dir: str, records: dict) -> str:
     from ups_lightning.stages import with_role
 
     if with_role("stepper")[0] in records:
-        lines.append(f"next: python -m ups_lightning.evaluate run_dir={run_dir}   # test-split scores, leaderboard, report")
+        lines.append(f"next: {command('ups_lightning.evaluate')} run_dir={run_dir}   # test-split scores, leaderboard, report")
     else:
-        lines.append(f"next: python -m ups_lightning.train stage=all run_dir={run_dir}   # the remaining stages")
+        lines.append(f"next: {command('ups_lightning.train')} stage=all run_dir={run_dir}   # the remaining stages")
     return "\n".join(lines)
 
 

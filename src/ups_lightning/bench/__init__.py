@@ -22,7 +22,8 @@ the same test frames by the same code (``ups_lightning.eval.metrics.all_metrics`
 Writes into ``out_dir``: ``summary.md`` (mean +- std over seeds per method, the winner per column in
 words: a method wins a column only where its gap to the next exceeds two standard errors; the
 search; persistence and solver rows; the published figures), ``summary.csv``, ``runs.csv`` (every
-scored model), ``lr_search.csv`` (every trial), and with curves ``curves.csv`` and ``curves.png``.
+scored model), ``lr_search.csv`` (every trial), with curves ``curves.csv`` and ``curves.png``, and
+``provenance.json`` (the command, commit, settings and how many times each split was scored).
 A model that never beat its trivial reference (persistence, or the mean field for the autoencoder)
 is flagged in the log, in its records and in the summary. Settings: ``conf/bench.yaml``; numbers
 are printed, never asserted. Finished models of the same settings are reused, so a long benchmark
@@ -166,10 +167,11 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
     from ups_lightning.bench.report import add_equal_accuracy, write_bench_summary
     from ups_lightning.bench.solver_sweep import sweep
     from ups_lightning.errors import UserError
-    from ups_lightning.evaluation import git_commit
+    from ups_lightning.provenance import git_commit, reset_scored, scored, write_provenance
     from ups_lightning.runtime import configure_cpu
 
     checked = check_config(cfg)
+    reset_scored()      # this run's scorings only (provenance.json): none with curves_only
     if checked["curves_only"]:
         return _curves_only(cfg, checked, say)
     threads = configure_cpu(checked["threads"], "threads")
@@ -213,6 +215,7 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
             fixed.append({"method": f"solver {s['grid']} cells", "kind": "solver", **{k: s.get(k) for k in METRIC_KEYS},
                           "nrmse_pdebench": s["nrmse"] * steps / test.shape[1], "train_s": 0.0,
                           "rollout_ms_per_traj": s["ms_per_traj"], "params": 0, "solver_grid": s["grid"]})
+        scored("test", len(solver_rows))
     results = run_methods(b)
     curves = run_curves(b, results) if checked["curve_budgets"] else []
     load_end = os.getloadavg()
@@ -243,6 +246,8 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
         from ups_lightning.bench.curves import write_curves
 
         paths.update(write_curves(cfg.out_dir, curves, published, notes, header=f"# Learning curves: {header[2:]}"))
+    paths["provenance"] = write_provenance(cfg.out_dir, "bench", cfg, seeds=checked["seeds"],
+                                           curve_seeds=checked["curve_seeds"], seconds=round(time.perf_counter() - t0))
     say("\n" + paths["md"].read_text())
     say(f"bench: {time.perf_counter() - t0:.0f} s; wrote {', '.join(str(p) for p in paths.values())}")
     return {"results": results, "fixed": fixed, "curves": curves, "paths": paths}
@@ -252,7 +257,7 @@ def _curves_only(cfg: Any, checked: Dict[str, Any], say=print) -> Dict[str, Any]
     """``curves_only=true``: merge the learning curves of ``curves_from`` (bench/curves.py) into
     out_dir, with the published figures of the data config's equation; nothing is trained."""
     from ups_lightning.bench.curves import merge_curves, write_curves
-    from ups_lightning.evaluation import git_commit
+    from ups_lightning.provenance import git_commit, write_provenance
     from ups_lightning.pdes import get_pde
 
     rows, notes = merge_curves([], None, checked["curves_from"])
@@ -261,6 +266,7 @@ def _curves_only(cfg: Any, checked: Dict[str, Any], say=print) -> Dict[str, Any]
     header = (f"# Learning curves: data={cfg.data.name}, merged from {len(checked['curves_from'])} sitting(s) by "
               f"`curves_only=true` at git {git_commit()}, {time.strftime('%Y-%m-%d %H:%M')}")
     paths = write_curves(cfg.out_dir, rows, published, notes, header=header)
+    paths["provenance"] = write_provenance(cfg.out_dir, "bench (curves_only)", cfg, merged_from=checked["curves_from"])
     say("\n" + paths["curves_md"].read_text())
     say(f"bench: wrote {', '.join(str(p) for p in paths.values())}")
     return {"curves": rows, "paths": paths}

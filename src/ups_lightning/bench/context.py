@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Optional
 
 from ups_lightning.bench.settings import STAGE_SHARES
 from ups_lightning.config import compose_config, model_overrides
+from ups_lightning.provenance import scored
 
 __all__ = ["Bench", "compose_train_config"]
 
@@ -93,4 +94,5 @@ class Bench:
         u0, truth = fields[:, self.n_given - 1], fields[:, self.n_given:]
         m = all_metrics(pred, truth, dx=self.meta.dx, domain_length=self.meta.domain_length, u0=u0)
         m["nrmse_pdebench"] = nrmse_pdebench(torch.cat([fields[:, :self.n_given], pred], 1), fields, self.n_given)
+        scored(split)   # provenance.json counts every scoring
         return m

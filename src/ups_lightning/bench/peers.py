@@ -11,7 +11,7 @@ same wall-clock Timer and checkpoint on the best ``val/nrmse``) under one of two
   bias-corrected EMA and gradient clipping (conf/optim);
 - ``pdebench``: its authors' recipe (PDEBench's ``train_models_forward.py`` and
   ``config_Bgs.yaml``): Adam with weight decay 1e-4, StepLR (step 100 epochs, gamma 0.5), the
-  per-step MSE summed over the unrolled frames, no EMA, no clipping.
+  per-step MSE summed over the unrolled frames, no EMA, no clipping, no early stop (it trains to its clock).
 
 Both keep what PDEBench prescribes for the architecture itself: autoregressive training over the
 trajectory, and for the U-Net the pushforward trick (only the last ``grad_frames`` predictions

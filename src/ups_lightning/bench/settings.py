@@ -1,193 +1,184 @@
-"""The benchmark's settings (conf/bench.yaml), checked: a bad one is a UserError naming it."""
+"""The benchmark's settings (conf/bench.yaml), declared as a schema (``BenchSettings``: the same
+machinery as training's and every other driver's, ups_lightning.schema) plus the rules between keys;
+a bad one is a UserError naming it."""
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from ups_lightning import CONF_DIR
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-__all__ = ["check_config", "STAGE_SHARES", "METHODS", "METRIC_KEYS"]
+from ups_lightning import CONF_DIR
+from ups_lightning.errors import UserError
+from ups_lightning.schema import check_ranges, setting, validate
+from ups_lightning.stages.settings import BudgetShares
+
+__all__ = ["check_config", "BenchSettings", "STAGE_SHARES", "METHODS", "METRIC_KEYS"]
 
 CONF = CONF_DIR
+WHERE = "conf/bench.yaml"
 STAGE_SHARES = ("autoencoder", "operator")   # our stages the benchmark trains (the plain rollout's)
 METHODS = ("ours", "fno", "unet")
 METRIC_KEYS = ("nrmse", "nrmse_1", "nrmse_10", "nrmse_31", "crmse", "frmse_low", "frmse_mid",
                "frmse_high", "correlation_horizon", "rmse", "brmse", "max_err", "mass_drift",
                "energy_increase", "tv_increase", "spectral_energy_error", "nrmse_pdebench")
+FLAGS = ("skip_solver", "reuse", "relative_loss", "curves_only")   # true/false only (not "yes", not 2)
 
 
-# --------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------
-def _num(cfg: Any, key: str, *, integer: bool = False, positive: bool = True, allow_none: bool = False,
-         minimum: Optional[float] = None, where: str = "") -> Any:
-    from ups_lightning.errors import UserError
-
-    value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key)
-    if value is None and allow_none:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and integer and isinstance(value, float):
-        ok = value.is_integer()
-    if ok and not math.isfinite(float(value)):
-        ok = False
-    if ok and positive and value <= 0:
-        ok = False
-    if ok and minimum is not None and value < minimum:
-        ok = False
-    if not ok:
-        kind = "a positive integer" if integer else "a positive number"
-        if minimum is not None:
-            kind = f"{'an integer' if integer else 'a number'} >= {minimum}"
-        raise UserError(f"bench setting {where}{key}={value!r} must be {kind}"
-                        f"{' or null' if allow_none else ''} (conf/bench.yaml).")
-    return int(value) if integer else float(value)
+@dataclass
+class Search:
+    """bench/search.py's successive halving (search.SearchSettings once checked)."""
+    rates: int = setting(1)              # ladder rates on the first rung
+    step: float = setting(1.0, low_ok=False)   # their ratio
+    widen: int = setting(0)              # rates added beyond an edge pick
+    rungs: List[float] = MISSING         # increasing fractions of budget_min ending at 1
+    keep: int = setting(1)               # pairs promoted per rung
 
 
-def _settings(cfg: Any, name: str, cls: type) -> Any:
-    """A peer's architecture settings (``fno:`` / ``unet:`` in conf/bench.yaml), checked."""
-    from ups_lightning.errors import UserError
+@dataclass
+class BenchSettings:
+    """conf/bench.yaml: its keys, types and ranges; check_config adds the rules between keys."""
 
-    given = dict(cfg.get(name) or {})
-    unknown = set(given) - set(cls.__dataclass_fields__)
-    if unknown:
-        raise UserError(f"bench setting {name} has unknown key(s) {sorted(unknown)}; known: "
-                        f"{sorted(cls.__dataclass_fields__)}.")
-    for k in given:   # every architecture setting is a count (None: "all", where the default is None)
-        _num(given, k, integer=True, allow_none=cls.__dataclass_fields__[k].default is None, where=f"{name}.")
-    return cls.from_mapping(given)
+    data: Any = MISSING                  # a conf/data option (checked by training when ours trains)
+    model: Any = MISSING                 # a conf/model option
+    budget_min: float = setting(0.0, low_ok=False)
+    methods: List[str] = MISSING
+    seeds: List[int] = MISSING
+    recipes: Dict[str, List[str]] = MISSING
+    lr_default: Dict[str, float] = MISSING
+    search: Search = field(default_factory=Search)
+    given: Dict[str, Any] = MISSING
+    curve_budgets: List[float] = MISSING
+    curve_seeds: List[int] = MISSING
+    curves_from: List[str] = MISSING
+    curves_only: bool = MISSING
+    relative_loss: bool = MISSING
+    experiment: str = MISSING
+    shares: BudgetShares = field(default_factory=BudgetShares)
+    train_overrides: List[str] = MISSING
+    n_test: Optional[int] = setting(1)
+    threads: Optional[int] = setting(1)
+    eval_batch_size: int = setting(1)
+    skip_solver: bool = MISSING
+    reuse: bool = MISSING
+    solver_grids: List[int] = MISSING
+    fno: Any = MISSING                   # the peers' architecture settings: checked against their classes
+    unet: Any = MISSING
+    out_dir: str = MISSING
+    leaderboard: str = MISSING
+    html: str = MISSING
 
 
-def _seeds(cfg: Any, key: str) -> List[int]:
-    from ups_lightning.errors import UserError
+def _fail(key: str, value: Any, want: str) -> UserError:
+    return UserError(f"bench setting {key}={value!r}: expected {want} ({WHERE}).")
 
-    seeds = list(cfg.get(key) or [])
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
-            or len(set(seeds)) != len(seeds):
-        raise UserError(f"bench setting {key}={seeds!r} must be a non-empty list of distinct integers >= 0 "
-                        "(training seeds).")
+
+def _seeds(values: List[int], key: str) -> List[int]:
+    seeds = list(values)
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise _fail(key, seeds, "a non-empty list of distinct integers >= 0 (training seeds)")
     return [int(s) for s in seeds]
 
 
-def _search_settings(given: Any):
-    """``search:`` of conf/bench.yaml as bench.search.SearchSettings, checked."""
+def _peer_settings(cfg: DictConfig, name: str, cls: type) -> Any:
+    """A peer's architecture settings (``fno:`` / ``unet:``): every key of its class given (its
+    defaults never fill a gap), each a count >= 1 (or null where the class means "all" by None)."""
+    given = cfg[name]
+    known = {f.name: f for f in fields(cls)}
+    if not OmegaConf.is_dict(given) or set(given) != set(known):
+        have = sorted(given) if OmegaConf.is_dict(given) else given
+        raise UserError(f"bench setting {name}={have!r}: expected exactly the keys {sorted(known)} ({WHERE}; "
+                        f"{cls.__name__} in bench/{name}.py).")
+    for k, f in known.items():
+        v = given[k]
+        if v is None and f.default is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _fail(f"{name}.{k}", v, "an integer >= 1" + (" or null (all)" if f.default is None else ""))
+    return cls.from_mapping(OmegaConf.to_container(given))
+
+
+def _search(s: DictConfig):
     from ups_lightning.bench.search import SearchSettings
-    from ups_lightning.errors import UserError
 
-    given = dict(given or {})
-    known = set(SearchSettings.__dataclass_fields__)
-    if set(given) != known:
-        raise UserError(f"bench setting search must give exactly {sorted(known)}; got {sorted(given)}.")
-    rates = _num(given, "rates", integer=True, where="search.")
-    widen = _num(given, "widen", integer=True, positive=False, minimum=0, where="search.")
-    keep = _num(given, "keep", integer=True, where="search.")
-    step = _num(given, "step", where="search.")
-    if step <= 1.0:
-        raise UserError(f"bench setting search.step={step:g} must be > 1 (the ratio between neighbouring rates).")
-    rungs = given["rungs"]
-    ok = rungs is not None and not isinstance(rungs, str) and hasattr(rungs, "__iter__") and len(rungs) > 0
-    vals = [_num({"rung": r}, "rung", where="search.rungs.") for r in rungs] if ok else []
-    if not ok or any(b <= a for a, b in zip(vals, vals[1:])) or abs(vals[-1] - 1.0) > 1e-9 or vals[0] <= 0:
-        raise UserError(f"bench setting search.rungs={rungs!r} must be increasing fractions of budget_min in "
-                        "(0, 1] ending at 1 (the last rung trains at the budget itself), e.g. [0.25, 1.0].")
-    return SearchSettings(rates=rates, step=step, widen=widen, rungs=tuple(vals), keep=keep)
+    rungs = list(s.rungs)
+    if not rungs or any(b <= a for a, b in zip(rungs, rungs[1:])) or abs(rungs[-1] - 1.0) > 1e-9 or rungs[0] <= 0:
+        raise _fail("search.rungs", rungs, "increasing fractions of budget_min in (0, 1] ending at 1 (the last "
+                                           "rung trains at the budget itself), e.g. [0.25, 1.0]")
+    return SearchSettings(rates=int(s.rates), step=float(s.step), widen=int(s.widen), rungs=tuple(rungs),
+                          keep=int(s.keep))
 
 
-def _given_choices(given: Any, out: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """``given:`` of conf/bench.yaml: per method, a recipe, rate and optionally guard that an
-    earlier run chose on validation (its search is then skipped), checked."""
-    from ups_lightning.errors import UserError
-
+def _given_choices(given: DictConfig, out: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """``given:``: per method, a recipe, rate and optionally guard that an earlier run chose on
+    validation (its search is then skipped)."""
     choices = {}
-    for method, g in dict(given or {}).items():
-        g = dict(g or {})
+    for method, g in given.items():
         if method not in out["methods"]:
-            raise UserError(f"bench setting given.{method}: {method!r} is not among methods={out['methods']}.")
+            raise _fail(f"given.{method}", g, f"a method among methods={out['methods']}")
+        g = dict(g) if OmegaConf.is_dict(g) else {}
         if set(g) - {"recipe", "lr", "guard"} or not {"recipe", "lr"} <= set(g):
-            raise UserError(f"bench setting given.{method}={g!r} must give recipe and lr (and optionally guard: "
-                            "true/false), e.g. given.fno={recipe: pdebench, lr: 0.00316}.")
+            raise _fail(f"given.{method}", g, "a recipe and an lr (and optionally guard: true/false), e.g. "
+                                              "given.fno={recipe: pdebench, lr: 0.00316}")
         if g["recipe"] not in out["recipes"][method]:
-            raise UserError(f"bench setting given.{method}.recipe={g['recipe']!r} must be one of "
-                            f"recipes.{method}={out['recipes'][method]}.")
+            raise _fail(f"given.{method}.recipe", g["recipe"], f"one of recipes.{method}={out['recipes'][method]}")
         guard = g.get("guard")
         if guard is not None and not isinstance(guard, bool):
-            raise UserError(f"bench setting given.{method}.guard={guard!r} must be true, false or absent "
-                            "(absent: chosen on validation).")
-        choices[method] = {"recipe": str(g["recipe"]), "lr": _num(g, "lr", where=f"given.{method}."),
-                           "guard": guard}
+            raise _fail(f"given.{method}.guard", guard, "true, false or absent (absent: chosen on validation)")
+        lr = g["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+            raise _fail(f"given.{method}.lr", lr, "a positive learning rate")
+        choices[method] = {"recipe": str(g["recipe"]), "lr": float(lr), "guard": guard}
     return choices
 
 
-def check_config(cfg: Any) -> Dict[str, Any]:
+def check_config(cfg: DictConfig) -> Dict[str, Any]:
     """Validate the bench config; a bad setting is a UserError naming it. Returns checked values."""
     from ups_lightning.bench.peers import PEERS, RECIPES
-    from ups_lightning.errors import UserError
 
-    out: Dict[str, Any] = {}
-    out["budget_min"] = _num(cfg, "budget_min")
-    out["n_test"] = _num(cfg, "n_test", integer=True, allow_none=True)
-    out["threads"] = _num(cfg, "threads", integer=True, allow_none=True)
-    out["eval_batch_size"] = _num(cfg, "eval_batch_size", integer=True)
-    for flag in ("skip_solver", "reuse", "relative_loss"):
+    for flag in FLAGS:    # the schema would read "yes" or 2 as true
         if not isinstance(cfg.get(flag), bool):
-            raise UserError(f"bench setting {flag}={cfg.get(flag)!r} must be true or false.")
-        out[flag] = bool(cfg.get(flag))
-    methods = list(cfg.get("methods") or [])
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods or len(set(methods)) != len(methods):
-        raise UserError(f"bench setting methods={methods!r} must be a non-empty list of distinct names "
-                        f"from {list(METHODS)} (e.g. methods=[ours,fno]).")
+            raise _fail(flag, cfg.get(flag), "true or false")
+    s = validate(cfg, BenchSettings, "bench", WHERE)
+    out: Dict[str, Any] = {k: s[k] for k in ("budget_min", "n_test", "threads", "eval_batch_size", *FLAGS)}
+    methods = list(s.methods)
+    if not methods or len(set(methods)) != len(methods) or not set(methods) <= set(METHODS):
+        raise _fail("methods", methods, f"a non-empty list of distinct names from {list(METHODS)} (e.g. methods=[ours,fno])")
     out["methods"] = methods
-    out["seeds"] = _seeds(cfg, "seeds")
-    out["curve_seeds"] = _seeds(cfg, "curve_seeds")
-    curve = cfg.get("curve_budgets")
-    if curve is None or isinstance(curve, str) or not hasattr(curve, "__iter__"):
-        raise UserError(f"bench setting curve_budgets={curve!r} must be a list of budgets in minutes "
-                        "(e.g. curve_budgets=[2.5,5,10,20,40]; [] for none).")
-    out["curve_budgets"] = sorted({_num({"budget": v}, "budget", where="curve_budgets.") for v in curve})
+    out["seeds"] = _seeds(s.seeds, "seeds")
+    out["curve_seeds"] = _seeds(s.curve_seeds, "curve_seeds")
+    if any(b <= 0 for b in s.curve_budgets):
+        raise _fail("curve_budgets", list(s.curve_budgets), "budgets in minutes > 0 (e.g. [2.5,5,10,20,40]; [] for none)")
+    out["curve_budgets"] = sorted({float(b) for b in s.curve_budgets})
     out["lr_default"], out["recipes"] = {}, {}
     for m in methods:
-        out["lr_default"][m] = _num(cfg.get("lr_default") or {}, m, where="lr_default.")
-        recipes = list((cfg.get("recipes") or {}).get(m) or [])
+        check_ranges(s, [(f"lr_default.{m}", 0.0, False, None)], "bench")
+        if s.lr_default.get(m) is None:
+            raise _fail(f"lr_default.{m}", None, f"{m}'s published learning rate (the centre of its search ladder)")
+        out["lr_default"][m] = float(s.lr_default[m])
+        recipes = list(s.recipes.get(m) or [])
         allowed = ["project"] if m == "ours" else list(RECIPES)
-        if not recipes or len(set(recipes)) != len(recipes) or any(r not in allowed for r in recipes):
-            raise UserError(f"bench setting recipes.{m}={recipes!r} must be a non-empty list of distinct "
-                            f"recipes from {allowed} (bench/peers.py).")
+        if not recipes or len(set(recipes)) != len(recipes) or not set(recipes) <= set(allowed):
+            raise _fail(f"recipes.{m}", recipes, f"a non-empty list of distinct recipes from {allowed} (bench/peers.py)")
         out["recipes"][m] = recipes
-    frm = cfg.get("curves_from")
-    if frm is None or isinstance(frm, str) or not all(isinstance(x, str) and x.strip() for x in frm):
-        raise UserError(f"bench setting curves_from={frm!r} must be a list of results directories of earlier "
-                        "benchmark runs (e.g. curves_from=[results/issue22/DIR]; [] for none).")
-    out["curves_from"] = [str(x) for x in frm]
-    if not isinstance(cfg.get("curves_only"), bool):
-        raise UserError(f"bench setting curves_only={cfg.get('curves_only')!r} must be true or false.")
-    out["curves_only"] = bool(cfg.get("curves_only"))
+    out["curves_from"] = [str(x) for x in s.curves_from]
+    if not all(x.strip() for x in out["curves_from"]):
+        raise _fail("curves_from", out["curves_from"], "results directories of earlier benchmark runs")
     if out["curves_only"] and not out["curves_from"]:
         raise UserError("bench setting curves_only=true merges the curves of curves_from=[...] and trains "
                         "nothing: name the results directories to merge.")
-    out["search"] = _search_settings(cfg.get("search"))
-    out["given"] = _given_choices(cfg.get("given"), out)
-    shares = cfg.get("shares")
-    if shares is None or not hasattr(shares, "keys") or set(shares.keys()) != set(STAGE_SHARES):
-        raise UserError(f"bench setting shares={shares!r} must map each of {', '.join(STAGE_SHARES)} to "
-                        "its fraction of budget_min (e.g. shares.autoencoder=0.375).")
-    for k in STAGE_SHARES:
-        _num(shares, k, where="shares.")
-    total = sum(float(shares[k]) for k in STAGE_SHARES)
+    out["search"] = _search(s.search)
+    out["given"] = _given_choices(s.given, out)
+    out["shares"] = {k: float(s.shares[k]) for k in STAGE_SHARES}
+    total = sum(out["shares"].values())
     if total > 1.0 + 1e-6:
         raise UserError(f"bench setting shares sum to {total:.3f}: our stages' fractions of budget_min "
                         "must add up to at most 1 (the same wall-clock as every peer gets).")
-    out["shares"] = {k: float(shares[k]) for k in STAGE_SHARES}
-    grids_cells = cfg.get("solver_grids")
-    if grids_cells is None or not hasattr(grids_cells, "__iter__") or isinstance(grids_cells, str) \
-            or len(grids_cells) == 0:
-        raise UserError(f"bench setting solver_grids={grids_cells!r} must be a non-empty list of cell counts.")
-    for g in grids_cells:
-        if isinstance(g, bool) or not isinstance(g, int) or g < 4:
-            raise UserError(f"bench setting solver_grids={list(grids_cells)}: {g!r} is not a cell count (an "
-                            "integer >= 4 that divides the evaluation grid).")
-    out["solver_grids"] = [int(g) for g in grids_cells]
-    out["peers"] = {name: _settings(cfg, name, cls) for name, (_, cls, _) in PEERS.items()}
-    if not str(cfg.get("out_dir") or "").strip():
+    if not s.solver_grids or any(g < 4 for g in s.solver_grids):
+        raise _fail("solver_grids", list(s.solver_grids), "a non-empty list of cell counts (integers >= 4 that "
+                                                          "divide the evaluation grid)")
+    out["solver_grids"] = [int(g) for g in s.solver_grids]
+    out["peers"] = {name: _peer_settings(s, name, cls) for name, (_, cls, _) in PEERS.items()}
+    if not str(s.out_dir).strip():
         raise UserError("bench setting out_dir must name a directory (default outputs/bench).")
     return out

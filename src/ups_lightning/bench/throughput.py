@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import sys
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from ups_lightning.atomic import atomic_write_json
+from ups_lightning.provenance import command_line
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.pdes import get_pde, registered
 from ups_lightning.schema import setting, validate
@@ -264,10 +264,11 @@ def _machine(threads: int, busy_before: Optional[float]) -> Dict[str, Any]:
                 break
     except OSError:
         pass
-    from ups_lightning.evaluation import git_commit
+    from ups_lightning.provenance import git_commit, package_version
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "threads": threads, "busy_cores_before": busy_before, "commit": git_commit(),
+            "package_version": package_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -332,8 +333,7 @@ def run_throughput(cfg: DictConfig, say=print) -> Dict[str, Any]:
     busy_before = busy_cores(0.5)
     threads = configure_cpu(s["threads"], "threads")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    result: Dict[str, Any] = {"command": "python -m ups_lightning.bench.throughput "
-                              + " ".join(sys.argv[1:]), "settings": s,
+    result: Dict[str, Any] = {"command": command_line(), "settings": s,
                               "machine": _machine(threads, busy_before)}
     peak32 = matmul_peak(torch.float32, s["peak_size"])
     peak16 = matmul_peak(torch.bfloat16, s["peak_size"])

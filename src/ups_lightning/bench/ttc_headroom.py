@@ -33,6 +33,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import Tensor
 
 from ups_lightning.atomic import atomic_write_json
+from ups_lightning.provenance import reset_scored, scored, write_provenance
 from ups_lightning.errors import UserError, report_user_errors
 from ups_lightning.inference.candidates import Proposer
 from ups_lightning.inference.rewards import Reward, make_reward, parse_reward, save_verifier, train_verifier
@@ -123,6 +124,7 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
     from ups_lightning.runtime import configure_cpu
 
     cfg = validate(cfg, HeadroomSettings, "ttc_headroom", "conf/ttc_headroom.yaml")
+    reset_scored()
     configure_cpu(cfg.num_threads, "num_threads")
     k = int(cfg.n_candidates)
     rewards = [parse_reward(r) for r in cfg.rewards]
@@ -204,11 +206,14 @@ def run_headroom(cfg: DictConfig) -> Dict[str, Any]:
             sa = row["solver_alone"]
             print(f"{'':>16} the solver alone on {sa['cells']} cells: nRMSE {sa['nrmse']:.4f}, "
                   f"{sa['ms_per_traj']:.2f} ms/traj")
+    # plain, oracle, each reward's rollout and each solver alone: the rows scored on cfg.split
+    scored(cfg.split, 2 + len(result["rewards"]) + sum("solver_alone" in r for r in result["rewards"].values()))
     if HydraConfig.initialized():
         out = Path(HydraConfig.get().runtime.output_dir)
         atomic_write_json(out / "ttc_headroom.json", result)
         if verifier is not None:
             save_verifier(verifier, out / "verifier.pt")
+        write_provenance(out, "ttc_headroom", cfg, seeds=[int(cfg.seed)])
         print(f"wrote {out / 'ttc_headroom.json'}")
     return result
 

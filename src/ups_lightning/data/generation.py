@@ -33,11 +33,12 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ups_lightning.errors import UserError
+from ups_lightning.provenance import package_version
 from ups_lightning.data import solver as _solver
 from ups_lightning.pdes import get_pde, registered
 from ups_lightning.pdes.initial import cell_centres
@@ -45,7 +46,7 @@ from ups_lightning.data.pdebench import (MANIFEST_FORMAT, SPLITS, PDEBenchFile, 
                                          load_manifest, manifest_path, write_manifest)
 
 __all__ = ["SEED_STRIDE", "SPLIT_SEED_OFFSETS", "RETIRED_SEED_OFFSETS", "split_seeds", "dataset_settings",
-           "write_dataset", "remove_stale_temps", "run", "on_signal"]
+           "write_dataset", "prepare_target", "seeds_record", "remove_stale_temps", "run", "on_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,47 @@ def _say(msg: str, quiet: bool) -> None:
         print(msg, flush=True)
 
 
+def prepare_target(target: Path, is_current: Callable[[dict | None], bool], force: bool,
+                   say: Callable[[str], None]) -> dict | None:
+    """Before a long generation (1D and 2D alike): the kept manifest when ``target`` is current (and
+    ``force`` is off), else None once ``target`` may be written; an existing file of other settings
+    is refused unless ``force``, a directory in the way or an unmakeable parent is one paragraph."""
+    for p in (target, manifest_path(target)):    # found now, not after a long generation
+        if p.exists() and not p.is_file():
+            raise UserError(f"output path {str(p)!r} exists and is not a file.")
+    remove_stale_temps(target)
+    if target.exists():
+        try:
+            manifest = load_manifest(target)
+        except UserError:
+            if not force:
+                raise
+            manifest = None
+        if not force and is_current(manifest):
+            say(f"{target} is up to date (manifest {manifest_path(target).name} matches these "
+                f"settings); nothing to do. Pass force=true to remake it.")
+            return manifest
+        if not force:
+            why = ("has no manifest" if manifest is None else
+                   "was made with different settings (or its manifest is stale)")
+            raise UserError(f"{str(target)!r} already exists and {why}; refusing to overwrite it. "
+                            f"Pass force=true to remake it, or choose another output path.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the directory of output path {str(target)!r}: "
+                        f"{exc.strerror or exc}.") from None
+    return None
+
+
+def seeds_record(seed: int, seeds_by_split: dict[str, np.ndarray]) -> dict:
+    """The manifest's ``seeds``: the rule, the offsets and each split's seed range."""
+    return {"rule": "row i of split s: seed * 1_000_000 + offset[s] + i", "seed": seed,
+            "offsets": dict(SPLIT_SEED_OFFSETS), "retired_offsets": dict(RETIRED_SEED_OFFSETS),
+            **{s: {"start": int(v[0]) if v.size else None, "stop": int(v[-1]) + 1 if v.size else None}
+               for s, v in seeds_by_split.items()}}
+
+
 def write_dataset(
     path: str | os.PathLike,
     *,
@@ -195,31 +237,9 @@ def write_dataset(
     params = {k: settings[k] for k in spec.param_names}
     workers = _num("workers", workers, int, minimum=1)
     target = Path(path)
-    for p in (target, manifest_path(target)):    # found now, not after a long generation
-        if p.exists() and not p.is_file():
-            raise UserError(f"output path {str(p)!r} exists and is not a file.")
-    remove_stale_temps(target)
-    if target.exists():
-        try:
-            manifest = load_manifest(target)
-        except UserError:
-            if not force:
-                raise
-            manifest = None
-        if not force and _is_current(target, manifest, settings):
-            _say(f"{target} is up to date (manifest {manifest_path(target).name} matches these "
-                 f"settings); nothing to do. Pass force=true to remake it.", quiet)
-            return manifest  # type: ignore[return-value]
-        if not force:
-            why = ("has no manifest" if manifest is None else
-                   "was made with different settings (or its manifest is stale)")
-            raise UserError(f"{str(target)!r} already exists and {why}; refusing to overwrite it. "
-                            f"Pass force=true to remake it, or choose another output path.")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the directory of output path {str(target)!r}: "
-                        f"{exc.strerror or exc}.") from None
+    kept = prepare_target(target, lambda m: _is_current(target, m, settings), force, lambda m: _say(m, quiet))
+    if kept is not None:
+        return kept
 
     counts = {s: settings[f"n_{s}"] for s in SPLITS}
     seeds_by_split = split_seeds(settings["seed"], counts)
@@ -265,19 +285,14 @@ def write_dataset(
                      "domain_length": 1.0, "dx": 1.0 / nx,
                      "dt_save": settings["t_max"] / (nt - 1)},
             "splits": splits,
-            "seeds": {"rule": "row i of split s: seed * 1_000_000 + offset[s] + i",
-                      "seed": settings["seed"], "offsets": dict(SPLIT_SEED_OFFSETS),
-                      "retired_offsets": dict(RETIRED_SEED_OFFSETS),
-                      **{s: {"start": int(seeds_by_split[s][0]) if counts[s] else None,
-                             "stop": int(seeds_by_split[s][-1]) + 1 if counts[s] else None}
-                         for s in SPLITS}},
+            "seeds": seeds_record(settings["seed"], seeds_by_split),
             "solver": dict(spec.solver_settings),
             "normalization": norms,
             "generation": {
                 "seconds": round(seconds, 3),
                 "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "workers": workers,
-                "package_version": _package_version(),
+                "package_version": package_version(),
                 "numpy": np.__version__,
                 "python": platform.python_version(),
             },
@@ -328,14 +343,6 @@ def _write_h5(tmp: Path, seeds: np.ndarray, settings: dict, x: np.ndarray, t: np
                 prog.advance(task, len(rows))
         h5.flush()
         _check_stop()
-
-
-def _package_version() -> str:
-    try:
-        from ups_lightning import __version__
-        return __version__
-    except ImportError:   # pragma: no cover
-        return "unknown"
 
 
 def _flag(name: str, value: Any, default: bool) -> bool:

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ups_lightning.atomic import atomic_write_json
-from ups_lightning.errors import UserError
+from ups_lightning.errors import UserError, command
 from ups_lightning.pdes import PDE, get_pde, pde_of_file_attrs, registered
 
 __all__ = [
@@ -58,9 +58,12 @@ SPLITS = ("train", "val", "test")
 # rows of a file without a manifest (data.split_layout): tail = train, val from the start, test the
 # last rows; pdebench = PDEBench's own loaders (test the first int(N * test_ratio) rows)
 SPLIT_LAYOUTS = ("tail", "pdebench")
-_GENERATE_HINT = ("Make it with `python -m ups_lightning.data.generate data=<name>` (`make data` "
-                  "makes every small set), or point data.path at your PDEBench file")
 _BLOCK_BYTES = 128 * 1024 * 1024     # at most this much raw data per read block
+
+
+def _generate_hint() -> str:
+    return (f"Make it with `{command('ups_lightning.data.generate')} data=<name>` (in a checkout `make data` "
+            "makes every small set), or point data.path at your PDEBench file")
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +238,7 @@ class PDEBenchFile:
         self.rr_t = _check_reduction("reduced_resolution_t", reduced_resolution_t)
         p = Path(self.path)
         if not p.exists():
-            raise UserError(f"data file {self.path!r} does not exist. {_GENERATE_HINT}.")
+            raise UserError(f"data file {self.path!r} does not exist. {_generate_hint()}.")
         if not p.is_file():
             raise UserError(f"data path {self.path!r} is not a file (expected a PDEBench-layout "
                             f"HDF5 file).")
@@ -511,7 +514,7 @@ def load_manifest(data_path: str | os.PathLike) -> dict | None:
         raise UserError(f"{str(data_path)!r} was made with the retired v1 splits (manifest format "
                         f"{manifest['format']!r}): its test split was used to choose settings, so it "
                         f"is never scored again. Remake it with the v2 splits (a fresh test split): "
-                        f"python -m ups_lightning.data.generate data=<its data config> force=true, or "
+                        f"{command('ups_lightning.data.generate')} data=<its data config> force=true, or "
                         f"delete the file and its manifest (training makes a missing file itself).")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
         raise UserError(f"manifest {str(mp)!r} has no 'splits' mapping; delete it or regenerate "

@@ -12,20 +12,24 @@ Two layouts, told apart by the file's top-level keys:
 Both read as (n, T, X, Y, C) float32 with PDEBench's reduction (a stride in x, y and t), the axis
 order of PDEBench's own loaders (time, then x, then y, then the fields). A bad file is a UserError
 naming it and what was expected.
+
+``write_groups_file`` writes the groups layout (the generator's, data/generation2d.py), atomically.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Mapping, Sequence
 
 import h5py
 import numpy as np
 
+from ups_lightning.atomic import atomic_path
 from ups_lightning.data.pdebench import _check_reduction, _uniform_step
 from ups_lightning.errors import UserError
 
-__all__ = ["CFD_FIELDS", "Grid2DMeta", "PDEBench2DFile"]
+__all__ = ["CFD_FIELDS", "Grid2DMeta", "PDEBench2DFile", "write_groups_file"]
 
 CFD_FIELDS = ("density", "pressure", "Vx", "Vy")
 
@@ -148,7 +152,7 @@ class PDEBench2DFile:
         """Rows ``indices`` (slice, int or list) as (n, T, X, Y, C) float32, reduced; a row holding
         NaN/Inf is a UserError naming it."""
         m = self.meta
-        idx = np.arange(m.n_samples)[indices].reshape(-1)
+        idx = self._as_indices(indices)
         t_end = m.n_t * self.rt
         out = np.empty((idx.size, m.n_t, m.n_x, m.n_y, m.n_channels), dtype=np.float32)
         for j, i in enumerate(idx):
@@ -161,6 +165,15 @@ class PDEBench2DFile:
                 raise UserError(f"{self.path}: sample {i} holds NaN/Inf values.")
         return out
 
+    # what compute_normalizer (data/pdebench.py) reads, so a 2D file's statistics are the 1D files'
+    def _as_indices(self, indices: Any) -> np.ndarray:
+        return np.arange(self.meta.n_samples)[indices].reshape(-1)
+
+    def iter_blocks(self, rows: Any) -> Iterator[tuple]:
+        """(row, data (1, T, X, Y, C)) one sample at a time: a 2D sample is a block already."""
+        for i in self._as_indices(rows):
+            yield np.asarray([i]), self.read(int(i))
+
     def close(self) -> None:
         self.h5.close()
 
@@ -169,3 +182,51 @@ class PDEBench2DFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def write_groups_file(path: str | os.PathLike, fields: Any, x: Any, y: Any, t: Any,
+                      attrs: Mapping[str, Any], *, finish: Callable[[Path], None] | None = None) -> Path:
+    """Write PDEBench's groups layout at ``path``, atomically: sample i is the group ``{i:04d}`` (wider
+    when there are more, all of one width so their sorted order is the row order) holding ``data``
+    (T, X, Y, C) float32 and ``grid/x``, ``grid/y``, ``grid/t``; ``attrs`` go on the root.
+
+    ``fields`` is (N, T, Y, X, C) in the solvers' order (transposed here to the file's x-first order),
+    or any sized iterable of (T, Y, X, C) rows, so a generator of solved rows holds one sample in
+    memory. ``finish(tmp)``, when given, runs on the complete temporary file before it replaces
+    ``path``: what it raises leaves neither file behind, like any other failure."""
+    x, y, t = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (x, y, t))
+    n = len(fields)
+    if n < 1:
+        raise ValueError("write_groups_file: no samples to write")
+    width = max(4, len(str(n - 1)))
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        try:
+            h5 = h5py.File(tmp, "w")
+        except OSError as exc:
+            raise UserError(f"cannot write {str(tmp)!r} (the temporary file beside {str(target)!r}): "
+                            f"{exc}.") from None
+        with h5:
+            for key, value in attrs.items():
+                h5.attrs[key] = value
+            written, channels = 0, None
+            for i, row in enumerate(fields):
+                row = np.asarray(row)
+                channels = row.shape[-1] if channels is None and row.ndim else channels
+                if i >= n or row.shape != (t.size, y.size, x.size, channels):
+                    raise ValueError(f"write_groups_file: sample {i} of {n} has shape {row.shape}; expected "
+                                     f"({t.size}, {y.size}, {x.size}, {channels}) = (T, Y, X, C) on the given "
+                                     f"t, y, x, with sample 0's channels")
+                data = np.ascontiguousarray(row.transpose(0, 2, 1, 3), dtype=np.float32)
+                if not np.isfinite(data).all():
+                    raise ValueError(f"write_groups_file: sample {i} holds NaN/Inf values (as float32)")
+                g = h5.create_group(f"{i:0{width}d}")
+                g.create_dataset("data", data=data)
+                for name, values in (("x", x), ("y", y), ("t", t)):
+                    g.create_dataset(f"grid/{name}", data=values.astype(np.float32))
+                written += 1
+            if written != n:
+                raise ValueError(f"write_groups_file: {written} samples given for len(fields) = {n}")
+        if finish is not None:
+            finish(tmp)
+    return target

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ups_lightning.atomic import atomic_torch_save
-from ups_lightning.errors import UserError
+from ups_lightning.errors import UserError, command
 
 __all__ = ["Reward", "PhysicsReward", "ConsistencyReward", "VerifierReward", "Verifier", "make_reward",
            "REWARDS", "train_verifier", "save_verifier", "load_verifier", "parse_reward"]
@@ -194,7 +194,7 @@ def load_verifier(path: str) -> Verifier:
                         "verifier.pt).") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise UserError(f"ttc.reward.verifier={path}: not a verifier this version can load ({type(exc).__name__}: "
-                        f"{exc}). Retrain it with python -m ups_lightning.bench.ttc_headroom.") from None
+                        f"{exc}). Retrain it with {command('ups_lightning.bench.ttc_headroom')}.") from None
     return net.eval()
 
 
@@ -217,6 +217,6 @@ def make_reward(name: str, physics, cells: Optional[int] = None, weights=None,
     if name == "verifier":
         if verifier is None:
             raise UserError("ttc.reward.name=verifier needs a trained verifier; it is trained on the train "
-                            "split by `python -m ups_lightning.bench.ttc_headroom` and by the study.")
+                            f"split by `{command('ups_lightning.bench.ttc_headroom')}` and by the study.")
         return VerifierReward(verifier)
     raise UserError(f"ttc.reward.name={name!r}: the rewards are {', '.join(REWARDS)}.")

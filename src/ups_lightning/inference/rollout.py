@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -174,12 +174,13 @@ def ensemble_rollout(sur: Surrogate, u0: Tensor, steps: int, members: int, corre
 
 
 @torch.no_grad()
-def ttc_rollout(proposer: Proposer, u0: Tensor, steps: int, cfg: TTCConfig, reward: Reward) -> Tuple[Tensor, Dict[str, Any]]:
+def ttc_rollout(proposer: Proposer, u0: Tensor, steps: int, cfg: TTCConfig, reward: Reward,
+                on_step: Optional[Callable[[], None]] = None) -> Tuple[Tensor, Dict[str, Any]]:
     """TTC rollout from the physical frames u0 (B, X, C): at each step a per-sample beam search
     (inference/ttc.py) over the proposer's candidate frames (inference/candidates.py; candidate 0 is
     the plain guarded operator step), scored by ``reward`` (inference/rewards.py) from the frames
     alone. Returns the frames (B, steps, X, C) and the search's cost (model evaluations per sample per
-    step) and how often it kept candidate 0."""
+    step) and how often it kept candidate 0. ``on_step``: called after every step (a progress bar)."""
     C = u0.shape[-1]
     proposer.check(plan(cfg).n_first)
 
@@ -194,6 +195,8 @@ def ttc_rollout(proposer: Proposer, u0: Tensor, steps: int, cfg: TTCConfig, rewa
         frames.append(state[..., :C])
         evals.append(info["evals"].double().mean())
         kept.append((info["chosen"] == 0).double().mean())
+        if on_step is not None:
+            on_step()
         if step % 10 == 0 or step == steps:   # the search is the slow mode: say where it is
             log.info("TTC: step %d/%d of %d trajectories after %.1f s", step, steps, len(u0),
                      time.perf_counter() - start)

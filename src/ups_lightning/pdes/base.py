@@ -79,16 +79,18 @@ PENALTY_DOCS = {
 }
 
 
-def rms(v: Tensor) -> Tensor:
-    return v.pow(2).mean(dim=-1).sqrt()
+def rms(v: Tensor, space: Tuple[int, ...] = (-1,)) -> Tensor:
+    return v.pow(2).mean(dim=space).sqrt()
 
 
-def trapezoid_residual(operator: Callable[[Tensor], Tensor], up: Tensor, un: Tensor, dt: float) -> Tensor:
+def trapezoid_residual(operator: Callable[[Tensor], Tensor], up: Tensor, un: Tensor, dt: float,
+                       space: Tuple[int, ...] = (-1,)) -> Tensor:
     """RMS_x(r) / (RMS_x(u_t) + RMS_x(R_bar) + eps) with r = (un - up)/dt - (R(up) + R(un))/2: 0 when
-    the time derivative balances the spatial operator, 1 for a frozen field that should move."""
+    the time derivative balances the spatial operator, 1 for a frozen field that should move. RMS over
+    the axes ``space`` (x; y and x in 2D)."""
     ut = (un - up) / dt
     rbar = 0.5 * (operator(up) + operator(un))
-    return rms(ut - rbar) / (rms(ut) + rms(rbar) + _EPS)
+    return rms(ut - rbar, space) / (rms(ut, space) + rms(rbar, space) + _EPS)
 
 
 # --- pieces the reference solvers share ------------------------------------------------------
@@ -264,47 +266,56 @@ class PDE:
 
     # -- guard and rewards -----------------------------------------------------------------------
     def project(self, u: Tensor, given: Tensor) -> Tensor:
-        """The guard's projection of decoded frames (B, X, C) onto the invariants that the last
-        given frame ``given`` (B, X, C) fixes: its mean (mass) and/or the invariant interval."""
+        """The guard's projection of decoded frames (B, *space, C) onto the invariants that the last
+        given frame ``given`` (B, *space, C) fixes: its mean over space per channel (mass) and/or the
+        invariant interval."""
         if "mass" in self.invariants:
-            u = u - u.mean(dim=-2, keepdim=True) + given.mean(dim=-2, keepdim=True)
+            space = tuple(range(-1 - self.spatial_dims, -1))
+            u = u - u.mean(dim=space, keepdim=True) + given.mean(dim=space, keepdim=True)
         if "bounds" in self.invariants and self.bounds is not None:
             u = u.clamp(*self.bounds)
         return u
 
     def rewards(self, u_prev: Tensor, u_next: Tensor, params: Mapping[str, float], dx: float,
                 dt: float) -> Dict[str, Tensor]:
-        """This equation's penalties (``penalties``) of the step u_prev -> u_next, frames (B, X, C)
+        """This equation's penalties (``penalties``) of the step u_prev -> u_next, frames (B, *space, C)
         in physical units (u_prev may have batch 1). Each (B,), >= 0, lower is better; non-finite
-        candidates get +inf. Multi-channel penalties are means over channels."""
+        candidates get +inf. Multi-channel penalties are means over channels; means and sums run over
+        every spatial axis (the total variation along each, periodic)."""
         if not (dx > 0 and dt > 0):
             raise UserError(f"{self.name} rewards: need dx > 0 and dt > 0, got dx={dx}, dt={dt}.")
-        if u_prev.dim() == 2:
+        if self.spatial_dims == 1 and u_prev.dim() == 2:
             u_prev = u_prev.unsqueeze(-1)
-        if u_next.dim() == 2:
+        if self.spatial_dims == 1 and u_next.dim() == 2:
             u_next = u_next.unsqueeze(-1)
-        if u_next.dim() != 3 or u_prev.shape[-2:] != u_next.shape[-2:]:
-            raise ValueError(f"{self.name} rewards: frames must be (B, X, C) alike, got "
+        n_space = self.spatial_dims
+        if u_next.dim() != 2 + n_space or u_prev.shape[1:] != u_next.shape[1:]:
+            shape = "(B, X, C)" if n_space == 1 else "(B, Y, X, C)"
+            raise ValueError(f"{self.name} rewards: frames must be {shape} alike, got "
                              f"{tuple(u_prev.shape)} and {tuple(u_next.shape)}")
         dtype = torch.promote_types(u_next.dtype, torch.float32)
         up, un = u_prev.to(dtype).expand_as(u_next), u_next.to(dtype)
-        up, un = up.movedim(-1, 1), un.movedim(-1, 1)           # (B, C, X): x last
+        up, un = up.movedim(-1, 1), un.movedim(-1, 1)           # (B, C, *space): x last
+        space = tuple(range(2, 2 + n_space))
+
+        def tv(u: Tensor) -> Tensor:
+            return sum((torch.roll(u, -1, a) - u).abs().sum(space) for a in space)
+
         out: Dict[str, Tensor] = {}
         for name in self.penalties:
             if name == "mass":
-                v = (un.mean(-1) - up.mean(-1)).abs() / (up.abs().mean(-1) + _EPS)
+                v = (un.mean(space) - up.mean(space)).abs() / (up.abs().mean(space) + _EPS)
             elif name == "energy":
-                e_prev, e_next = 0.5 * up.pow(2).mean(-1), 0.5 * un.pow(2).mean(-1)
+                e_prev, e_next = 0.5 * up.pow(2).mean(space), 0.5 * un.pow(2).mean(space)
                 v = torch.clamp(e_next - e_prev, min=0.0) / (e_prev + _EPS)
             elif name == "tv":
-                tv_prev = (torch.roll(up, -1, -1) - up).abs().sum(-1)
-                tv_next = (torch.roll(un, -1, -1) - un).abs().sum(-1)
+                tv_prev, tv_next = tv(up), tv(un)
                 v = torch.clamp(tv_next - tv_prev, min=0.0) / (tv_prev + _EPS)
             elif name == "bounds":
                 lo, hi = self.bounds
-                v = ((lo - un).clamp_min(0) + (un - hi).clamp_min(0)).mean(-1) / (hi - lo)
+                v = ((lo - un).clamp_min(0) + (un - hi).clamp_min(0)).mean(space) / (hi - lo)
             elif name == "pde":
-                v = trapezoid_residual(lambda w: self.spatial_operator(w, params, dx), up, un, dt)
+                v = trapezoid_residual(lambda w: self.spatial_operator(w, params, dx), up, un, dt, space)
             else:
                 raise ValueError(f"{self.name}: unknown penalty {name!r}")
             out[name] = torch.nan_to_num(v.mean(-1), nan=math.inf)

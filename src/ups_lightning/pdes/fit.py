@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from ups_lightning.errors import UserError
+from ups_lightning.errors import UserError, command
 
 __all__ = ["FITS", "DomainFit", "fit_domain"]
 
@@ -65,5 +65,5 @@ def fit_domain(spec, params: Mapping[str, float], rows: np.ndarray, dt: float, f
             f"one frame interval from {rows.shape[0]} of its rows, integrated by the reference solver, misses the "
             f"next frame by {fit.describe()} (relative to the frames' own change; a fit is <= {FITS}). The "
             "solver rows, the solver hybrid and the consistency reward would score against another equation. "
-            "Check the file's equation and parameters (python -m ups_lightning.data.inspect FILE) and data.params.")
+            f"Check the file's equation and parameters ({command('ups_lightning.data.inspect')} FILE) and data.params.")
     return fit

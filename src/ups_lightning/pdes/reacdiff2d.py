@@ -19,8 +19,8 @@ initial values on 16384 cells stay below 5). The step depends on the grid alone,
 never depends on the other rows of its batch. Second order in space, fourth in time, measured
 against finer solutions (tests/test_pdes_2d.py).
 
-Not yet a registered equation: the 2D data layout, generation, reader and configs it needs are the
-rest of issue 25.
+``ReactionDiffusion2D`` is its spec (PDEBench's parameters, recipe, solver, published figures). Not
+yet registered: the 2D generation, reader path, rewards and configs it needs are the rest of issue 25.
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ups_lightning.pdes.base import check_save_times, solver_fields_2d, steps_per_interval
+from ups_lightning.pdes.base import PDE, Parameter, Published, check_save_times, solver_fields_2d, steps_per_interval
 
 __all__ = ["PARAMS", "fhn_rhs", "neumann_laplacian", "dt_max", "solve_fhn2d", "initial_noise",
-           "SOLVER_SETTINGS"]
+           "SOLVER_SETTINGS", "ReactionDiffusion2D"]
 
 PARAMS = {"Du": 1e-3, "Dv": 5e-3, "k": 5e-3}   # PDEBench's diff-react.yaml
 DOMAIN = (2.0, 2.0)                              # (-1, 1)^2: lengths in x and y
@@ -108,3 +108,55 @@ def initial_noise(seed: int, ny: int, nx: int) -> np.ndarray:
     u = rng.standard_normal(nx * ny).reshape(ny, nx)
     v = rng.standard_normal(nx * ny).reshape(ny, nx)
     return np.stack([u, v], axis=-1)
+
+
+class ReactionDiffusion2D(PDE):
+    """PDEBench's ``2D_diff-react_NA_NA.h5``: frames (B, Y, X, 2) = (u, v) on (-1, 1)^2."""
+
+    name = "reacdiff2d"
+    title = "2D diffusion-reaction (FitzHugh-Nagumo)"
+    equation = ("u_t = Du lap u + u - u^3 - k - v, v_t = Dv lap v + u - v on (-1, 1)^2, zero flux")
+    fields = ("u", "v")
+    spatial_dims = 2
+    boundary = "neumann"
+    # ((x_lo, x_hi), (y_lo, y_hi)): the generator's coordinates and solve's domain_length
+    domain = tuple((-0.5 * length, 0.5 * length) for length in DOMAIN)
+    # PDEBench fixes them (the file's name says NA_NA: no parameter varies); stated so that a file
+    # made with others is refused by its attributes, and the conditioning features are O(1)
+    params = tuple(Parameter(n, (n,), n, v, ref=v, feature="log10", doc=d) for n, v, d in (
+        ("Du", PARAMS["Du"], "the activator's diffusion coefficient"),
+        ("Dv", PARAMS["Dv"], "the inhibitor's diffusion coefficient"),
+        ("k", PARAMS["k"], "the activator's threshold")))
+    filename = "2D_diff-react_NA_NA.h5"
+    dt_ref = 0.05
+    penalties = ("pde",)  # the residual of the semi-discrete system (no mean or interval holds)
+    invariants = ()       # the reaction creates and destroys u and v: no mean, no interval holds
+    recipe_id = "pdebench-diff-react-normal/1"
+    published = (Published("FNO", 0.12, {}, "PDEBench (Takamoto et al. 2022) tables"),
+                 Published("U-Net", 0.097, {}, "PDEBench's U-Net as tabulated by DPOT (Hao et al., ICML 2024)"))
+    solver_settings = SOLVER_SETTINGS
+
+    def initial_conditions(self, seeds, shape):
+        """PDEBench's standard-normal u and v per cell, one seed per row: (n, Y, X, 2)."""
+        ny, nx = shape
+        return np.stack([initial_noise(int(s), ny, nx) for s in np.asarray(seeds).reshape(-1)])
+
+    def solve(self, u0, params, t_save, domain_length=DOMAIN[0]):
+        try:
+            p = self.check_params(params, f"{self.name} solve")
+        except Exception as exc:   # a UserError here is a caller's bug: the solvers raise ValueError
+            raise ValueError(str(exc)) from exc
+        L = float(domain_length)
+        return solve_fhn2d(u0, t_save, Du=p["Du"], Dv=p["Dv"], k=p["k"], domain=(L, L))
+
+    def spatial_operator(self, u, params, dx):
+        """The right-hand side on frames (B, 2, Y, X) (torch): the solver's zero-flux five-point
+        Laplacian (dx = dy) and the reaction."""
+        import torch
+        import torch.nn.functional as F
+
+        p = F.pad(u, (1, 1, 1, 1), mode="replicate")      # each edge cell mirrored: no flux
+        lap = (p[..., 1:-1, 2:] + p[..., 1:-1, :-2] + p[..., 2:, 1:-1] + p[..., :-2, 1:-1] - 4.0 * u) / (dx * dx)
+        a, b = u[:, 0], u[:, 1]
+        return torch.stack([float(params["Du"]) * lap[:, 0] + a - a ** 3 - float(params["k"]) - b,
+                            float(params["Dv"]) * lap[:, 1] + a - b], dim=1)

@@ -21,8 +21,10 @@ R <= 0.7: the fastest front, sqrt(2 g) + R, reaches 2.1 < 2.5). Validated agains
 solution of the 1D dam break (a planar dam; first order in L1 across its shock, as every shock-capturing
 scheme) and, on smooth data, second order against a finer solution (tests/test_pdes_2d.py).
 
-Not yet a registered equation: the 2D data layout, generation, reader and configs it needs are the
-rest of issue 25.
+``ShallowWater2D`` is its spec. PDEBench's file holds the depth alone (its momentum is not saved), so
+the spec's solver takes either the full state (h, hu, hv) or a depth at rest (momentum zero: exact for
+the dam at t = 0, not for a later frame: a solver row on this file starts from frame 0). Not yet
+registered: the 2D generation, reader path, rewards and configs it needs are the rest of issue 25.
 """
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from ups_lightning.pdes.base import check_save_times, solver_fields_2d
+from ups_lightning.pdes.base import PDE, Parameter, Published, check_save_times, solver_fields_2d
 
 __all__ = ["GRAVITY", "DOMAIN", "CFL", "solve_swe2d", "dam_break_state", "dam_radius", "exact_dam_break_1d",
-           "SOLVER_SETTINGS"]
+           "SOLVER_SETTINGS", "ShallowWater2D"]
 
 GRAVITY = 1.0
 DOMAIN = ((-2.5, 2.5), (-2.5, 2.5))     # x, y
@@ -170,3 +172,50 @@ def exact_dam_break_1d(x: np.ndarray, t: float, h_left: float, h_right: float, g
     return np.where(xi < -cl, h_left,
                     np.where(xi < us - cs, (2.0 * cl - xi) ** 2 / (9.0 * g),
                              np.where(xi < shock, hs, h_right)))
+
+
+class ShallowWater2D(PDE):
+    """PDEBench's ``2D_rdb_NA_NA.h5``: frames (B, Y, X, 1) = h on (-2.5, 2.5)^2."""
+
+    name = "swe2d"
+    title = "2D shallow water (radial dam break)"
+    equation = "h_t + div(h u) = 0, (h u)_t + div(h u u + g h^2 / 2 I) = 0 on (-2.5, 2.5)^2, outflow"
+    fields = ("h",)
+    spatial_dims = 2
+    boundary = "outflow"
+    # ((x_lo, x_hi), (y_lo, y_hi)): the generator's coordinates and solve's domain_length
+    domain = DOMAIN
+    params = (Parameter("g", ("g",), "g", GRAVITY, ref=GRAVITY, feature="linear", doc="the gravity"),)
+    filename = "2D_rdb_NA_NA.h5"
+    dt_ref = 0.01
+    penalties = ("mass",)  # the water's volume (its depth's bound has no upper end to scale a penalty by)
+    # the water's volume (no wave leaves the box before t = 1 for R <= 0.7) and a depth that stays >= 0
+    invariants = ("mass", "bounds")
+    bounds = (0.0, math.inf)
+    recipe_id = "pdebench-radial-dam-break/1"
+    published = (Published("FNO", 4.4e-3, {}, "PDEBench (Takamoto et al. 2022) tables"),
+                 Published("U-Net", 0.052, {}, "PDEBench's U-Net as tabulated by DPOT (Hao et al., ICML 2024)"))
+    solver_settings = SOLVER_SETTINGS
+
+    def initial_conditions(self, seeds, shape):
+        """PDEBench's dam of radius R ~ U(0.3, 0.7) per seed, at rest: depths (n, Y, X, 1)."""
+        ny, nx = shape
+        return np.stack([dam_break_state(dam_radius(int(s)), ny, nx)[..., :1]
+                         for s in np.asarray(seeds).reshape(-1)])
+
+    def solve(self, u0, params, t_save, domain_length=DOMAIN[0][1] - DOMAIN[0][0]):
+        """From (B, Y, X, 3) = (h, hu, hv), or (B, Y, X, 1) = a depth at rest; the same channels back."""
+        try:
+            g = self.check_params(params, f"{self.name} solve")["g"]
+        except Exception as exc:   # a UserError here is a caller's bug: the solvers raise ValueError
+            raise ValueError(str(exc)) from exc
+        q = np.asarray(u0, dtype=np.float64)
+        if q.ndim != 4 or q.shape[-1] not in (1, 3):
+            raise ValueError(f"{self.name} solve: u0 must be (B, Y, X, 3) or a depth at rest (B, Y, X, 1), "
+                             f"got shape {q.shape}")
+        depth_only = q.shape[-1] == 1
+        if depth_only:
+            q = np.concatenate([q, np.zeros(q.shape[:-1] + (2,))], axis=-1)
+        half = 0.5 * float(domain_length)
+        out = solve_swe2d(q, t_save, g=g, domain=((-half, half), (-half, half)))
+        return out[..., :1] if depth_only else out

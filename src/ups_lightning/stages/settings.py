@@ -38,3 +38,12 @@ class StageSettings:
     batch_size: int = setting(1)
     lr: float = setting(0.0, low_ok=False)
     optim: StageOptim = field(default_factory=StageOptim, metadata={"later": STAGE_OPTIM_INHERIT})
+
+
+@dataclass
+class BudgetShares:
+    """Our plain rollout's two stages' fractions of a wall-clock budget (the bench's and the proxy's
+    ``shares``): each in (0, 1]; the drivers check that they add up to at most 1."""
+
+    autoencoder: float = setting(0.0, low_ok=False, high=1.0)
+    operator: float = setting(0.0, low_ok=False, high=1.0)
