@@ -258,6 +258,8 @@ def test_resume_after_a_kill(smoke_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known limitation since 2cfd6fc (docs/reliability.md): the multirun check "
+                   "refuses an interpolated run_dir even where it resolves to one directory per job")
 def test_multirun_runs_each_job_in_its_own_directory(smoke_data, tmp_path):
     res = cli("ups_lightning.train", "-m", "model=dim8,dim16", "stage=all", "experiment=smoke",
               f"data.root={smoke_data / 'data'}", f"hydra.sweep.dir={tmp_path}",
