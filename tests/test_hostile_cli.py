@@ -181,6 +181,7 @@ EVAL_CASES = [
     ("gates.delta=-0.1", "gates.delta"),
     ("gates.max_wallclock_ratio=nan", "gates.max_wallclock_ratio"),
     ("seed=xyz", "seed"),
+    ("progress_bar=rich", "progress_bar"),
     ("+data.n_test=5", "data.n_test"),
 ]
 
