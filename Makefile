@@ -7,7 +7,7 @@ STAMP    := $(VENV)/.installed
 TORCH    ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup data data-full test test-slow eval-small eval-full bench bench-curves study clean
+.PHONY: setup data data-full test test-slow eval-small eval-full bench bench-curves study transfer clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ bench-curves: setup
 # the capacity x TTC study (docs/STUDY.md; about 75 min on 2 idle cores); STUDY_ARGS=<more overrides>
 study: setup
 	$(BIN)/python -m ups_lightning.study $(STUDY_ARGS)
+
+# pretrained on other equations vs from scratch on one never seen, at 10/30/100% of its data
+# (docs/TRANSFER.md); TRANSFER_ARGS=<more overrides>
+transfer: setup
+	$(BIN)/python -m ups_lightning.transfer $(TRANSFER_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -38,7 +38,7 @@ def test_every_evaluation_option_composes_and_validates(option):
     assert not OmegaConf.missing_keys(cfg)
 
 
-@pytest.mark.parametrize("name", ["generate", "bench", "ttc_headroom", "proxy", "throughput"])
+@pytest.mark.parametrize("name", ["generate", "bench", "ttc_headroom", "proxy", "throughput", "study", "transfer"])
 def test_other_top_level_configs_compose(name):
     overrides = ["run_dir=some/run"] if name == "ttc_headroom" else []
     assert _compose(name, overrides) is not None

@@ -21,7 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "src" / "ups_lightning" / "conf"
 SCRIPTS = ("ups-train", "ups-evaluate", "ups-generate", "ups-inspect", "ups-compare", "ups-bench",
-           "ups-ttc-headroom", "ups-pipeline", "ups-report", "ups-proxy", "ups-study", "ups-throughput")
+           "ups-ttc-headroom", "ups-pipeline", "ups-report", "ups-proxy", "ups-study", "ups-throughput",
+           "ups-transfer")
 
 
 def _pip(*args: str, cwd: Path) -> None:

@@ -13,21 +13,23 @@ def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _expected_params(c_in: int, c_out: int, f: int) -> int:
-    """PDEBench's UNet1d counted from its layer shapes."""
+def _expected_params(c_in: int, c_out: int, f: int, dims: int = 1) -> int:
+    """PDEBench's UNet1d (UNet2d: dims=2) counted from its layer shapes."""
+    k, up = 3 ** dims, 2 ** dims      # cells of a 3-tap (3 x 3) kernel and of a 2 (2 x 2) up-convolution
+
     def block(a: int, w: int) -> int:
-        # Conv1d(a, w, 3, bias=False) + BN(w) + Conv1d(w, w, 3, bias=False) + BN(w); BN: weight + bias
-        return a * w * 3 + 2 * w + w * w * 3 + 2 * w
+        # Conv(a, w, 3, bias=False) + BN(w) + Conv(w, w, 3, bias=False) + BN(w); BN: weight + bias
+        return a * w * k + 2 * w + w * w * k + 2 * w
 
     def upconv(a: int, w: int) -> int:
-        # ConvTranspose1d(a, w, kernel 2) with bias: weight (a, w, 2) + bias (w)
-        return a * w * 2 + w
+        # ConvTranspose(a, w, kernel 2) with bias: weight (a, w, 2[, 2]) + bias (w)
+        return a * w * up + w
 
     enc = block(c_in, f) + block(f, 2 * f) + block(2 * f, 4 * f) + block(4 * f, 8 * f)
     bottleneck = block(8 * f, 16 * f)
     dec = (upconv(16 * f, 8 * f) + block(16 * f, 8 * f) + upconv(8 * f, 4 * f) + block(8 * f, 4 * f)
            + upconv(4 * f, 2 * f) + block(4 * f, 2 * f) + upconv(2 * f, f) + block(2 * f, f))
-    head = f * c_out + c_out                                     # Conv1d(f, out, 1) with bias
+    head = f * c_out + c_out                                     # Conv(f, out, 1) with bias
     return enc + bottleneck + dec + head
 
 
@@ -112,3 +114,15 @@ def test_state_dict_round_trip(tmp_path):
     w = torch.randn(2, 3, 16, 2)
     with torch.no_grad():
         assert torch.equal(model(w), other(w))
+
+
+def test_the_2d_unet_is_pdebenchs_unet2d_in_shape_and_size():
+    torch.manual_seed(0)
+    model = build_unet(3, 2, UNetSettings(init_features=4), spatial_shape=(32, 16))
+    out = model(torch.randn(2, 3, 32, 16, 2))
+    assert out.shape == (2, 32, 16, 2) and model.dims == 2
+    assert _n_params(build_unet(10, 2, spatial_shape=(64, 64))) == _expected_params(20, 2, 32, dims=2)
+    with pytest.raises(ValueError, match="multiple of 16 on each axis"):
+        model(torch.randn(1, 3, 32, 24, 2))
+    with pytest.raises(ValueError, match=r"expects \(B, 3, X, Y, 2\) windows"):
+        model(torch.randn(1, 3, 32, 2))

@@ -34,16 +34,18 @@ class Model:
 
     @torch.no_grad()
     def rollout(self, frames: torch.Tensor, steps: int) -> torch.Tensor:
-        """``steps`` predicted frames (B, steps, X, C) from the last of ``frames`` ((B, T, X, C), or
-        (B, X, C) for one frame each), autoregressively, in physical units."""
+        """``steps`` predicted frames (B, steps, *space, C) from the last of ``frames`` ((B, T, *space, C),
+        or (B, *space, C) for one frame each; space = (X,) or (X, Y)), autoregressively, in physical units."""
         from ups_lightning.inference.rollout import rollout
 
         u = torch.as_tensor(frames, dtype=torch.float32)
-        if u.ndim == 4:
+        x = self.surrogate.x
+        space = tuple(x.shape) if x.dim() == 1 else tuple(x.shape[:-1])   # (X,) or (X, Y, 2) coordinates
+        if u.ndim == len(space) + 3:
             u = u[:, -1]
-        n_x = self.surrogate.x.shape[0]
-        if u.ndim != 3 or u.shape[1] != n_x:
-            raise ValueError(f"frames must be (B, T, {n_x}, C) or (B, {n_x}, C) on the run's grid, got "
+        if u.ndim != len(space) + 2 or tuple(u.shape[1:-1]) != space:
+            grid = ", ".join(map(str, space))
+            raise ValueError(f"frames must be (B, T, {grid}, C) or (B, {grid}, C) on the run's grid, got "
                              f"{tuple(torch.as_tensor(frames).shape)}")
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")

@@ -163,10 +163,12 @@ def verify_checkpoint(run_dir: str | Path, name: str, record: Dict[str, Any], fi
     return path
 
 
-def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, Any]]) -> str:
+def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, Any]],
+                      init_sha: Optional[str] = None) -> str:
     """What a stage's result depends on: data, model, its own settings, the optimiser settings it
-    trains with, seed, precision, and the exact upstream checkpoint it was trained on. Keys added
-    later are left out at their neutral values (config.neutral_later_keys): older runs keep their hash."""
+    trains with, seed, precision, the exact upstream checkpoint it was trained on and, fine-tuned, the
+    checkpoint it started from (``init_sha``: its record's; else read from the ``init_from`` run). Keys
+    added later are left out at their neutral values (config.neutral_later_keys): older runs keep their hash."""
     relevant = {
         "stage": name,
         "data": OmegaConf.to_container(cfg.data, resolve=True),
@@ -177,12 +179,19 @@ def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, A
         "precision": cfg.trainer.precision,
         "upstream": upstream["ckpt_sha256"] if upstream else None,
     }
+    init = OmegaConf.select(cfg, "init_from")
+    if init:    # the weights it starts from (their checkpoint's digest); from scratch: old hashes kept
+        relevant["init_from"] = init_sha or init_record(init, name)["ckpt_sha256"]
     extra = OmegaConf.select(cfg, "trainer.extra")
     if extra:   # Lightning arguments passed through (max_steps, ...) change the result; none: old hashes kept
         relevant["trainer_extra"] = OmegaConf.to_container(extra, resolve=True)
     for k in ("batch_size", "num_workers"):
         relevant["data"].pop(k, None)
     later = neutral_later_keys()
+    for data in (relevant["data"], *(relevant["data"].get("members") or {}).values()):   # a mixed set's files too
+        for key, value in later.items():
+            if key.startswith("data.") and isinstance(data, dict) and data.get(key[5:], value) == value:
+                data.pop(key[5:], None)
     for part, prefix in (("model", "model."), ("settings", f"stages.{name}."), ("optim", "optim.")):
         for key, value in later.items():
             if not key.startswith(prefix):
@@ -226,7 +235,8 @@ def verified_chain(run_dir: Path, last: str, fix: str) -> Dict[str, Dict[str, An
                 f"Retrain the stages after '{up}' with: {fix} -- or evaluate the chain up to '{up}' "
                 f"with upto={up} ({command('ups_lightning.evaluate')} run_dir={run_dir} upto={up}).")
         cfg = record_config(record, stage_dir(run_dir, name) / DONE)
-        if stage_config_hash(cfg, name, upstream) != record["config_hash"]:
+        if stage_config_hash(cfg, name, upstream, (record.get("init_from") or {}).get("ckpt_sha256")) \
+                != record["config_hash"]:
             raise UserError(f"stage '{name}' of {run_dir}: its record's config hash does not match the "
                             f"config it carries (the record was edited). Retrain with: {fix}")
         records[name] = record
@@ -255,6 +265,38 @@ def load_stage(run_dir: str | Path, name: str, record: Dict[str, Any], fix: str 
                         f"(e.g. {bad[0]}); this model cannot be scored. Retrain the stage.")
     module.eval()
     return module
+
+
+def init_record(run_dir: str | Path, name: str) -> Dict[str, Any]:
+    """The finished stage ``name`` of the run ``init_from`` names, or a UserError saying what is missing."""
+    record = read_record(run_dir, name) if Path(run_dir).is_dir() else None
+    if record is None or not record.get("ckpt_sha256"):
+        raise UserError(f"setting init_from={run_dir}: {'no such run directory' if not Path(run_dir).is_dir() else f'it has no finished {name!r} stage'}; "
+                        f"init_from names a run whose stages finished (its {name} stage is what this run's "
+                        f"{name} stage starts from). Train it first ({train_command(run_dir)}) or set init_from=null.")
+    return record
+
+
+def init_weights(module: Any, run_dir: str | Path, name: str) -> Dict[str, Any]:
+    """Start ``module`` (stage ``name``, prepared: its upstream networks in) from the verified weights of
+    that stage of the run ``run_dir``: every tensor of the networks it trains (and its own copies of
+    them) whose name and shape match is copied, the rest
+    keep their initialisation (a conditioning layer sized for other equations, a stem for other
+    channels). Returns what it did, for the stage's record and the log."""
+    record = init_record(run_dir, name)
+    path = verify_checkpoint(run_dir, name, record, train_command(run_dir))
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]   # data, never code
+    own = module.state_dict()
+    # the networks it trains and its own copies of them (distill's target), not data-set buffers (r_std)
+    parts = tuple({f"{p}." for p in module.trains} | {p for p in getattr(module, "own_prefixes", ()) if p.endswith(".")})
+    mine = [k for k in own if k.startswith(parts)]
+    copied = [k for k in mine if k in state and tuple(state[k].shape) == tuple(own[k].shape)]
+    if not copied:
+        raise UserError(f"setting init_from={run_dir}: none of the {len(mine)} tensors of this run's {name} stage "
+                        f"matches one of that run's in name and shape (another model size?): nothing to start from.")
+    module.load_state_dict({k: state[k] for k in copied}, strict=False)
+    fresh = sorted(set(mine) - set(copied))
+    return {"run": str(run_dir), "ckpt_sha256": record["ckpt_sha256"], "copied": len(copied), "fresh": fresh}
 
 
 def check_carried_networks(run_dir: str | Path, records: Dict[str, Dict[str, Any]], module: Any, fix: str) -> None:

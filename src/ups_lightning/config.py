@@ -34,6 +34,8 @@ class DataConfig:
     params: Dict[str, float] = MISSING
     members: Optional[Dict[str, Any]] = None
     nx: int = MISSING
+    ny: Optional[int] = MISSING  # cells along y of a 2D set (null: a 1D set)
+    n_tokens: int = MISSING  # the latent tokens the data's grid takes (model.n_tokens follows it; 2D: a square)
     nt: int = MISSING
     t_max: float = MISSING
     seed: int = MISSING
@@ -146,6 +148,7 @@ class TrainConfig:
     run_name: str = MISSING
     run_dir: str = MISSING
     reuse_runs: List[str] = MISSING  # runs (globs allowed) whose finished stages of the same config are used by reference
+    init_from: Optional[str] = MISSING  # a finished run whose stage weights each stage starts from (fine-tuning)
     ckpt_path: Optional[str] = MISSING
     experiment: Optional[str] = MISSING
 
@@ -175,6 +178,8 @@ def train_schema(cfg: DictConfig) -> DictConfig:
 NEUTRAL_LATER_KEYS: Dict[str, Any] = {
     "model.hidden": None, "model.heads": None, "reuse_runs": [], "trainer.val_every_n_steps": None,
     "optim.ema.bias_correction": False, "trainer.extra": {},
+    "data.ny": None, "data.n_tokens": 32,    # every run before 2D sets: 1D, 32 tokens
+    "init_from": None,
 }
 
 
@@ -193,9 +198,12 @@ def fill_later_keys(cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         for key, value in neutral_later_keys().items():
             parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            if isinstance(node, DictConfig) and leaf not in node:
-                node[leaf] = value
+            nodes = [OmegaConf.select(cfg, parent) if parent else cfg]
+            if parent == "data":     # a mixed run's member files too
+                nodes += list((OmegaConf.select(cfg, "data.members") or {}).values())
+            for node in nodes:
+                if isinstance(node, DictConfig) and leaf not in node:
+                    node[leaf] = value
     return cfg
 
 
@@ -391,7 +399,7 @@ def _check_data(data: DictConfig) -> None:
 # (key, lower bound, lower bound included, upper bound or None): numbers a run cannot work with
 TRAIN_RANGES = [
     *[(f"data.{k}", 1, True, None) for k in ("n_train", "n_val", "n_test", "initial_step", "batch_size",
-                                             "reduced_resolution", "reduced_resolution_t", "nx")],
+                                             "reduced_resolution", "reduced_resolution_t", "nx", "ny", "n_tokens")],
     ("data.nt", 2, True, None), ("data.t_max", 0.0, False, None),
     ("data.num_workers", 0, True, None),
     *[(f"model.{k}", 1, True, None) for k in ("dim", "n_tokens", "depth", "levels", "ae_depth",

@@ -30,7 +30,7 @@ from ups_lightning.artifacts import (DONE, check_carried_networks, load_snapshot
                                      train_command, verified_chain)
 from ups_lightning.config import validate_eval_config
 from ups_lightning.data.datamodule import check_frames, member_configs, resolve_params, unit_coords
-from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, open_dataset, split_options
+from ups_lightning.data.pdebench import load_manifest, open_dataset, open_file, split_options
 from ups_lightning.errors import UserError, command
 from ups_lightning.progress import progress_bar
 from ups_lightning.provenance import git_commit, package_version, scored
@@ -150,13 +150,13 @@ def eval_data(d: DictConfig, path: Optional[str], split: Optional[str],
     if split is None:   # another file smaller than the run's splits, without a manifest: every row
         split = "test"
         if not own and manifest is None:
-            with PDEBenchFile(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
+            with open_file(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
                 if f.meta.n_samples < d.n_train + d.n_val + d.n_test:
                     split = "all"
                     log.info("%s has %d rows, fewer than the run's splits: scoring all of them",
                              path, f.meta.n_samples)
     if split == "all":
-        with PDEBenchFile(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
+        with open_file(path, d.reduced_resolution, d.reduced_resolution_t, d.pde) as f:
             rows = f.read(slice(None))
             return EvalData(path, f.meta, torch.from_numpy(rows).float(), split, rows[:CHECK_ROWS])
     sizes = {"n_train": d.n_train, "n_val": d.n_val, "n_test": d.n_test}
@@ -190,7 +190,7 @@ def eval_member(train_cfg: DictConfig, path: Optional[str]) -> DictConfig:
     members = member_configs(train_cfg.data)
     if path is None or len(members) == 1:
         return next(iter(members.values()))
-    with PDEBenchFile(path) as f:     # the file says which equation it holds
+    with open_file(path) as f:     # the file says which equation it holds
         pde = f.pde
     if pde not in members:
         raise UserError(f"{path} holds {pde} data; the run in {train_cfg.run_dir} was trained on "
@@ -204,10 +204,10 @@ def check_fits_model(data: EvalData, train_cfg: DictConfig, module: Any) -> None
     if data.meta.pde not in contract.pdes:
         raise UserError(f"{data.path}: {data.meta.pde} data, but the model in {train_cfg.run_dir} was "
                         f"trained on {', '.join(contract.pdes)}.")
-    if (data.meta.n_x,) != tuple(contract.spatial_shape):
-        raise UserError(f"{data.path}: {data.meta.n_x} cells after reduced_resolution="
-                        f"{data.meta.reduced_resolution}, but the model in {train_cfg.run_dir} was "
-                        f"trained on {tuple(contract.spatial_shape)}; evaluate it on a file with the "
+    if tuple(data.meta.spatial_shape) != tuple(contract.spatial_shape):
+        raise UserError(f"{data.path}: {' x '.join(map(str, data.meta.spatial_shape))} cells after "
+                        f"reduced_resolution={data.meta.reduced_resolution}, but the model in {train_cfg.run_dir} "
+                        f"was trained on {tuple(contract.spatial_shape)}; evaluate it on a file with the "
                         f"same grid.")
     if data.meta.n_channels != contract.n_channels:
         raise UserError(f"{data.path}: {data.meta.n_channels} channel(s), the model has "
@@ -467,9 +467,12 @@ def evaluate_file(cfg: DictConfig, train_cfg: DictConfig, records: Dict[str, Any
     preds["persistence"] = u0.unsqueeze(1).expand_as(truth).clone()
     walls["persistence"] = 0.0
     t_rel = np.asarray(meta.t[n_given - 1:], dtype=np.float64) - float(meta.t[n_given - 1])
+    # the reference solver from the last given frame; from frame 0 where a frame is not a whole state
+    start = n_given - 1 if physics.spec.frames_hold_state else 0
     sol, walls["solver"] = _timed("solver", lambda: physics.spec.solve(
-        u0.double().numpy(), physics.params, t_rel, domain_length=physics.domain_length))
-    preds["solver"] = torch.from_numpy(sol[:, 1:]).float()
+        fields[:, start].double().numpy(), physics.params, np.asarray(meta.t[start:], dtype=np.float64)
+        - float(meta.t[start]), domain_length=physics.domain_length))
+    preds["solver"] = torch.from_numpy(sol[:, n_given - start:]).float()
     bar = cfg.progress_bar
     preds[STEPPER], walls[STEPPER] = _timed(f"{STEPPER} rollout", lambda: _batched(
         f"{STEPPER} rollout", lambda u: rollout(sur, u, steps), u0, B, bar=bar))
@@ -615,9 +618,9 @@ def _write_artifacts(run_dir: Path, run_id: str, preds: Dict[str, torch.Tensor],
     (out / "curves.json").write_text(json.dumps(curves))
     model_key = "ttc" if "ttc" in preds else STEPPER
     show = np.linspace(0, len(truth) - 1, max(1, n_show)).round().astype(int)
-    np.savez_compressed(out / "samples.npz", true=truth[show].numpy(),
-                        pred=preds[model_key][show].numpy(), x=np.asarray(meta.x),
-                        t=np.asarray(meta.t[len(meta.t) - truth.shape[1]:]))
+    axes = {"x": np.asarray(meta.x), **({"y": np.asarray(meta.y)} if len(meta.spatial_shape) == 2 else {})}
+    np.savez_compressed(out / "samples.npz", true=truth[show].numpy(), pred=preds[model_key][show].numpy(),
+                        t=np.asarray(meta.t[len(meta.t) - truth.shape[1]:]), **axes)
     return out
 
 

@@ -53,6 +53,7 @@ def main(argv: List[str]) -> None:
     from ups_lightning.config import compose_config
 
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:   # a bad override is the user's, named before any step runs
@@ -62,12 +63,23 @@ def main(argv: List[str]) -> None:
                         "a training override (key=value of conf/train.yaml or a conf/ group option).") from None
     extra = [a for a in train_args if not a.startswith("experiment=")]
     data_args = [f"data={cfg.data.name}"] + [a for a in extra if a.startswith("data.")]
+    ttc_args = [f"run_dir={cfg.run_dir}", "ttc=default"]
+    if cfg.data.pde != "mixed":
+        from ups_lightning.inference.rewards import usable_rewards
+        from ups_lightning.pdes import get_pde
+
+        spec = get_pde(cfg.data.pde)
+        reward = OmegaConf.select(compose_config("evaluate", ["run_dir=.", "ttc=default"]), "ttc.reward.name")
+        if reward not in usable_rewards(spec):   # ttc=default's reward needs a 1D equation
+            ttc_args.append(f"ttc.reward.name={usable_rewards(spec)[0]}")
+            print(f"TTC on {spec.name}: ttc=default's {reward} reward cannot score it, so the search uses "
+                  f"ttc.reward.name={usable_rewards(spec)[0]}", flush=True)
     start = time.time()
     times = {
         "data": _step("data", "ups_lightning.data.generate", data_args),
         "train": _step("train (all stages)", "ups_lightning.train", train_args),
         "eval plain": _step("evaluate (plain)", "ups_lightning.evaluate", [f"run_dir={cfg.run_dir}", "ttc=off"]),
-        "eval ttc": _step("evaluate (TTC)", "ups_lightning.evaluate", [f"run_dir={cfg.run_dir}", "ttc=default"]),
+        "eval ttc": _step("evaluate (TTC)", "ups_lightning.evaluate", ttc_args),
     }
     print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f"; total {time.time() - start:.0f} s. Run: {cfg.run_dir}; report: outputs/leaderboard.html")

@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ups_lightning.artifacts import (
-    DONE, add_reference, drop_reference, latents_dir, load_stage, nonfinite_tensors, read_record,
+    DONE, add_reference, drop_reference, init_weights, latents_dir, load_stage, nonfinite_tensors, read_record,
     save_overrides, sha256_file, stage_config_hash, stage_dir, train_command, verify_checkpoint,
 )
 from ups_lightning.atomic import atomic_write_json, check_writable_dir
@@ -259,6 +259,12 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
     up = UPSTREAM[name]
     up_module = load_stage(run_dir, up, upstream, fix) if up is not None else None
     datamodule = module.prepare(cfg, data, x, up_module, latents_dir(run_dir))
+    init = None
+    if cfg.init_from:   # fine-tuning: the networks it trains start from that run's (after any warm start)
+        init = init_weights(module, cfg.init_from, name)
+        log.info("stage %s: starts from %s (%d tensors copied; %d fresh%s)", name, cfg.init_from, init["copied"],
+                 len(init["fresh"]), f": {', '.join(init['fresh'][:4])}{' ...' if len(init['fresh']) > 4 else ''}"
+                 if init["fresh"] else "")
 
     resume = cfg.ckpt_path
     last = attempt / "checkpoints" / "last.ckpt"
@@ -342,6 +348,7 @@ def run_stage(cfg: DictConfig, name: str, fix: str) -> Dict[str, Any]:
         "params_trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
         # the one-run members (Snapshots), each file's digest as the checkpoint's is kept
         "snapshots": {f.name: sha256_file(f) for f in sorted((attempt / SNAPSHOTS).glob("epoch*.pt"))},
+        "init_from": init,      # the run and weights it started from (None: from scratch)
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -182,18 +182,20 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
     b = Bench(cfg, checked, say)
     meta, view = b.meta, b.view
     test = b.split["test"]
-    too_fine = [g for g in checked["solver_grids"] if g > meta.n_x]
+    cells = min(meta.spatial_shape)          # per axis (the 2D grids are square)
+    grid = " x ".join(map(str, meta.spatial_shape))
+    too_fine = [g for g in checked["solver_grids"] if g > cells]
     if too_fine:
-        say(f"bench: solver grids {too_fine} are finer than the {meta.n_x}-cell evaluation grid: skipped")
-        checked["solver_grids"] = [g for g in checked["solver_grids"] if g <= meta.n_x]
-    bad = [g for g in checked["solver_grids"] if meta.n_x % g]
+        say(f"bench: solver grids {too_fine} are finer than the {grid}-cell evaluation grid: skipped")
+        checked["solver_grids"] = [g for g in checked["solver_grids"] if g <= cells]
+    bad = [g for g in checked["solver_grids"] if any(n % g for n in meta.spatial_shape)]
     if bad:
         raise UserError(f"bench setting solver_grids={checked['solver_grids']}: {bad} do not divide the "
-                        f"{meta.n_x}-cell evaluation grid of {view.path}.")
+                        f"{grid}-cell evaluation grid of {view.path}.")
     steps = test.shape[1] - b.n_given
     u0, truth = test[:, b.n_given - 1], test[:, b.n_given:]
     stated = ", ".join(f"{k}={v:g}" for k, v in b.params.items())
-    say(f"bench: {view.path} ({view.pde}, {stated}; {meta.n_x} cells x {meta.n_t} frames after reduction); splits "
+    say(f"bench: {view.path} ({view.pde}, {stated}; {grid} cells x {meta.n_t} frames after reduction); splits "
         f"{view.sizes()} from the {view.split_source}; frames 0..{b.n_given - 1} given, {steps} predicted; "
         f"budget {checked['budget_min']:g} min per learned method and model; seeds {checked['seeds']}; "
         f"methods {checked['methods']}; torch threads {threads}")
@@ -206,11 +208,12 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
     if not cfg.skip_solver:
         from ups_lightning.pdes.fit import fit_domain
 
-        t_rel = [float(t) - float(meta.t[b.n_given - 1]) for t in meta.t[b.n_given - 1:]]
+        start = b.n_given - 1 if b.spec.frames_hold_state else 0   # from a whole state (evaluation's rule)
+        t_rel = [float(t) - float(meta.t[start]) for t in meta.t[start:]]
         fit = fit_domain(b.spec, b.params, b.split["train"][:4].numpy(), meta.dt, meta.domain_length,
                          str(view.path), k=max(0, b.n_given - 2))
-        for s in sweep(u0, truth, view.pde, b.params, t_rel, meta.dx, meta.domain_length, checked["solver_grids"],
-                       log=say, solve_length=fit.domain_length):
+        for s in sweep(test[:, start], truth, view.pde, b.params, t_rel, meta.dx, meta.domain_length,
+                       checked["solver_grids"], log=say, solve_length=fit.domain_length, u_given=u0):
             solver_rows.append(s)
             fixed.append({"method": f"solver {s['grid']} cells", "kind": "solver", **{k: s.get(k) for k in METRIC_KEYS},
                           "nrmse_pdebench": s["nrmse"] * steps / test.shape[1], "train_s": 0.0,
@@ -219,7 +222,7 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
     results = run_methods(b)
     curves = run_curves(b, results) if checked["curve_budgets"] else []
     load_end = os.getloadavg()
-    header = (f"# Benchmark: {Path(view.path).name}, {meta.n_x} x {meta.n_t} after reduction, "
+    header = (f"# Benchmark: {Path(view.path).name}, {grid} x {meta.n_t} after reduction, "
               f"{len(test)} test trajectories ({view.split_source}), {steps} predicted frames\n\n"
               f"budget_min={checked['budget_min']:g} per learned model (one clock: everything before it "
               f"can predict); search rungs {list(checked['search'].rungs)} of it; seeds {checked['seeds']}; "

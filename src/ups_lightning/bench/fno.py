@@ -1,5 +1,5 @@
-"""The FNO peer of the benchmark suite (benchmark.md section 4): PDEBench's FNO1d, built from the
-`neuraloperator` library, trained and scored the way PDEBench does it.
+"""The FNO peer of the benchmark suite (benchmark.md section 4): PDEBench's FNO1d and FNO2d, built from
+the `neuraloperator` library, trained and scored the way PDEBench does it.
 
 Architecture (PDEBench ``FNO1d(num_channels=1, modes=12, width=20, initial_step=10)``):
 input the ``initial_step`` previous frames plus the grid coordinate as channels, a linear lift to
@@ -11,8 +11,14 @@ lift), ``use_channel_mlp=False``, ``fno_skip="linear"``, ``projection_channel_ra
 ``n // 2 + 1`` real-FFT modes, so ``n_modes=(12,)`` would keep only 7; ``(22,)`` keeps PDEBench's 12.
 The parameter count then equals PDEBench's FNO1d exactly (23,937 with complex weights counted once,
 as ``numel`` does). Two departures, both deliberate: no zero-padding of the periodic domain (PDEBench
-pads 2 cells "if input is non-periodic"; the data here are periodic), and the grid channel is the unit
+pads 2 cells "if input is non-periodic"; the 1D data here are periodic), and the grid channel is the unit
 coordinate, as every model of this project sees it.
+
+2D (PDEBench ``FNO2d(num_channels, modes1=12, modes2=12, width=20, initial_step=10)``): the same
+network on (X, Y) with two grid channels; PDEBench keeps 12 modes of each sign on the first axis and
+12 real-FFT modes on the last, ``n_modes=(24, 22)`` in neuraloperator's count. Its 2D equations are
+not periodic, so the domain is zero-padded by 2 cells per axis after the lift, as PDEBench pads it
+(neuraloperator pads both ends, PDEBench the far end only: the one departure in 2D).
 
 Training (PDEBench ``training_type="autoregressive"``): from the first ``initial_step`` frames of a
 training trajectory, predict the next frame, append it to the input window and repeat to frame
@@ -24,13 +30,15 @@ wall-clock budget, so it is not used); its learning rate comes from the benchmar
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 
-__all__ = ["FNOSettings", "FNOPeer", "build_fno"]
+__all__ = ["FNOSettings", "FNOPeer", "build_fno", "PAD_CELLS"]
+
+PAD_CELLS = 2   # PDEBench's FNO padding of a non-periodic domain (cells per axis)
 
 
 @dataclass
@@ -54,9 +62,12 @@ class FNOSettings:
 
 
 class FNOPeer(nn.Module):
-    """Frames (B, T_in, X, C) -> next frame (B, X, C). Channels of the network: T_in * C + grid."""
+    """Frames (B, T_in, *space, C) -> next frame (B, *space, C), space (X,) or (X, Y). Channels of the
+    network: T_in * C + one grid channel per axis. ``spatial_shape``: the grid (None: 1D);
+    ``periodic=False`` pads the domain by PAD_CELLS cells per axis (module doc)."""
 
-    def __init__(self, initial_step: int, channels: int = 1, settings: Optional[FNOSettings] = None):
+    def __init__(self, initial_step: int, channels: int = 1, settings: Optional[FNOSettings] = None,
+                 spatial_shape: Optional[Tuple[int, ...]] = None, periodic: bool = True):
         super().__init__()
         from neuralop.models import FNO
 
@@ -64,11 +75,17 @@ class FNOPeer(nn.Module):
         if s.modes < 1:
             raise ValueError(f"fno.modes={s.modes} must be >= 1")
         self.initial_step, self.channels = int(initial_step), int(channels)
+        self.dims = 1 if spatial_shape is None else len(spatial_shape)
+        if self.dims not in (1, 2):
+            raise ValueError(f"FNOPeer: 1D or 2D grids, got spatial_shape={spatial_shape}")
+        # neuraloperator counts modes on the full FFT axis (both signs) and n // 2 + 1 on the last
+        n_modes = (2 * s.modes,) * (self.dims - 1) + (max(1, 2 * (s.modes - 1)),)
+        pad = None if periodic or spatial_shape is None else [PAD_CELLS / n for n in spatial_shape]
         self.net = FNO(
-            n_modes=(max(1, 2 * (s.modes - 1)),), in_channels=self.initial_step * self.channels,
+            n_modes=n_modes, in_channels=self.initial_step * self.channels,
             out_channels=self.channels, hidden_channels=s.width, n_layers=s.n_layers,
             lifting_channel_ratio=0, projection_channel_ratio=s.projection / s.width,
-            positional_embedding="grid", use_channel_mlp=False, fno_skip="linear",
+            positional_embedding="grid", use_channel_mlp=False, fno_skip="linear", domain_padding=pad,
         )
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
@@ -80,14 +97,15 @@ class FNOPeer(nn.Module):
         return sd
 
     def forward(self, window: Tensor) -> Tensor:
-        b, t, x, c = window.shape
-        if t != self.initial_step or c != self.channels:
-            raise ValueError(f"FNOPeer expects (B, {self.initial_step}, X, {self.channels}) windows, "
+        if window.dim() != 3 + self.dims or window.shape[1] != self.initial_step or window.shape[-1] != self.channels:
+            space = "X" if self.dims == 1 else "X, Y"
+            raise ValueError(f"FNOPeer expects (B, {self.initial_step}, {space}, {self.channels}) windows, "
                              f"got {tuple(window.shape)}")
-        inp = window.permute(0, 1, 3, 2).reshape(b, t * c, x)       # (B, T*C, X), time-major
-        out = self.net(inp)                                           # (B, C, X)
-        return out.permute(0, 2, 1)                                   # (B, X, C)
+        b, t, *space, c = window.shape
+        inp = window.movedim(-1, 2).reshape(b, t * c, *space)       # (B, T*C, *space), time-major
+        return self.net(inp).movedim(1, -1)                          # (B, C, *space) -> (B, *space, C)
 
 
-def build_fno(initial_step: int, channels: int = 1, settings: Optional[FNOSettings] = None) -> FNOPeer:
-    return FNOPeer(initial_step, channels, settings)
+def build_fno(initial_step: int, channels: int = 1, settings: Optional[FNOSettings] = None,
+              spatial_shape: Optional[Tuple[int, ...]] = None, periodic: bool = True) -> FNOPeer:
+    return FNOPeer(initial_step, channels, settings, spatial_shape, periodic)

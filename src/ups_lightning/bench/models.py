@@ -39,7 +39,8 @@ def _train_peer(b: Bench, method: str, recipe: str, lr: float, seed: int, budget
     from ups_lightning.errors import UserError
     from ups_lightning.training import build_trainer
 
-    label, _, build = PEERS[method]
+    _, _, build = PEERS[method]
+    label = _label(b, method)
     settings = b.checked["peers"][method]
     tcfg = b.base_cfg.copy()
     if recipe == "pdebench":   # its authors train to the end and keep the best on validation:
@@ -53,7 +54,11 @@ def _train_peer(b: Bench, method: str, recipe: str, lr: float, seed: int, budget
                        "data": OmegaConf.to_container(b.data_cfg, resolve=True), "optim": optim,
                        "early_stopping": OmegaConf.to_container(tcfg.callbacks, resolve=True).get("early_stopping")})
     L.seed_everything(seed, workers=True, verbose=False)
-    net = build(b.n_given, b.meta.n_channels, settings)
+    from ups_lightning.pdes import get_pde
+
+    space = tuple(b.meta.spatial_shape)
+    net = build(b.n_given, b.meta.n_channels, settings, spatial_shape=space if len(space) > 1 else None,
+                periodic=get_pde(b.meta.pde).boundary == "periodic")
     module = PeerModule(net, lr, optim, b.checked["relative_loss"], t_train=settings.t_train,
                         grad_frames=settings.grad_frames, recipe=recipe)
     if b.checked["reuse"] and done.is_file():
@@ -163,7 +168,7 @@ def _score(b: Bench, method: str, handle: Any, guard: bool, split: str = "test")
 def _label(b: Bench, method: str) -> str:
     from ups_lightning.bench.peers import PEERS
 
-    return f"ours ({b.cfg.model.name})" if method == "ours" else PEERS[method][0]
+    return f"ours ({b.cfg.model.name})" if method == "ours" else PEERS[method][0].format(dims=len(b.meta.spatial_shape))
 
 
 def _train(b: Bench, method: str, recipe: str, lr: float, seed: int, budget_min: float, run_dir: Path,

@@ -40,10 +40,11 @@ from ups_lightning.stages.base import ScheduledAdamW, relative_mse
 
 __all__ = ["PEERS", "RECIPES", "PDEBENCH_RECIPE", "PeerModule", "TrajectoryData", "rollout_peer", "predict_peer", "count_params"]
 
-#: name -> (label, settings class, builder (initial_step, channels, settings) -> nn.Module)
+#: name -> (label (``{dims}``: the data's spatial dimension), settings class, builder (initial_step,
+#: channels, settings, spatial_shape=None | (X, Y), periodic=True) -> nn.Module)
 PEERS: Dict[str, Tuple[str, type, Callable[..., nn.Module]]] = {
-    "fno": ("FNO1d (neuralop, PDEBench)", FNOSettings, build_fno),
-    "unet": ("U-Net1d (PDEBench)", UNetSettings, build_unet),
+    "fno": ("FNO{dims}d (neuralop, PDEBench)", FNOSettings, build_fno),
+    "unet": ("U-Net{dims}d (PDEBench)", UNetSettings, build_unet),
 }
 
 #: how a learned method can be trained (see the module docstring)

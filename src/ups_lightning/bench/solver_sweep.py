@@ -31,24 +31,28 @@ SWEEP_GRIDS = (32, 64, 128, 256)
 
 def sweep(u0: torch.Tensor, truth: torch.Tensor, pde: str, params: Dict[str, float], t_rel: Sequence[float],
           dx: float, domain_length: float, grids: Sequence[int] = SWEEP_GRIDS,
-          log: Optional[Any] = print, solve_length: Optional[float] = None) -> List[Dict[str, Any]]:
-    """Run the solver at each grid from ``u0`` (B, N, C) and score it against ``truth``
-    (B, T, N, C) with ``all_metrics``; one dict per grid (metrics + ``grid``, ``ms_per_traj``,
-    ``wall_s``). Grids that do not divide N are skipped with a note. ``solve_length``: the domain
-    the solver integrates on, where the file's frames follow another than its coordinates' (pdes.fit)."""
+          log: Optional[Any] = print, solve_length: Optional[float] = None,
+          u_given: Optional[torch.Tensor] = None) -> List[Dict[str, Any]]:
+    """Run the solver at each grid from ``u0`` (B, N, C), or (B, N, N', C) in 2D, over ``t_rel`` and
+    score its last ``truth.shape[1]`` frames against ``truth`` (B, T, *space, C) with ``all_metrics``;
+    one dict per grid (metrics + ``grid``, ``ms_per_traj``, ``wall_s``). Grids that do not divide the
+    evaluation grid are skipped with a note. ``solve_length``: the domain the solver integrates on,
+    where the file's frames follow another than its coordinates' (pdes.fit). ``u_given``: the last
+    given frame, for the metrics' reference, when ``u0`` is an earlier one (a solve from frame 0)."""
     u0_np = u0.double().numpy()
-    big = u0_np.shape[-2]
+    space = u0_np.shape[1:-1]
     t_rel = np.asarray(t_rel, dtype=np.float64)
     rows = []
     for n in grids:
         n = int(n)
-        if n <= 0 or big % n or n > big:
+        if n <= 0 or any(big % n or n > big for big in space):
             if log:
-                log(f"solver sweep: skipping {n} cells (must divide the {big}-cell evaluation grid)")
+                log(f"solver sweep: skipping {n} cells (must divide the {' x '.join(map(str, space))}-cell "
+                    f"evaluation grid)")
             continue
         pred, wall = solve_on_grid(u0_np, n, pde, params, t_rel, solve_length or domain_length)
-        pred_t = torch.from_numpy(pred).float()
-        m = all_metrics(pred_t, truth, dx=dx, domain_length=domain_length, u0=u0)
+        pred_t = torch.from_numpy(pred[:, pred.shape[1] - truth.shape[1]:]).float()
+        m = all_metrics(pred_t, truth, dx=dx, domain_length=domain_length, u0=u0 if u_given is None else u_given)
         m.update(grid=n, wall_s=wall, ms_per_traj=1000.0 * wall / len(u0_np))
         rows.append(m)
         if log:

@@ -1,5 +1,5 @@
-"""The U-Net peer of the benchmark suite: PDEBench's ``UNet1d`` (``pdebench/models/unet/unet.py``),
-reimplemented here layer for layer.
+"""The U-Net peer of the benchmark suite: PDEBench's ``UNet1d`` and ``UNet2d``
+(``pdebench/models/unet/unet.py``), reimplemented here layer for layer.
 
 Architecture (PDEBench ``UNet1d(in_channels * initial_step, out_channels, init_features=32)``, the
 model its ``training_type="autoregressive"`` builds): with ``f = init_features``, four encoder levels
@@ -30,6 +30,9 @@ normalisation; the unroll lives in ``UNetSettings`` (``grad_frames``) for the sh
 (``bench/peers.py``), which trains every peer with our optimiser, schedule and loss choice and the
 benchmark's learning-rate search instead of PDEBench's Adam lr 1e-3 + StepLR(100 epochs), a
 schedule that never decays inside a short wall-clock budget. This module only builds the network.
+
+2D (``UNet2d``): the same network with 3 x 3 convolutions, 2 x 2 poolings and up-convolutions and
+BatchNorm2d on (X, Y) grids, each side a multiple of 16.
 """
 from __future__ import annotations
 
@@ -63,54 +66,65 @@ class UNetSettings:
         return asdict(self)
 
 
-def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+_LAYERS = {1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.ConvTranspose1d),
+           2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d)}
+
+
+def _conv_block(c_in: int, c_out: int, dims: int = 1) -> nn.Sequential:
     """Two (3-tap convolution without bias, batch norm, tanh) stages, ``c_in -> c_out -> c_out``."""
+    conv, norm = _LAYERS[dims][:2]
     layers: List[nn.Module] = []
     for a in (c_in, c_out):
-        layers += [nn.Conv1d(a, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm1d(c_out), nn.Tanh()]
+        layers += [conv(a, c_out, kernel_size=3, padding=1, bias=False), norm(c_out), nn.Tanh()]
     return nn.Sequential(*layers)
 
 
 class UNetPeer(nn.Module):
-    """Frames (B, T_in, X, C) -> next frame (B, X, C). Channels of the network: T_in * C (no grid);
-    X must be a multiple of 16."""
+    """Frames (B, T_in, *space, C) -> next frame (B, *space, C), space (X,) or (X, Y) (``dims``).
+    Channels of the network: T_in * C (no grid); each side a multiple of 16."""
 
-    def __init__(self, initial_step: int, channels: int = 1, settings: Optional[UNetSettings] = None):
+    def __init__(self, initial_step: int, channels: int = 1, settings: Optional[UNetSettings] = None,
+                 dims: int = 1):
         super().__init__()
         s = settings or UNetSettings()
         if int(s.init_features) < 1:
             raise ValueError(f"unet.init_features={s.init_features} must be >= 1")
         if int(initial_step) < 1 or int(channels) < 1:
             raise ValueError(f"UNetPeer: initial_step={initial_step} and channels={channels} must be >= 1")
-        self.initial_step, self.channels = int(initial_step), int(channels)
+        if dims not in _LAYERS:
+            raise ValueError(f"UNetPeer: 1D or 2D grids, got dims={dims}")
+        self.initial_step, self.channels, self.dims = int(initial_step), int(channels), int(dims)
+        conv, _, pool, upconv = _LAYERS[dims]
         widths = [int(s.init_features) * 2 ** i for i in range(LEVELS + 1)]    # f, 2f, 4f, 8f, 16f
         self.encoders = nn.ModuleList()
         c = self.initial_step * self.channels
         for w in widths[:-1]:
-            self.encoders.append(_conv_block(c, w))
+            self.encoders.append(_conv_block(c, w, dims))
             c = w
-        self.pool = nn.MaxPool1d(kernel_size=2, stride=2)                      # parameter-free, shared
-        self.bottleneck = _conv_block(widths[-2], widths[-1])
+        self.pool = pool(kernel_size=2, stride=2)                              # parameter-free, shared
+        self.bottleneck = _conv_block(widths[-2], widths[-1], dims)
         # decoder level i (deepest first): up-convolution 2w -> w, then a block on [up, skip] (2w -> w)
         self.upconvs = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for w in reversed(widths[:-1]):
-            self.upconvs.append(nn.ConvTranspose1d(2 * w, w, kernel_size=2, stride=2))
-            self.decoders.append(_conv_block(2 * w, w))
-        self.head = nn.Conv1d(widths[0], self.channels, kernel_size=1)
+            self.upconvs.append(upconv(2 * w, w, kernel_size=2, stride=2))
+            self.decoders.append(_conv_block(2 * w, w, dims))
+        self.head = conv(widths[0], self.channels, kernel_size=1)
 
     def forward(self, window: Tensor) -> Tensor:
-        if window.dim() != 4:
-            raise ValueError(f"UNetPeer expects (B, {self.initial_step}, X, {self.channels}) windows, "
+        space = "X" if self.dims == 1 else "X, Y"
+        if window.dim() != 3 + self.dims:
+            raise ValueError(f"UNetPeer expects (B, {self.initial_step}, {space}, {self.channels}) windows, "
                              f"got {tuple(window.shape)}")
-        b, t, x, c = window.shape
+        b, t, *grid, c = window.shape
         if t != self.initial_step or c != self.channels:
-            raise ValueError(f"UNetPeer expects (B, {self.initial_step}, X, {self.channels}) windows, "
+            raise ValueError(f"UNetPeer expects (B, {self.initial_step}, {space}, {self.channels}) windows, "
                              f"got {tuple(window.shape)}")
-        if x < GRID_MULTIPLE or x % GRID_MULTIPLE:
-            raise ValueError(f"UNetPeer: grid size X={x} must be a positive multiple of {GRID_MULTIPLE} "
-                             f"({LEVELS} max-poolings by 2)")
-        h = window.permute(0, 1, 3, 2).reshape(b, t * c, x)       # (B, T*C, X), time-major
+        if any(n < GRID_MULTIPLE or n % GRID_MULTIPLE for n in grid):
+            size = f"X={grid[0]}" if len(grid) == 1 else f"{' x '.join(map(str, grid))} (X x Y)"
+            raise ValueError(f"UNetPeer: grid size {size} must be a positive multiple of {GRID_MULTIPLE} on each "
+                             f"axis ({LEVELS} max-poolings by 2)")
+        h = window.movedim(-1, 2).reshape(b, t * c, *grid)        # (B, T*C, *space), time-major
         skips = []
         for enc in self.encoders:
             h = enc(h)
@@ -119,8 +133,10 @@ class UNetPeer(nn.Module):
         h = self.bottleneck(h)
         for up, dec, skip in zip(self.upconvs, self.decoders, reversed(skips)):
             h = dec(torch.cat([up(h), skip], dim=1))
-        return self.head(h).permute(0, 2, 1)                      # (B, C, X) -> (B, X, C)
+        return self.head(h).movedim(1, -1)                        # (B, C, *space) -> (B, *space, C)
 
 
-def build_unet(initial_step: int, channels: int = 1, settings: Optional[UNetSettings] = None) -> UNetPeer:
-    return UNetPeer(initial_step, channels, settings)
+def build_unet(initial_step: int, channels: int = 1, settings: Optional[UNetSettings] = None,
+               spatial_shape: Optional[tuple] = None, periodic: bool = True) -> UNetPeer:
+    """``periodic`` is unused: PDEBench's U-Net zero-pads every convolution, periodic data or not."""
+    return UNetPeer(initial_step, channels, settings, dims=1 if spatial_shape is None else len(spatial_shape))

@@ -47,6 +47,8 @@ def data_fingerprint(data: Any) -> str:
         h.update(str(Path(view.path).resolve()).encode())
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         h.update(f"rr={view.meta.n_x}:{view.meta.n_t}:{view.meta.dx!r}:{view.meta.dt!r}".encode())
+        if len(view.meta.spatial_shape) > 1:     # 2D: the other axis too (1D fingerprints unchanged)
+            h.update(f"y={view.meta.n_y}:{view.meta.dy!r}".encode())
         for split in SPLITS:
             h.update(split.encode())
             h.update(np.asarray(view.splits[split], dtype=np.int64).tobytes())
@@ -58,7 +60,7 @@ class LatentCache:
     """Encoded splits plus everything needed to go back to physical space."""
 
     z: Dict[str, torch.Tensor]       # split -> (n, T, N, D), normalised latents
-    u: Dict[str, torch.Tensor]       # split -> (n, T, X, C), normalised fields
+    u: Dict[str, torch.Tensor]       # split -> (n, T, *space, C), normalised fields
     latent_mean: torch.Tensor        # (D,)
     latent_std: torch.Tensor         # (D,)
     fingerprint: str

@@ -70,9 +70,9 @@ def resolve_params(meta: Any, configured: Any, where: str) -> Dict[str, float]:
 
 
 def unit_coords(view: Any) -> torch.Tensor:
-    """Cell centres mapped to [0, 1): what every model sees, whatever the file's domain."""
-    x = (np.asarray(view.meta.x, dtype=np.float64) - view.meta.x_left) / view.meta.domain_length
-    return torch.from_numpy(x).float()
+    """Cell centres mapped to [0, 1): what every model sees, whatever the file's domain; (X,) in 1D,
+    (X, Y, 2) in 2D (``meta.xi``)."""
+    return torch.from_numpy(np.ascontiguousarray(view.meta.xi, dtype=np.float32))
 
 
 def _open_member(data_cfg: Any, where: str) -> DatasetView:
@@ -104,15 +104,18 @@ class RunData:
         self.members, self.params = members, params
         views = list(members.values())
         first = views[0]
+        def grid(m: Any) -> str:
+            return f"{' x '.join(map(str, m.spatial_shape))} cells x {m.n_t} frames x {m.n_channels} channel(s)"
+
         for v in views[1:]:
-            if (v.meta.n_x, v.meta.n_t, v.meta.n_channels) != (first.meta.n_x, first.meta.n_t, first.meta.n_channels):
-                raise UserError(f"mixed data: {v.path} has {v.meta.n_x} cells x {v.meta.n_t} frames x "
-                                f"{v.meta.n_channels} channel(s) after reduction, {first.path} has "
-                                f"{first.meta.n_x} x {first.meta.n_t} x {first.meta.n_channels}; one model "
-                                f"needs one grid: set the members' reduced_resolution(_t) to match.")
+            if (v.meta.spatial_shape, v.meta.n_t, v.meta.n_channels) != (first.meta.spatial_shape, first.meta.n_t,
+                                                                         first.meta.n_channels):
+                raise UserError(f"mixed data: {v.path} has {grid(v.meta)} after reduction, {first.path} has "
+                                f"{grid(first.meta)}; one model needs one grid: set the members' "
+                                f"reduced_resolution(_t) to match.")
         self.meta = first.meta
         self.path = " + ".join(v.path for v in views)
-        self.contract = DataContract(tuple(members), (first.meta.n_x,), first.meta.n_channels)
+        self.contract = DataContract(tuple(members), tuple(first.meta.spatial_shape), first.meta.n_channels)
         self.normalizer = first.normalizer if len(views) == 1 else _pooled(
             [v.normalizer for v in views], [v.sizes()["train"] for v in views])
         self.splits = {s: np.arange(sum(v.sizes()[s] for v in views)) for s in views[0].splits}
@@ -170,7 +173,7 @@ def evenly_spaced(n_total: int, n_pick: int) -> np.ndarray:
 
 
 class FrameDataModule(L.LightningDataModule):
-    """Single frames (X, C), normalised, for the autoencoder. Validation uses `val_frames` evenly
+    """Single frames (*space, C), normalised, for the autoencoder. Validation uses `val_frames` evenly
     spaced frames of each validation trajectory."""
 
     def __init__(self, data_cfg: Any, batch_size: int, val_frames: int = 8) -> None:

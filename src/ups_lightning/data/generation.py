@@ -384,6 +384,12 @@ def run(cfg: Any) -> dict | list:
         if pde is None:
             raise UserError("out=FILE makes one file of one equation: choose it with data=<name> (e.g. "
                             "data=<a single-equation config under conf/data/>), not a mixed data config.")
+        if pde.spatial_dims != 1:
+            two_d = sorted(f.stem for f in (Path(__file__).parents[1] / "conf" / "data").glob("*.yaml")
+                           if f.stem.startswith(pde.name))
+            raise UserError(f"out=FILE makes a 1D file, and {pde.name} is {pde.spatial_dims}D: make it from its "
+                            f"data config instead (data={' or data='.join(two_d) or '<a ' + pde.name + ' config>'}, "
+                            f"with data.path=, data.nx=, data.ny=, data.n_train=... to change it).")
         missing = [k for k in ("n_samples", "nx", "nt", "t_max") if get(k) is None]
         if missing:
             raise UserError(f"single-file generation (out={out}) also needs "
@@ -415,10 +421,19 @@ def run(cfg: Any) -> dict | list:
     if d("members") is not None:
         return [run({"data": member, "workers": workers, "progress": progress, "force": force})
                 for member in d("members").values()]
-    for key in ("path", "pde", "nx", "nt", "t_max", "seed", "n_train", "n_val", "n_test"):
+    spec = get_pde(d("pde"), "setting data.pde") if d("pde") is not None else None
+    two_d = spec is not None and spec.spatial_dims == 2
+    for key in ("path", "pde", "nx", *(("ny",) if two_d else ()), "nt", "t_max", "seed", "n_train", "n_val",
+                "n_test"):
         if d(key) is None:
             raise UserError(f"data config {d('name')!r} has no data.{key}.")
     rr = _check_trainable(d)
+    if two_d:
+        from ups_lightning.data.generation2d import write_dataset_2d
+
+        return write_dataset_2d(spec, d("path"), shape=(d("ny"), d("nx")), nt=d("nt"), t_max=d("t_max"),
+                                seed=d("seed"), counts={s: d(f"n_{s}") for s in SPLITS},
+                                params=_container(d("params")) or {}, force=force, workers=workers)
     return write_dataset(d("path"), pde=d("pde"), params=_container(d("params")) or {}, nx=d("nx"),
                          nt=d("nt"), t_max=d("t_max"), seed=d("seed"), n_train=d("n_train"),
                          n_val=d("n_val"), n_test=d("n_test"), workers=workers, progress=progress,
@@ -439,15 +454,16 @@ def _check_trainable(d: Any) -> tuple[int, int]:
                      ("n_val", "training validates on the val split"),
                      ("n_test", "evaluation scores the test split")):
         _num(f"data.{key}", d(key), int, minimum=1, why=why)
-    nx = _num("data.nx", d("nx"), int, minimum=8)
     nt = _num("data.nt", d("nt"), int, minimum=2)
     rr = _num("data.reduced_resolution", 1 if d("reduced_resolution") is None
               else d("reduced_resolution"), int, minimum=1)
     rr_t = _num("data.reduced_resolution_t", 1 if d("reduced_resolution_t") is None
                 else d("reduced_resolution_t"), int, minimum=1)
-    if nx % rr:
-        raise UserError(f"setting data.reduced_resolution={rr} does not divide data.nx={nx}; "
-                        f"choose a divisor of {nx} (the reader refuses a non-uniform grid).")
+    for axis in ("nx", "ny") if d("ny") is not None else ("nx",):
+        n = _num(f"data.{axis}", d(axis), int, minimum=8)
+        if n % rr:
+            raise UserError(f"setting data.reduced_resolution={rr} does not divide data.{axis}={n}; "
+                            f"choose a divisor of {n} (the reader refuses a non-uniform grid).")
     if (nt - 1) % rr_t:
         raise UserError(f"setting data.reduced_resolution_t={rr_t} does not divide the {nt - 1} "
                         f"intervals between data.nt={nt} frames; choose a divisor of {nt - 1}.")

@@ -15,6 +15,7 @@ settings is kept (``force=True`` remakes it), as ``generation.write_dataset`` do
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -30,6 +31,7 @@ from ups_lightning.data.generation import (_MAX_SEED, _SPLIT_CAPACITY, _check_st
                                            seeds_record, split_seeds)
 from ups_lightning.data.pdebench import MANIFEST_FORMAT, SPLITS, compute_normalizer, manifest_path, write_manifest
 from ups_lightning.data.pdebench2d import PDEBench2DFile, write_groups_file
+from ups_lightning.data.solver import iter_trajectory_chunks
 from ups_lightning.errors import UserError
 from ups_lightning.pdes.initial import cell_centres
 from ups_lightning.provenance import package_version
@@ -100,37 +102,52 @@ def _is_current(path: Path, manifest: dict | None, settings: dict, n_channels: i
 
 
 class _SolvedRows:
-    """The rows, each solved when the writer asks for it (sized: the writer sizes the group names)."""
+    """The rows as ``(row, (T, Y, X, C))`` pairs, solved when the writer asks for them: one at a time
+    by ``spec`` in this process (``workers=1``), or over a pool of ``workers`` processes that solve by
+    the registered equation's name (data/solver.py; the solvers are row-local, so a row's values do
+    not depend on the pool)."""
 
-    def __init__(self, spec: Any, seeds: np.ndarray, labels: list, settings: dict, t: np.ndarray) -> None:
-        self.spec, self.seeds, self.labels, self.t = spec, seeds, labels, t
-        self.shape, self.params = tuple(settings["shape"]), settings["params"]
-        (x_lo, x_hi), _ = settings["domain"]
-        self.length = x_hi - x_lo
+    def __init__(self, spec: Any, seeds: np.ndarray, settings: dict, workers: int) -> None:
+        self.spec, self.seeds, self.settings, self.workers = spec, seeds, settings, workers
 
     def __len__(self) -> int:
         return int(self.seeds.size)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        n = len(self)
-        for i, (seed, (split, j)) in enumerate(zip(self.seeds, self.labels)):
-            _check_stop()       # the CLI's signal handler, polled as the 1D writer does
-            start = time.perf_counter()
-            u0 = self.spec.initial_conditions([int(seed)], self.shape)
-            row = self.spec.solve(u0, self.params, self.t, self.length)[0]
-            log.info("%s: sample %d/%d (%s row %d, seed %d) solved in %.2f s",
-                     self.spec.name, i + 1, n, split, j, int(seed), time.perf_counter() - start)
-            yield row
+    def _chunks(self) -> Iterator[tuple]:
+        s, shape = self.settings, tuple(self.settings["shape"])
+        if self.workers > 1:
+            # two rows per task: a 128 x 128 sample of 101 frames is 13 MB of float32
+            yield from iter_trajectory_chunks(self.spec.name, s["params"], len(self), shape, s["nt"], s["t_max"],
+                                              self.seeds, workers=self.workers, chunk=2)
+            return
+        t = np.linspace(0.0, s["t_max"], s["nt"])
+        (x_lo, x_hi), _ = s["domain"]
+        for i, seed in enumerate(self.seeds):
+            u0 = self.spec.initial_conditions([int(seed)], shape)
+            yield [i], self.spec.solve(u0, s["params"], t, x_hi - x_lo)
+
+    def __iter__(self) -> Iterator[tuple]:
+        n, done, start = len(self), 0, time.perf_counter()
+        chunks = self._chunks()
+        with contextlib.closing(chunks):
+            for rows, fields in chunks:
+                _check_stop()       # the CLI's signal handler, polled as the 1D writer does
+                yield from zip(rows, fields)
+                done += len(rows)
+                log.info("%s: %d/%d samples solved after %.1f s", self.spec.name, done, n,
+                         time.perf_counter() - start)
 
 
 def write_dataset_2d(spec: Any, path: str | os.PathLike, *, shape: Any, nt: int, t_max: float, seed: int,
                      counts: Mapping[str, int], params: Mapping[str, float] | None = None,
-                     force: bool = False) -> dict:
+                     force: bool = False, workers: int = 1) -> dict:
     """Make (or keep, when current) the 2D data file at ``path`` and its manifest; return the manifest.
 
     ``shape`` is (ny, nx), the solvers' order (the file stores x first); ``counts`` maps train, val and
-    test to their rows (a missing split has none); ``params`` default to the spec's own."""
+    test to their rows (a missing split has none); ``params`` default to the spec's own; ``workers``
+    solver processes (1: in this process; a registered equation's name is all a worker receives)."""
     settings = _settings(spec, shape, nt, t_max, seed, counts, params)
+    workers = _num("workers", workers, int, minimum=1)
     force = _flag("force", force, False)
     target = Path(path)
     kept = prepare_target(target, lambda m: _is_current(target, m, settings, spec.n_channels), force, log.info)
@@ -140,7 +157,6 @@ def write_dataset_2d(spec: Any, path: str | os.PathLike, *, shape: Any, nt: int,
     rows = settings["counts"]
     seeds_by_split = split_seeds(settings["seed"], rows)
     seeds = np.concatenate([seeds_by_split[s] for s in SPLITS])
-    labels = [(s, j) for s in SPLITS for j in range(rows[s])]
     starts = np.cumsum([0] + [rows[s] for s in SPLITS])
     splits = {s: {"start": int(starts[i]), "stop": int(starts[i + 1])} for i, s in enumerate(SPLITS)}
     (ny, nx), ((x_lo, x_hi), (y_lo, y_hi)) = settings["shape"], settings["domain"]
@@ -197,7 +213,8 @@ def write_dataset_2d(spec: Any, path: str | os.PathLike, *, shape: Any, nt: int,
         _check_stop()
         manifest_path(target).unlink(missing_ok=True)    # never an old manifest beside new data
 
-    write_groups_file(target, _SolvedRows(spec, seeds, labels, settings, t), x, y, t, attrs, finish=finish)
+    write_groups_file(target, _SolvedRows(spec, seeds, settings, workers), x, y, t, attrs, finish=finish,
+                      indexed=True)
     write_manifest(target, manifest)
     log.info("wrote %s (%d samples, %.1f MB) and %s in %.1f s", target, n, target.stat().st_size / 1e6,
              manifest_path(target).name, manifest["generation"]["seconds"])

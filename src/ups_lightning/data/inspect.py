@@ -7,7 +7,7 @@ Prints the equation and its parameters, the shape, domain, dx, dt, the value ran
 the file; checks that values are finite over a bounded sample of rows (evenly spread, first and
 last included) or, with ``--full``, over every row. Reads in bounded blocks, never the whole file.
 PDEBench's 2D layouts (groups per sample, per-field CFD: data/pdebench2d.py) are shown too: their
-layout, fields, grid and times (2D equations are not yet trained: issue 25).
+layout, fields, grid, times and the equation they hold (when one registered 2D equation does).
 Exit code 2 with a one-paragraph ``error:`` on bad input.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from ups_lightning.pdes import get_pde
 from ups_lightning.errors import UserError, report_user_errors, command
-from ups_lightning.data.pdebench import PDEBenchFile, load_manifest, manifest_path
+from ups_lightning.data.pdebench import PDEBenchFile, is_2d_file, load_manifest, manifest_path
 
 __all__ = ["main", "inspect_file", "sample_rows"]
 
@@ -30,21 +30,6 @@ def sample_rows(n: int, k: int) -> np.ndarray:
     if k >= n:
         return np.arange(n)
     return np.unique(np.linspace(0, n - 1, max(2, k)).round().astype(np.int64))
-
-
-def _is_2d(path: str) -> bool:
-    """Whether ``path`` holds one of PDEBench's 2D layouts (and no 1D ``tensor``)."""
-    import h5py
-
-    from ups_lightning.data.pdebench2d import CFD_FIELDS
-
-    try:
-        with h5py.File(path, "r") as h5:
-            keys = set(h5.keys())
-            return "tensor" not in keys and (any(k.isdigit() and isinstance(h5[k], h5py.Group) for k in keys)
-                                             or set(CFD_FIELDS) <= keys)
-    except OSError:      # not HDF5: the 1D reader says so, naming the file
-        return False
 
 
 def _values(blocks) -> tuple:
@@ -61,10 +46,10 @@ def inspect_file(path: str, reduced_resolution: int = 1, reduced_resolution_t: i
                  full: bool = False, rows: int = 64, pde: str | None = None) -> dict:
     """Collect the facts ``main`` prints (also handy in tests)."""
     t0 = time.perf_counter()
-    if _is_2d(str(path)):
+    if is_2d_file(path):
         from ups_lightning.data.pdebench2d import PDEBench2DFile
 
-        with PDEBench2DFile(path, reduced_resolution, reduced_resolution_t) as f:
+        with PDEBench2DFile(path, reduced_resolution, reduced_resolution_t, pde) as f:
             m = f.meta
             idx = np.arange(m.n_samples) if full else sample_rows(m.n_samples, rows)
             lo, hi, mean = _values(f.iter_blocks(idx))
@@ -98,7 +83,8 @@ def _report_2d(info: dict) -> list:
         f"grid        x in [{m.x[0]:.6g}, {m.x[-1]:.6g}] (dx = {m.dx:.6g}), y in [{m.y[0]:.6g}, {m.y[-1]:.6g}] "
         f"(dy = {m.dy:.6g}), cell centres",
         f"t           [{m.t[0]:.6g}, {m.t[-1]:.6g}], {m.n_t} frames, dt = {m.dt:.6g}",
-        f"attributes  {stated} (2D equations are read, not yet trained: issue 25)",
+        f"attributes  {stated}",
+        f"equation    {m.pde + ' (' + get_pde(m.pde).title + ')' if m.pde else 'none this project knows (it reads; training needs one)'}",
     ]
 
 

@@ -35,6 +35,8 @@ from ups_lightning.pdes import PDE, get_pde, pde_of_file_attrs, registered
 __all__ = [
     "FieldMeta",
     "PDEBenchFile",
+    "open_file",
+    "is_2d_file",
     "Normalizer",
     "compute_normalizer",
     "manifest_path",
@@ -99,6 +101,11 @@ class FieldMeta:
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (self.n_samples, self.n_t, self.n_x, self.n_channels)
+
+    @property
+    def spatial_shape(self) -> tuple[int]:
+        """Cells per spatial axis ((X,); (X, Y) for a 2D file's Grid2DMeta)."""
+        return (self.n_x,)
 
 
 def _check_reduction(name: str, value: Any) -> int:
@@ -412,6 +419,49 @@ class PDEBenchFile:
         return out[inverse.reshape(-1)]
 
 
+def is_2d_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an HDF5 file in one of PDEBench's 2D layouts (data/pdebench2d.py): no
+    ``tensor`` dataset, but sample groups or the CFD fields. False for anything else (the 1D reader
+    then names what is wrong with it)."""
+    import h5py
+
+    try:
+        if not (os.path.isfile(path) and h5py.is_hdf5(path)):
+            return False
+        with h5py.File(path, "r") as h5:
+            if "tensor" in h5:
+                return False
+            from ups_lightning.data.pdebench2d import CFD_FIELDS
+
+            return (any(k.isdigit() and isinstance(h5[k], h5py.Group) for k in h5.keys())
+                    or all(f in h5 for f in CFD_FIELDS))
+    except OSError:
+        return False
+
+
+def open_file(path: str | os.PathLike, reduced_resolution: int = 1, reduced_resolution_t: int = 1,
+              pde: str | None = None) -> Any:
+    """The reader of a data file, whatever its dimension: ``PDEBenchFile`` (1D, ``tensor``) or
+    ``PDEBench2DFile`` (2D layouts). Both have ``.meta`` (``n_t``, ``n_channels``, ``spatial_shape``,
+    ``xi``, ``dt``, ``pde``, ``params``...), ``.read``, ``.iter_blocks``, ``.rr``/``.rr_t``/``.pde``.
+    A 2D file that no registered equation holds reads with ``PDEBench2DFile`` directly (inspection),
+    not here: training and evaluation need its equation."""
+    if not is_2d_file(path):
+        return PDEBenchFile(path, reduced_resolution, reduced_resolution_t, pde)
+    from ups_lightning.data.pdebench2d import PDEBench2DFile
+
+    f = PDEBench2DFile(path, reduced_resolution, reduced_resolution_t, pde)
+    if f.pde is None:
+        f.close()
+        two_d = sorted(s.name for s in registered().values() if s.spatial_dims == 2)
+        raise UserError(f"{path}: a PDEBench 2D file ({f.meta.layout} layout, fields "
+                        f"{', '.join(f.meta.fields)}) of no equation this project knows: it has no 'pde' "
+                        f"attribute and not the file name of a 2D equation ({', '.join(two_d)}). Set data.pde "
+                        f"when it holds one of them; other 2D files read with `{command('ups_lightning.data.inspect')} "
+                        f"FILE` but cannot be trained on yet.")
+    return f
+
+
 # --------------------------------------------------------------------------------------------
 # normalisation
 # --------------------------------------------------------------------------------------------
@@ -575,11 +625,11 @@ class DatasetView:
     pde: str | None = None
     split_source: str = field(default="index ranges")
 
-    def open(self) -> PDEBenchFile:
-        return PDEBenchFile(self.path, self.reduced_resolution, self.reduced_resolution_t, self.pde)
+    def open(self) -> Any:
+        return open_file(self.path, self.reduced_resolution, self.reduced_resolution_t, self.pde)
 
     def read(self, split: str, rows: Any = None) -> np.ndarray:
-        """Split ``split`` (or its positions ``rows``) as (n, T, X, C) float32, physical units."""
+        """Split ``split`` (or its positions ``rows``) as (n, T, *space, C) float32, physical units."""
         if split not in self.splits:
             raise UserError(f"unknown split {split!r} for {self.path}; have "
                             f"{', '.join(self.splits)}.")
@@ -670,9 +720,13 @@ def open_dataset(
     if n_train < 1:
         raise UserError(f"setting data.n_train={n_train}: need at least one training trajectory.")
     split_layout, pdebench_test_ratio = check_split_layout(split_layout, pdebench_test_ratio)
-    with PDEBenchFile(path, reduced_resolution, reduced_resolution_t, pde) as f:
+    with open_file(path, reduced_resolution, reduced_resolution_t, pde) as f:
         meta = f.meta
         n = meta.n_samples
+        if len(meta.spatial_shape) == 2 and not np.isclose(meta.dx, meta.dy, rtol=1e-6, atol=0.0):
+            raise UserError(f"{str(path)!r}: cells of {meta.dx:g} x {meta.dy:g} (dx x dy) after reduction; the 2D "
+                            f"equations' operators, rewards and guard take square cells (dx = dy), as in "
+                            f"PDEBench's 2D files.")
         manifest = load_manifest(path)
         wanted = {"train": n_train, "val": n_val, "test": n_test}
         splits: dict[str, np.ndarray] = {}

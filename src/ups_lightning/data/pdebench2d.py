@@ -1,4 +1,4 @@
-"""PDEBench's 2D file layouts, read unchanged and lazily (issue 25; not yet wired into training).
+"""PDEBench's 2D file layouts, read unchanged and lazily; ``data.pdebench.open_file`` hands a 2D file here.
 
 Two layouts, told apart by the file's top-level keys:
 
@@ -10,15 +10,21 @@ Two layouts, told apart by the file's top-level keys:
   (which may hold one more entry than there are frames, as in the 1D releases).
 
 Both read as (n, T, X, Y, C) float32 with PDEBench's reduction (a stride in x, y and t), the axis
-order of PDEBench's own loaders (time, then x, then y, then the fields). A bad file is a UserError
-naming it and what was expected.
+order of PDEBench's own loaders (time, then x, then y, then the fields): the order the whole pipeline
+keeps (models, metrics, guard). The 2D specs' operators are written for (Y, X) frames; with square
+cells (dx = dy, which training requires) the two orders are the same problem transposed. A bad file
+is a UserError naming it and what was expected.
+
+The equation: the file's ``pde`` attribute (the project's files), else a registered 2D equation whose
+PDEBench file name it has (``2D_diff-react_NA_NA.h5``, ``2D_rdb_NA_NA.h5``), else ``pde`` as given; a
+file no registered equation holds (the CFD files) still reads (``meta.pde`` None), for inspection.
 
 ``write_groups_file`` writes the groups layout (the generator's, data/generation2d.py), atomically.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Mapping, Sequence
 
@@ -26,8 +32,9 @@ import h5py
 import numpy as np
 
 from ups_lightning.atomic import atomic_path
-from ups_lightning.data.pdebench import _check_reduction, _uniform_step
+from ups_lightning.data.pdebench import _check_reduction, _stated_pde, _uniform_step, file_params
 from ups_lightning.errors import UserError
+from ups_lightning.pdes import get_pde, registered
 
 __all__ = ["CFD_FIELDS", "Grid2DMeta", "PDEBench2DFile", "write_groups_file"]
 
@@ -53,6 +60,13 @@ class Grid2DMeta:
     dt: float
     reduced_resolution: int = 1
     reduced_resolution_t: int = 1
+    # the physical domain (file grid: left edge = first centre - half a cell, length = cells x step)
+    x_left: float = 0.0
+    y_left: float = 0.0
+    domain_length: float = 1.0     # along x; the 2D equations here are on squares
+    domain_length_y: float = 1.0
+    pde: str | None = None         # None: no registered equation holds the file (it reads, for inspection)
+    params: dict = field(default_factory=dict)
 
     @property
     def n_channels(self) -> int:
@@ -61,6 +75,18 @@ class Grid2DMeta:
     @property
     def shape(self) -> tuple:
         return (self.n_samples, self.n_t, self.n_x, self.n_y, self.n_channels)
+
+    @property
+    def spatial_shape(self) -> tuple:
+        return (self.n_x, self.n_y)
+
+    @property
+    def xi(self) -> np.ndarray:
+        """Unit coordinates (X, Y, 2) float32 of the kept cells: ``[..., 0]`` along x (axis 0),
+        ``[..., 1]`` along y, each (centre - left edge) / length."""
+        xs = (self.x - self.x_left) / self.domain_length
+        ys = (self.y - self.y_left) / self.domain_length_y
+        return np.stack(np.meshgrid(xs, ys, indexing="ij"), axis=-1).astype(np.float32)
 
 
 def _numbers(h5: Any, key: str, path: str) -> np.ndarray:
@@ -75,10 +101,11 @@ def _numbers(h5: Any, key: str, path: str) -> np.ndarray:
 class PDEBench2DFile:
     """An open 2D PDEBench file (context manager): ``.meta`` and ``.read(indices)``."""
 
-    def __init__(self, path: str | os.PathLike, reduced_resolution: int = 1, reduced_resolution_t: int = 1) -> None:
+    def __init__(self, path: str | os.PathLike, reduced_resolution: int = 1, reduced_resolution_t: int = 1,
+                 pde: str | None = None) -> None:
         self.path = str(path)
         self.rr = _check_reduction("reduced_resolution", reduced_resolution)
-        self.rt = _check_reduction("reduced_resolution_t", reduced_resolution_t)
+        self.rt = self.rr_t = _check_reduction("reduced_resolution_t", reduced_resolution_t)
         if not os.path.isfile(self.path):
             raise UserError(f"{self.path}: no such file.")
         try:
@@ -86,10 +113,31 @@ class PDEBench2DFile:
         except OSError as exc:
             raise UserError(f"{self.path} is not a readable HDF5 file ({exc}).") from None
         try:
-            self.meta = self._read_meta()
+            self.meta = self._with_equation(self._read_meta(), pde)
         except BaseException:
             self.h5.close()
             raise
+        self.pde = self.meta.pde
+        self.spec = None if self.pde is None else get_pde(self.pde)
+
+    def _with_equation(self, meta: Grid2DMeta, pde: str | None) -> Grid2DMeta:
+        """``meta`` with the file's equation and parameters (module doc), checked against the fields."""
+        name = pde if pde is not None else _stated_pde(self.h5)
+        if name is None:
+            named = [s.name for s in registered().values() if s.spatial_dims == 2 and s.filename
+                     and Path(self.path).name.startswith(s.filename.split("{", 1)[0])]
+            name = named[0] if len(named) == 1 else None
+        if name is None or (pde is None and name not in registered()):
+            return meta     # it reads (inspection); training refuses it (data.pdebench.open_file)
+        spec = get_pde(name)
+        if spec.spatial_dims != 2:
+            raise UserError(f"{self.path} is a 2D file ({meta.n_x} x {meta.n_y} cells) but {spec.name} is a "
+                            f"{spec.spatial_dims}D equation ({spec.equation}); choose a 2D data config.")
+        if meta.n_channels != spec.n_channels:
+            raise UserError(f"{self.path}: {meta.n_channels} field(s) per cell but {spec.name} has "
+                            f"{spec.n_channels} ({', '.join(spec.fields)}).")
+        return replace(meta, pde=spec.name, params=file_params(self.h5, self.path, spec),
+                       fields=tuple(spec.fields) if meta.layout == "groups" else meta.fields)
 
     # -- layout and grid ---------------------------------------------------------------------
     def _read_meta(self) -> Grid2DMeta:
@@ -110,13 +158,16 @@ class PDEBench2DFile:
                             f"{n_x} x {n_y} cells.")
         if t.size not in (n_t, n_t + 1):
             raise UserError(f"{self.path}: {t.size} times for {n_t} frames.")
+        dx_file, dy_file = _uniform_step(x, "x", self.path), _uniform_step(y, "y", self.path)
+        edges = dict(x_left=float(x[0] - dx_file / 2), y_left=float(y[0] - dy_file / 2),
+                     domain_length=float(x.size * dx_file), domain_length_y=float(y.size * dy_file))
         x, y, t = x[:: self.rr], y[:: self.rr], t[:n_t][:: self.rt]
         if min(x.size, y.size) < 2 or t.size < 2:
             raise UserError(f"{self.path}: reduced_resolution={self.rr}, reduced_resolution_t={self.rt} leave "
                             f"{x.size} x {y.size} cells and {t.size} frames; need at least 2 of each.")
         return Grid2DMeta(self.path, layout, fields, n, t.size, x.size, y.size, x, y, t,
                           _uniform_step(x, "x", self.path), _uniform_step(y, "y", self.path),
-                          _uniform_step(t, "t", self.path), self.rr, self.rt)
+                          _uniform_step(t, "t", self.path), self.rr, self.rt, **edges)
 
     def _groups_meta(self, samples: List[str]) -> Grid2DMeta:
         self.samples = samples
@@ -185,14 +236,16 @@ class PDEBench2DFile:
 
 
 def write_groups_file(path: str | os.PathLike, fields: Any, x: Any, y: Any, t: Any,
-                      attrs: Mapping[str, Any], *, finish: Callable[[Path], None] | None = None) -> Path:
+                      attrs: Mapping[str, Any], *, finish: Callable[[Path], None] | None = None,
+                      indexed: bool = False) -> Path:
     """Write PDEBench's groups layout at ``path``, atomically: sample i is the group ``{i:04d}`` (wider
     when there are more, all of one width so their sorted order is the row order) holding ``data``
     (T, X, Y, C) float32 and ``grid/x``, ``grid/y``, ``grid/t``; ``attrs`` go on the root.
 
     ``fields`` is (N, T, Y, X, C) in the solvers' order (transposed here to the file's x-first order),
     or any sized iterable of (T, Y, X, C) rows, so a generator of solved rows holds one sample in
-    memory. ``finish(tmp)``, when given, runs on the complete temporary file before it replaces
+    memory; ``indexed=True``: an iterable of ``(i, row)`` pairs in any order (a pool's rows as they
+    finish), each i in [0, len) once. ``finish(tmp)``, when given, runs on the complete temporary file before it replaces
     ``path``: what it raises leaves neither file behind, like any other failure."""
     x, y, t = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (x, y, t))
     n = len(fields)
@@ -209,11 +262,14 @@ def write_groups_file(path: str | os.PathLike, fields: Any, x: Any, y: Any, t: A
         with h5:
             for key, value in attrs.items():
                 h5.attrs[key] = value
-            written, channels = 0, None
-            for i, row in enumerate(fields):
-                row = np.asarray(row)
+            written, channels, seen = 0, None, set()
+            for i, row in (fields if indexed else enumerate(fields)):
+                i, row = int(i), np.asarray(row)
                 channels = row.shape[-1] if channels is None and row.ndim else channels
-                if i >= n or row.shape != (t.size, y.size, x.size, channels):
+                if i in seen or not 0 <= i < n:
+                    raise ValueError(f"write_groups_file: sample index {i} repeated or outside [0, {n})")
+                seen.add(i)
+                if row.shape != (t.size, y.size, x.size, channels):
                     raise ValueError(f"write_groups_file: sample {i} of {n} has shape {row.shape}; expected "
                                      f"({t.size}, {y.size}, {x.size}, {channels}) = (T, Y, X, C) on the given "
                                      f"t, y, x, with sample 0's channels")

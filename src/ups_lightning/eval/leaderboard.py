@@ -380,6 +380,65 @@ def _resolve_artifacts(value: str, csv_path: Path) -> Path | None:
     return None
 
 
+def _space_time_1d(true, pred, x, t, title: str, max_samples: int):
+    """Space-time panels (truth, prediction, error) of up to ``max_samples`` 1D trajectories."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    if true.ndim == 4:   # several channels: one space-time panel per channel would crowd; show the first
+        true, pred = true[..., 0], pred[..., 0]
+    n = min(max_samples, true.shape[0])
+    fig = Figure(figsize=(10, 2.4 * n + 0.4), layout="constrained")
+    ext = [x[0], x[-1], t[0], t[-1]] if len(x) > 1 and len(t) > 1 else None
+    for i in range(n):
+        err = pred[i] - true[i]
+        lim = float(np.max(np.abs(true[i]))) or 1.0
+        for j, (name, field, cmap, vmin, vmax) in enumerate((
+                ("truth", true[i], "RdBu_r", -lim, lim),
+                ("prediction", pred[i], "RdBu_r", -lim, lim),
+                ("error", err, "PuOr_r", -float(np.max(np.abs(err)) or 1.0), float(np.max(np.abs(err)) or 1.0)))):
+            ax = fig.add_subplot(n, 3, 3 * i + j + 1)
+            im = ax.imshow(field, origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, extent=ext)
+            ax.set_title(f"sample {i}: {name}", fontsize=9)
+            ax.set_xlabel("x", fontsize=8)
+            ax.set_ylabel("t", fontsize=8)
+            ax.tick_params(labelsize=7)
+            fig.colorbar(im, ax=ax).ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _fields_2d(true, pred, x, y, t, title: str, frames: int = 3):
+    """Truth, prediction and error of the first 2D trajectory (n, T, X, Y, C) at ``frames`` predicted
+    frames (the first, the last, evenly between), first channel; x runs along the image's width."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    if true.shape != pred.shape or true.ndim != 5:
+        raise ValueError(f"samples.npz: 2D true {true.shape} and pred {pred.shape} must both be (n, T, X, Y, C)")
+    truth, guess = true[0, ..., 0], pred[0, ..., 0]
+    show = np.unique(np.linspace(0, truth.shape[0] - 1, frames).round().astype(int))
+    lo, hi = float(truth.min()), float(truth.max())
+    ext = [x[0], x[-1], y[0], y[-1]] if len(x) > 1 and len(y) > 1 else None
+    fig = Figure(figsize=(10, 2.8 * len(show) + 0.4), layout="constrained")
+    for i, k in enumerate(show):
+        err = guess[k] - truth[k]
+        e = float(np.max(np.abs(err))) or 1.0
+        when = f"t = {t[k]:.3g}" if k < len(t) else f"frame {k + 1}"
+        for j, (name, f, cmap, vmin, vmax) in enumerate((("truth", truth[k], "viridis", lo, hi),
+                                                          ("prediction", guess[k], "viridis", lo, hi),
+                                                          ("error", err, "PuOr_r", -e, e))):
+            ax = fig.add_subplot(len(show), 3, 3 * i + j + 1)
+            im = ax.imshow(f.T, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, extent=ext)
+            ax.set_title(f"{name}, {when}", fontsize=9)
+            ax.set_xlabel("x", fontsize=8)
+            ax.set_ylabel("y", fontsize=8)
+            ax.tick_params(labelsize=7)
+            fig.colorbar(im, ax=ax).ax.tick_params(labelsize=7)
+    fig.suptitle(f"{title} (sample 0, first field)", fontsize=10)
+    return fig
+
+
 def _row_plots(art: Path, title: str, max_samples: int = 3) -> list[str]:
     """PNG <img> tags for one row's artifacts; raises on unreadable files (caller notes it)."""
     import numpy as np
@@ -392,30 +451,14 @@ def _row_plots(art: Path, title: str, max_samples: int = 3) -> list[str]:
             true, pred = np.asarray(z["true"], dtype=float), np.asarray(z["pred"], dtype=float)
             x = np.asarray(z["x"], dtype=float) if "x" in z else np.arange(true.shape[2], dtype=float)
             t = np.asarray(z["t"], dtype=float) if "t" in z else np.arange(true.shape[1], dtype=float)
-        if true.shape != pred.shape or true.ndim not in (3, 4):
+            y = np.asarray(z["y"], dtype=float) if "y" in z else None
+        if y is not None:   # 2D fields: truth, prediction and error at a few frames
+            parts.append(_fig_png(_fields_2d(true, pred, x, y, t, title)))
+        elif true.shape != pred.shape or true.ndim not in (3, 4):
             raise ValueError(f"samples.npz: true {true.shape} and pred {pred.shape} must both be (n, T, X) "
                              "or (n, T, X, C)")
-        if true.ndim == 4:   # several channels: one space-time panel per channel would crowd; show the first
-            true, pred = true[..., 0], pred[..., 0]
-        n = min(max_samples, true.shape[0])
-        fig = Figure(figsize=(10, 2.4 * n + 0.4), layout="constrained")
-        ext = [x[0], x[-1], t[0], t[-1]] if len(x) > 1 and len(t) > 1 else None
-        for i in range(n):
-            err = pred[i] - true[i]
-            lim = float(np.max(np.abs(true[i]))) or 1.0
-            for j, (name, field, cmap, vmin, vmax) in enumerate((
-                    ("truth", true[i], "RdBu_r", -lim, lim),
-                    ("prediction", pred[i], "RdBu_r", -lim, lim),
-                    ("error", err, "PuOr_r", -float(np.max(np.abs(err)) or 1.0), float(np.max(np.abs(err)) or 1.0)))):
-                ax = fig.add_subplot(n, 3, 3 * i + j + 1)
-                im = ax.imshow(field, origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, extent=ext)
-                ax.set_title(f"sample {i}: {name}", fontsize=9)
-                ax.set_xlabel("x", fontsize=8)
-                ax.set_ylabel("t", fontsize=8)
-                ax.tick_params(labelsize=7)
-                fig.colorbar(im, ax=ax).ax.tick_params(labelsize=7)
-        fig.suptitle(title, fontsize=10)
-        parts.append(_fig_png(fig))
+        else:
+            parts.append(_fig_png(_space_time_1d(true, pred, x, t, title, max_samples)))
     curves = art / "curves.json"
     if curves.is_file():
         data = json.loads(curves.read_text())

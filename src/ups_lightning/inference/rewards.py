@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ups_lightning.atomic import atomic_torch_save
 from ups_lightning.errors import UserError, command
 
-__all__ = ["Reward", "PhysicsReward", "ConsistencyReward", "VerifierReward", "Verifier", "make_reward",
+__all__ = ["Reward", "PhysicsReward", "ConsistencyReward", "VerifierReward", "Verifier", "make_reward", "usable_rewards",
            "REWARDS", "train_verifier", "save_verifier", "load_verifier", "parse_reward"]
 
 REWARDS = ("physics", "consistency", "verifier")
@@ -204,11 +204,24 @@ def save_verifier(net: Verifier, path) -> None:
                        "state_dict": net.state_dict()}, path)
 
 
+def usable_rewards(spec) -> tuple:
+    """The rewards that can score candidates of equation ``spec``: the consistency reward (a 1D coarse
+    solve from the previous frame) and the verifier (a 1D network) need a 1D equation whose frames hold
+    its whole state; the physics penalties fit every equation."""
+    return REWARDS if spec.spatial_dims == 1 and spec.frames_hold_state else ("physics",)
+
+
 def make_reward(name: str, physics, cells: Optional[int] = None, weights=None,
                 verifier: Optional[Verifier] = None) -> Reward:
     """The reward called ``name`` (module doc); a clear error for a bad name or a missing piece."""
     if name == "physics":
         return PhysicsReward(physics, weights)
+    spec = physics.spec
+    if name in REWARDS and name not in usable_rewards(spec):
+        why = ("its frames do not hold the whole state its solver evolves" if not spec.frames_hold_state
+               else f"it is {spec.spatial_dims}D and this reward's grid and network are 1D")
+        raise UserError(f"ttc.reward.name={name} cannot score {spec.name} candidates: {why}. Use "
+                        f"ttc.reward.name=physics (the equation's penalties: {', '.join(spec.penalties)}).")
     if name == "consistency":
         if not isinstance(cells, int) or isinstance(cells, bool):
             raise UserError(f"ttc.reward.cells={cells!r}: the consistency reward needs the number of cells "

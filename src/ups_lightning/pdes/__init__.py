@@ -1,7 +1,8 @@
 """Equations as specs: ``get_pde(name)`` is the only way the rest of the project learns about one.
 
-Registered: burgers1d, advection1d, reacdiff1d. A fourth equation is one module here with a ``PDE``
-subclass, one line in ``_REGISTRY``, one data config under ``conf/data/`` and its tests
+Registered: burgers1d, advection1d, reacdiff1d (1D); reacdiff2d, swe2d (2D, PDEBench's
+``2D_diff-react_NA_NA.h5`` and ``2D_rdb_NA_NA.h5``). Another equation is one module here with a
+``PDE`` subclass, one line in ``_register``, one data config under ``conf/data/`` and its tests
 (README "Adding an equation").
 """
 from __future__ import annotations
@@ -20,8 +21,10 @@ def _register() -> None:
     from ups_lightning.pdes.advection import Advection1D
     from ups_lightning.pdes.burgers import Burgers1D
     from ups_lightning.pdes.reacdiff import ReactionDiffusion1D
+    from ups_lightning.pdes.reacdiff2d import ReactionDiffusion2D
+    from ups_lightning.pdes.swe2d import ShallowWater2D
 
-    for spec in (Burgers1D(), Advection1D(), ReactionDiffusion1D()):
+    for spec in (Burgers1D(), Advection1D(), ReactionDiffusion1D(), ReactionDiffusion2D(), ShallowWater2D()):
         _REGISTRY[spec.name] = spec
 
 

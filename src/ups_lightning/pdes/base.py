@@ -171,6 +171,10 @@ class PDE:
     penalties: Tuple[str, ...] = ("pde",)
     invariants: Tuple[str, ...] = ()     # what the guard projects: "mass", "bounds"
     bounds: Optional[Tuple[float, float]] = None   # the invariant interval, with "bounds"
+    # the file's fields are the whole state ``solve`` evolves, so a solve may start from any frame;
+    # False: only from frame 0 (a file that saves part of the state, as PDEBench's dam break saves
+    # the depth and not the momentum): solver rows start there, solver-based rewards are refused
+    frames_hold_state: bool = True
     solver_settings: Dict[str, Any] = {}   # the scheme, for manifests ("scheme" required)
     recipe_id: str = ""                    # initial-condition recipe and version, for manifests
     published: Tuple[Published, ...] = ()   # the literature's figures on PDEBench's files (bench, docs)
@@ -225,8 +229,9 @@ class PDE:
         return found
 
     # -- the physics: subclasses implement these ------------------------------------------------
-    def initial_conditions(self, seeds: Sequence[int] | np.ndarray, nx: int) -> np.ndarray:
-        """One initial condition per seed on ``nx`` cell centres of the unit domain: (n, nx, C)."""
+    def initial_conditions(self, seeds: Sequence[int] | np.ndarray, nx: Any) -> np.ndarray:
+        """One initial condition per seed on ``nx`` cell centres of the unit domain: (n, nx, C); a 2D
+        spec takes ``(ny, nx)`` and returns (n, ny, nx, C) on its ``domain``."""
         raise NotImplementedError
 
     def solve(self, u0: np.ndarray, params: Mapping[str, float], t_save: Sequence[float] | np.ndarray,

@@ -9,6 +9,10 @@ consecutive values; n must divide N), solved with the equation's reference solve
 rather than spectral: fields with under-resolved shocks make a Fourier interpolant ring (Gibbs),
 which would charge the coarse solver an error that is the interpolant's, not the scheme's. With
 n = N the round trip is the identity.
+
+2D fields (B, X, Y, C) go the same way along both axes (n x n cells), brought back by bilinear
+interpolation that holds the edge values beyond the outer coarse centres (the 2D equations here are
+not periodic: Neumann or outflow walls).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ def cell_average(u: np.ndarray, n: int) -> np.ndarray:
     return u.reshape(*u.shape[:-1], n, r).mean(axis=-1)
 
 
-def upsample_linear(u: np.ndarray, big: int) -> np.ndarray:
+def upsample_linear(u: np.ndarray, big: int, periodic: bool = True) -> np.ndarray:
     """(..., n) cell averages -> (..., big) by periodic linear interpolation between coarse cell
     centres, evaluated at the fine points they were averaged from (inverse of ``cell_average``'s
     geometry; identity for n == big)."""
@@ -43,6 +47,8 @@ def upsample_linear(u: np.ndarray, big: int) -> np.ndarray:
         return np.array(u, copy=True)
     # positions in units of fine cells: fine point i at i; coarse cell j centred at j r + (r - 1) / 2
     pos = (np.arange(big) - (r - 1) / 2.0) / r          # fine points in coarse-index units
+    if not periodic:     # beyond the outer coarse centres: their values (no wrap across the walls)
+        pos = np.clip(pos, 0.0, n - 1.0)
     j0 = np.floor(pos).astype(np.int64)
     w = pos - j0
     a, b = np.mod(j0, n), np.mod(j0 + 1, n)
@@ -51,11 +57,19 @@ def upsample_linear(u: np.ndarray, big: int) -> np.ndarray:
 
 def solve_on_grid(u0: np.ndarray, n: int, pde: str, params: Dict[str, float], t_rel: np.ndarray,
                   domain_length: float) -> tuple:
-    """Solve equation ``pde`` from ``u0`` (B, N, C) reduced to ``n`` cells; returns (frames
-    (B, T-1, N, C) on the evaluation grid, excluding t_rel[0], wall-clock seconds of the solve)."""
-    big = u0.shape[-2]
-    coarse = np.moveaxis(cell_average(np.moveaxis(np.asarray(u0, dtype=np.float64), -1, -2), n), -1, -2)
+    """Solve equation ``pde`` from ``u0`` (B, N, C), or (B, N, N', C) in 2D, reduced to ``n`` cells
+    per axis; returns (frames (B, T-1, N[, N'], C) on the evaluation grid, excluding t_rel[0],
+    wall-clock seconds of the solve)."""
+    spec = get_pde(pde)
+    u = np.asarray(u0, dtype=np.float64)
+    axes = list(range(1, u.ndim - 1))          # the spatial axes of (B, *space, C)
+    coarse = u
+    for a in axes:
+        coarse = np.moveaxis(cell_average(np.moveaxis(coarse, a, -1), n), -1, a)
     start = time.perf_counter()
-    sol = get_pde(pde).solve(coarse, params, t_rel, domain_length=domain_length)
+    sol = spec.solve(coarse, params, t_rel, domain_length=domain_length)[:, 1:]
     wall = time.perf_counter() - start
-    return np.moveaxis(upsample_linear(np.moveaxis(sol[:, 1:], -1, -2), big), -1, -2), wall
+    periodic = spec.boundary == "periodic"
+    for a in axes:                             # (B, T, *space, C): space starts at axis 2
+        sol = np.moveaxis(upsample_linear(np.moveaxis(sol, a + 1, -1), u.shape[a], periodic), -1, a + 1)
+    return sol, wall

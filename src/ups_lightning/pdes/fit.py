@@ -2,7 +2,8 @@
 it (evaluation's solver rows and solver hybrid, the consistency reward, the guard's physics).
 
 From a few rows, one frame interval is integrated by the spec's solver from frame ``k`` (the callers
-take the last interval between given frames, so the check reads no frame a rollout may not) under each
+take the last interval between given frames, so the check reads no frame a rollout may not; frame 0
+for a spec whose frames do not hold its whole state, ``frames_hold_state``) under each
 domain the spec knows for such a file (``PDE.domain_forms``: the file's own coordinates, and e.g.
 a released layout whose stored coordinates are not the ones its data was solved on), and compared
 with frame ``k + 1``. The miss is measured against the frames' own change, |solve - u_{k+1}| /
@@ -50,8 +51,10 @@ def _miss(spec, params: Mapping[str, float], rows: np.ndarray, dt: float, length
 
 def fit_domain(spec, params: Mapping[str, float], rows: np.ndarray, dt: float, file_length: float,
                where: str, k: int = 0) -> DomainFit:
-    """The domain the file's frames ``rows`` (n, T, X, C) follow under ``spec``'s solver; a
+    """The domain the file's frames ``rows`` (n, T, *space, C) follow under ``spec``'s solver; a
     UserError naming ``where`` (the file) when no form the spec knows fits."""
+    if not spec.frames_hold_state:   # a later frame is not a state the solver can start from
+        k = 0
     if rows.shape[0] == 0 or rows.shape[1] < k + 2:
         raise UserError(f"{where}: no two consecutive frames to check the equation on.")
     forms: List[Tuple[str, float]] = spec.domain_forms(file_length)

@@ -19,8 +19,7 @@ initial values on 16384 cells stay below 5). The step depends on the grid alone,
 never depends on the other rows of its batch. Second order in space, fourth in time, measured
 against finer solutions (tests/test_pdes_2d.py).
 
-``ReactionDiffusion2D`` is its spec (PDEBench's parameters, recipe, solver, published figures). Not
-yet registered: the 2D generation, reader path, rewards and configs it needs are the rest of issue 25.
+``ReactionDiffusion2D`` is its spec (PDEBench's parameters, recipe, solver, published figures).
 """
 from __future__ import annotations
 

@@ -23,8 +23,9 @@ scheme) and, on smooth data, second order against a finer solution (tests/test_p
 
 ``ShallowWater2D`` is its spec. PDEBench's file holds the depth alone (its momentum is not saved), so
 the spec's solver takes either the full state (h, hu, hv) or a depth at rest (momentum zero: exact for
-the dam at t = 0, not for a later frame: a solver row on this file starts from frame 0). Not yet
-registered: the 2D generation, reader path, rewards and configs it needs are the rest of issue 25.
+the dam at t = 0, not for a later frame): ``frames_hold_state = False``, so a solver row on this file
+starts from frame 0, and the solver-based rewards and hybrids, which would start from a later frame,
+are refused.
 """
 from __future__ import annotations
 
@@ -192,6 +193,7 @@ class ShallowWater2D(PDE):
     # the water's volume (no wave leaves the box before t = 1 for R <= 0.7) and a depth that stays >= 0
     invariants = ("mass", "bounds")
     bounds = (0.0, math.inf)
+    frames_hold_state = False   # the file saves h, not hu and hv: only frame 0 (at rest) is a full state
     recipe_id = "pdebench-radial-dam-break/1"
     published = (Published("FNO", 4.4e-3, {}, "PDEBench (Takamoto et al. 2022) tables"),
                  Published("U-Net", 0.052, {}, "PDEBench's U-Net as tabulated by DPOT (Hao et al., ICML 2024)"))

@@ -38,11 +38,14 @@ class AutoencoderModule(StageModule):
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         u = batch["u"]
         z = self.autoencoder.encode(u, self.x)
-        if 0 < self.n_query < u.shape[1]:
+        points = u[0, ..., 0].numel()          # cells of a field (X, or X * Y in 2D)
+        if 0 < self.n_query < points:
             # any-point training: each field is decoded at its own random subset of grid points
-            idx = torch.rand(u.shape[0], u.shape[1], device=u.device).argsort(dim=1)[:, : self.n_query]
-            recon = self.autoencoder.decode(z, self.x[idx])
-            loss = F.mse_loss(recon, torch.gather(u, 1, idx.unsqueeze(-1).expand(-1, -1, u.shape[2])))
+            flat = u.reshape(u.shape[0], points, u.shape[-1])                  # (B, cells, C)
+            coords = self.x.reshape(points, -1) if self.x.dim() > 1 else self.x  # (cells, d) or (cells,)
+            idx = torch.rand(u.shape[0], points, device=u.device).argsort(dim=1)[:, : self.n_query]
+            recon = self.autoencoder.decode(z, coords[idx], batched=True if self.x.dim() > 1 else None)
+            loss = F.mse_loss(recon, torch.gather(flat, 1, idx.unsqueeze(-1).expand(-1, -1, flat.shape[-1])))
         else:
             loss = F.mse_loss(self.autoencoder.decode(z, self.x), u)
         self.log("train/loss", loss, prog_bar=True)
