@@ -197,7 +197,8 @@ def test_pdebench_recipe_is_adam_steplr_summed_mse_without_ema_or_clipping(tiny_
     import ups_lightning.training as T
     b = types.SimpleNamespace(checked={"peers": {"fno": B.check_config(_bench_cfg())["peers"]["fno"]},
                                        "relative_loss": True, "reuse": False},
-                              base_cfg=cfg, data_cfg=cfg.data, n_given=5, meta=types.SimpleNamespace(n_channels=1),
+                              base_cfg=cfg, data_cfg=cfg.data, n_given=5,
+                              meta=types.SimpleNamespace(n_channels=1, spatial_shape=(64,), pde="burgers1d"),
                               split={}, say=lambda *a: None)
     orig = T.build_trainer
     T.build_trainer = fake_build_trainer
@@ -513,7 +514,8 @@ def _fake_bench(monkeypatch, tmp_path, val_of, test_of, seeds=(0, 1, 2), methods
                                                    for m in methods},
                                        "search": SearchSettings(rates=3, step=10.0, widen=1, rungs=(0.5, 1.0), keep=2),
                                        "given": {}},
-                              out=tmp_path, say=lambda *a: None, cfg=types.SimpleNamespace(), trainer=None)
+                              out=tmp_path, say=lambda *a: None, cfg=types.SimpleNamespace(), trainer=None,
+                              meta=types.SimpleNamespace(spatial_shape=(256,)))   # 1D: the peers' labels say so
     return B, b, scored
 
 

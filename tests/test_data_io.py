@@ -496,7 +496,7 @@ def test_data_configs_have_the_agreed_keys():
     from omegaconf import OmegaConf
 
     root = CONF_DIR / "data"
-    keys = ["name", "pde", "root", "path", "params", "nx", "nt", "t_max", "seed", "n_train", "n_val",
+    keys = ["name", "pde", "root", "path", "params", "nx", "ny", "n_tokens", "nt", "t_max", "seed", "n_train", "n_val",
             "n_test", "split_layout", "pdebench_test_ratio", "reduced_resolution", "reduced_resolution_t", "initial_step", "batch_size",
             "num_workers"]
     expect = {"burgers1d_small": (256, 41, 512, 64, 128, 1, 1),
@@ -505,6 +505,7 @@ def test_data_configs_have_the_agreed_keys():
     for name, (nx, nt, ntr, nva, nte, rr, rrt) in expect.items():
         cfg = OmegaConf.load(root / f"{name}.yaml")
         assert list(cfg.keys()) == keys
+        assert cfg.ny is None and cfg.n_tokens == 32     # 1D sets, the token count every 1D run has used
         assert (cfg.nx, cfg.nt, cfg.n_train, cfg.n_val, cfg.n_test, cfg.reduced_resolution,
                 cfg.reduced_resolution_t) == (nx, nt, ntr, nva, nte, rr, rrt)
         assert cfg.path == f"data/{name}/1D_Burgers_Sols_Nu0.001.hdf5" and cfg.pde == "burgers1d"
