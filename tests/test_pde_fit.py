@@ -87,3 +87,20 @@ def test_a_file_no_form_fits_is_refused_naming_the_misses(tiny_burgers_file, tmp
                           "pdebench_test_ratio": 0.1})
     with pytest.raises(UserError, match=r"does not follow 1D viscous Burgers.*the unit interval"):
         file_physics(eval_data(d, str(backwards), "all"), d)
+
+
+def test_a_dam_break_read_coarser_than_it_was_made_fits_through_its_given_frames():
+    """The water's frames hold the depth alone, so the check starts at frame 0 and integrates through
+    the given frames: a file made on a finer grid and read reduced (as a released 2D_rdb file with
+    reduced_resolution 2) fits there, while the first interval alone misses by the dam edge's
+    discretisation. A time-reversed copy is still refused."""
+    spec, params = get_pde("swe2d"), {"g": 1.0}
+    t = np.arange(10) * 0.02                       # PDEBench's dt_save 0.01, every other frame
+    fine = spec.solve(spec.initial_conditions([1, 2], (64, 64)), params, t)
+    rows = fine[:, :, ::2, ::2]                    # read at 32 x 32 (reduced_resolution 2)
+    with pytest.raises(UserError, match=r"from frame 0 miss frame 1 by the file's coordinates"):
+        fit_domain(spec, params, rows[:, :2], 0.02, 5.0, "file", k=0)     # the first interval alone
+    fit = fit_domain(spec, params, rows, 0.02, 5.0, "file", k=8)           # 10 given frames
+    assert fit.misses["the file's coordinates"] <= FITS
+    with pytest.raises(UserError, match=r"from frame 0 miss frame 9"):
+        fit_domain(spec, params, rows[:, ::-1], 0.02, 5.0, "file", k=8)   # time runs backwards
