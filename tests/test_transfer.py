@@ -85,8 +85,8 @@ def test_the_verdict_needs_a_gap_beyond_two_standard_errors():
 
 
 @pytest.mark.parametrize("override, match", [
-    ("target=burgers1d_small", "an equation the pretraining mixture .* does not hold"),
-    ("pretrain=burgers1d_small", "a mixed data config"),
+    ("target=advection1d_small", "an equation the pretraining mixture .* does not hold"),
+    ("pretrain=advection1d_small", "a mixed data config"),
     ("fractions=[0.0]", r"fractions .* in \(0, 1\]"),
     ("seeds=[1,1]", "distinct integer training seeds"),
 ])
