@@ -267,6 +267,7 @@ def plot_curves(curves: Sequence[Dict[str, Any]], published: Sequence[Any], path
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
@@ -285,6 +286,10 @@ def plot_curves(curves: Sequence[Dict[str, Any]], published: Sequence[Any], path
                             fontsize=6, va="bottom")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # the budgets themselves as ticks: a log axis' default minor labels overlap over 2.5-40 min
+        budgets = sorted({float(r["budget_min"]) for r in curves})
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training budget per model (minutes of wall-clock)")
         ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
