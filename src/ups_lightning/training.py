@@ -474,7 +474,11 @@ def check_trainer_settings(cfg: DictConfig) -> None:
 
 def ensure_data(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> None:
     """The data config's own files are generated when missing (seconds for the small sets); a file
-    the user named with data.path= (or data.members.<m>.path=) is never made up."""
+    the user named with data.path= (or data.members.<m>.path=) is never made up. A file is made with
+    at least its data config's own split sizes: a run on fewer (data.n_train=51) takes the first rows
+    of the splits of the file every other run reads, not a smaller file of other test rows."""
+    from ups_lightning import CONF_DIR
+    from ups_lightning.config import compose_config
     from ups_lightning.data.datamodule import member_configs
     from ups_lightning.data.generation import run as generate
 
@@ -486,6 +490,12 @@ def ensure_data(cfg: DictConfig, overrides: Optional[Sequence[str]]) -> None:
             raise UserError(f"{named[0]}: no such file {member.path}. Pass an existing PDEBench-layout "
                             "HDF5 file, or drop the override to use the data config's generated file.")
         log.info("data file %s is missing: generating it (data=%s)", member.path, member.name)
+        member = member.copy()
+        if (Path(CONF_DIR) / "data" / f"{member.name}.yaml").is_file():   # its data config's own sizes
+            own = compose_config("train", [f"data={member.name}"]).data
+            with open_dict(member):
+                for key in ("n_train", "n_val", "n_test"):
+                    member[key] = max(int(member[key]), int(own[key]))
         generate({"data": member, "workers": 2, "progress": False})
 
 

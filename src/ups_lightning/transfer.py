@@ -77,6 +77,7 @@ def check_config(cfg: DictConfig) -> DictConfig:
 
 def _train(cfg: DictConfig, run_dir: Path, data: List[str], seed: int, init: Optional[Path] = None) -> Dict[str, Any]:
     """One run of the plain rollout's stages (trained or reused): its directory and figures."""
+    from ups_lightning.data.datamodule import member_configs
     from ups_lightning.training import run as train
 
     tcfg = compose_config("train", [f"experiment={cfg.protocol}", *model_overrides(cfg.model), *data,
@@ -84,7 +85,8 @@ def _train(cfg: DictConfig, run_dir: Path, data: List[str], seed: int, init: Opt
                                     "callbacks.progress_bar=none", *([f"init_from={init}"] if init else []),
                                     *cfg.train_overrides])
     records = train(tcfg)
-    return {"run_dir": str(run_dir), "seed": seed, "n_train": int(tcfg.data.n_train),
+    n_train = sum(int(m.n_train) for m in member_configs(tcfg.data).values())   # a mixed config: its members'
+    return {"run_dir": str(run_dir), "seed": seed, "n_train": n_train,
             "learned": all(records[s].get("learned") is not False for s in STAGES),
             "train_s": round(sum(records[s]["wall_clock_s"] + records[s].get("prep_s", 0.0) for s in STAGES), 1),
             "val_nrmse": records["operator"]["best_val_nrmse"],
