@@ -190,7 +190,8 @@ def stage_config_hash(cfg: DictConfig, name: str, upstream: Optional[Dict[str, A
     later = neutral_later_keys()
     for data in (relevant["data"], *(relevant["data"].get("members") or {}).values()):   # a mixed set's files too
         for key, value in later.items():
-            if key.startswith("data.") and isinstance(data, dict) and data.get(key[5:], value) == value:
+            # unset ("???": a mixed config's own file keys, which its members carry) reads back as neutral
+            if key.startswith("data.") and isinstance(data, dict) and data.get(key[5:], value) in (value, "???"):
                 data.pop(key[5:], None)
     for part, prefix in (("model", "model."), ("settings", f"stages.{name}."), ("optim", "optim.")):
         for key, value in later.items():

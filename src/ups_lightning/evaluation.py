@@ -209,9 +209,9 @@ def check_fits_model(data: EvalData, train_cfg: DictConfig, module: Any) -> None
                         f"reduced_resolution={data.meta.reduced_resolution}, but the model in {train_cfg.run_dir} "
                         f"was trained on {tuple(contract.spatial_shape)}; evaluate it on a file with the "
                         f"same grid.")
-    if data.meta.n_channels != contract.n_channels:
+    if data.meta.n_channels != contract.channels(data.meta.pde):
         raise UserError(f"{data.path}: {data.meta.n_channels} channel(s), the model has "
-                        f"{contract.n_channels}.")
+                        f"{contract.channels(data.meta.pde)} for {data.meta.pde}.")
     check_frames(data, int(train_cfg.data.initial_step))
     if len(data.fields) == 0:
         raise UserError(f"{data.path}: split {data.split!r} has no rows to score.")
@@ -251,7 +251,8 @@ def build_surrogate(train_cfg: DictConfig, module: Any, data: Any, physics: Phys
     """The run's module as a Surrogate on the grid and conditioning of `data`."""
     cond = module.contract.conditioning(physics.pde, physics.params, physics.dt)
     steps = {f"{c}_steps": train_cfg.stages[n][get_stage(n).steps_setting] for c, n in CORRECTOR_STAGES.items()}
-    return Surrogate(module, unit_coords(data), cond, guard=guard, pde=physics.spec, **steps)
+    return Surrogate(module, unit_coords(data), cond, guard=guard, pde=physics.spec,
+                     fields=module.contract.channels(physics.pde), **steps)
 
 
 def build_proposer(candidates: Any, sur: Surrogate, physics: Physics, view_of: Any,

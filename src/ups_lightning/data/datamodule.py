@@ -85,20 +85,27 @@ def _open_member(data_cfg: Any, where: str) -> DatasetView:
                         **split_options(data_cfg))
 
 
-def _pooled(norms: list, counts: list) -> Normalizer:
-    """One per-channel normaliser over several training splits (exact pooled mean and std)."""
-    c = np.asarray(counts, dtype=np.float64)[:, None]
-    means = np.stack([n.mean for n in norms])
-    var = np.stack([n.std for n in norms]) ** 2
-    mean = (c * means).sum(0) / c.sum()
-    std = np.sqrt((c * (var + (means - mean) ** 2)).sum(0) / c.sum())
-    return Normalizer(mean, np.where(std > 0, std, 1.0))
+def _pooled(norms: list, counts: list, n_channels: int) -> Normalizer:
+    """One per-channel normaliser over several training splits (exact pooled mean and std); channel k
+    pools the members that have a field k (a masked layout: DataContract)."""
+    mean, std = np.zeros(n_channels), np.ones(n_channels)
+    for k in range(n_channels):
+        have = [(n, c) for n, c in zip(norms, counts) if k < n.mean.size]
+        c = np.asarray([c for _, c in have], dtype=np.float64)
+        means = np.asarray([n.mean[k] for n, _ in have])
+        var = np.asarray([n.std[k] for n, _ in have]) ** 2
+        mean[k] = (c * means).sum() / c.sum()
+        sd = np.sqrt((c * (var + (means - mean[k]) ** 2)).sum() / c.sum())
+        std[k] = sd if sd > 0 else 1.0
+    return Normalizer(mean, std)
 
 
 class RunData:
     """The data of a training run: one file, or the member files of a mixed data config (one per
     equation, on the same grid and frames). Reads splits as one array, with a conditioning vector
-    per trajectory (``DataContract.conditioning``) and one normaliser over all training splits."""
+    per trajectory (``DataContract.conditioning``) and one normaliser over all training splits. Members
+    with fewer fields than the most have their absent channels filled with the channel's mean (the
+    masked layout of ``DataContract``)."""
 
     def __init__(self, members: Dict[str, DatasetView], params: Dict[str, Dict[str, float]]) -> None:
         self.members, self.params = members, params
@@ -108,16 +115,16 @@ class RunData:
             return f"{' x '.join(map(str, m.spatial_shape))} cells x {m.n_t} frames x {m.n_channels} channel(s)"
 
         for v in views[1:]:
-            if (v.meta.spatial_shape, v.meta.n_t, v.meta.n_channels) != (first.meta.spatial_shape, first.meta.n_t,
-                                                                         first.meta.n_channels):
+            if (v.meta.spatial_shape, v.meta.n_t) != (first.meta.spatial_shape, first.meta.n_t):
                 raise UserError(f"mixed data: {v.path} has {grid(v.meta)} after reduction, {first.path} has "
                                 f"{grid(first.meta)}; one model needs one grid: set the members' "
                                 f"reduced_resolution(_t) to match.")
         self.meta = first.meta
         self.path = " + ".join(v.path for v in views)
-        self.contract = DataContract(tuple(members), tuple(first.meta.spatial_shape), first.meta.n_channels)
+        fields = tuple(int(v.meta.n_channels) for v in views)
+        self.contract = DataContract(tuple(members), tuple(first.meta.spatial_shape), max(fields), fields)
         self.normalizer = first.normalizer if len(views) == 1 else _pooled(
-            [v.normalizer for v in views], [v.sizes()["train"] for v in views])
+            [v.normalizer for v in views], [v.sizes()["train"] for v in views], self.contract.n_channels)
         self.splits = {s: np.arange(sum(v.sizes()[s] for v in views)) for s in views[0].splits}
 
     @property
@@ -125,7 +132,15 @@ class RunData:
         return list(self.members.values())
 
     def read(self, split: str) -> np.ndarray:
-        return np.concatenate([v.read(split) for v in self.views])
+        return np.concatenate([self._filled(v.read(split)) for v in self.views])
+
+    def _filled(self, rows: np.ndarray) -> np.ndarray:
+        """A member's rows with its absent channels (masked layout) set to the channel's mean."""
+        C, have = self.contract.n_channels, rows.shape[-1]
+        if have == C:
+            return rows
+        fill = np.broadcast_to(self.normalizer.mean[have:].astype(rows.dtype), (*rows.shape[:-1], C - have))
+        return np.concatenate([rows, fill], axis=-1)
 
     def cond(self, split: str) -> torch.Tensor:
         """(rows of the split, cond_dim): each trajectory's conditioning vector."""
@@ -191,15 +206,19 @@ class FrameDataModule(L.LightningDataModule):
         train = torch.from_numpy(norm.normalize(self.view.read("train"))).float()
         val = torch.from_numpy(norm.normalize(self.view.read("val"))).float()
         val = val[:, evenly_spaced(val.shape[1], self.val_frames)]
-        self.train_frames = train.reshape(-1, *train.shape[2:])
-        self.val_frames_t = val.reshape(-1, *val.shape[2:])
+        self.train_frames = {"u": train.reshape(-1, *train.shape[2:])}
+        self.val_frames_t = {"u": val.reshape(-1, *val.shape[2:])}
+        if self.view.contract.masked:   # each frame's conditioning names its equation, hence its fields
+            self.train_frames["cond"] = self.view.cond("train").repeat_interleave(train.shape[1], 0)
+            self.val_frames_t["cond"] = self.view.cond("val").repeat_interleave(val.shape[1], 0)
         self.x = unit_coords(self.view)
 
-    def _loader(self, frames: torch.Tensor, shuffle: bool) -> DataLoader:
+    def _loader(self, frames: Dict[str, torch.Tensor], shuffle: bool) -> DataLoader:
+        n = len(frames["u"])
         return DataLoader(
-            _TensorItems({"u": frames}), batch_size=self.batch_size, sampler=_sampler(len(frames), shuffle),
+            _TensorItems(frames), batch_size=self.batch_size, sampler=_sampler(n, shuffle),
             generator=_own_generator(), num_workers=self.data_cfg.num_workers, collate_fn=_as_batch,
-            drop_last=shuffle and len(frames) > self.batch_size,
+            drop_last=shuffle and n > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -63,15 +63,21 @@ class Guard:
 
 class Surrogate:
     """A trained pipeline (the last finished stage's module) seen as encode / step / correct / decode,
-    on the grid and with the conditioning of the data being evaluated."""
+    on the grid and with the conditioning of the data being evaluated. ``fields``: the evaluated
+    equation's field count when it has fewer than the model's channels (a masked layout,
+    ``DataContract``): frames go in and come out with its fields alone, the absent channels filled
+    with their mean (normalised 0) on the way in and dropped on the way out."""
 
     def __init__(self, module: Any, x: Tensor, cond: Tensor, teacher_steps: int = 16,
-                 student_steps: int = 1, guard: Guard = Guard(), pde: Optional[PDE] = None) -> None:
+                 student_steps: int = 1, guard: Guard = Guard(), pde: Optional[PDE] = None,
+                 fields: Optional[int] = None) -> None:
         self.m = module.eval()
         self.x = x.to(torch.float32)
         self.cond = cond.to(torch.float32)
         self.teacher_steps, self.student_steps = teacher_steps, student_steps
         self.guard = guard
+        channels = int(module.field_mean.numel())
+        self.fields = None if fields is None or int(fields) == channels else int(fields)
         if guard.invariants and pde is None:
             raise ValueError("Guard(invariants=True) needs the equation's spec (pde=)")
         self.pde = pde
@@ -81,7 +87,8 @@ class Surrogate:
     def with_module(self, module: Any) -> "Surrogate":
         """Another module (e.g. an operator snapshot of the same run) on the same grid, conditioning,
         sampler steps and guard."""
-        return Surrogate(module, self.x, self.cond, self.teacher_steps, self.student_steps, self.guard, self.pde)
+        return Surrogate(module, self.x, self.cond, self.teacher_steps, self.student_steps, self.guard, self.pde,
+                         self.fields)
 
     @property
     def correctors(self) -> Tuple[str, ...]:
@@ -98,7 +105,10 @@ class Surrogate:
     @torch.no_grad()
     def encode(self, u: Tensor) -> Tensor:
         """Physical frames (B, X, C) -> normalised latents (B, N, D)."""
-        un = (u - self.m.field_mean) / self.m.field_std
+        n = u.shape[-1]
+        un = (u - self.m.field_mean[:n]) / self.m.field_std[:n]
+        if self.fields is not None:    # absent channels at their mean
+            un = torch.cat([un, un.new_zeros(*un.shape[:-1], self.m.field_mean.numel() - n)], dim=-1)
         z = self.m.autoencoder.encode(un, self.x)
         return (z - self.m.latent_mean) / self.m.latent_std
 
@@ -114,7 +124,8 @@ class Surrogate:
             un = decoder.decode_planned(zl, self._plan)
         else:
             un = self.m.autoencoder.decode(zl, self.x)
-        return un * self.m.field_std + self.m.field_mean
+        u = un * self.m.field_std + self.m.field_mean
+        return u if self.fields is None else u[..., : self.fields]
 
     @torch.no_grad()
     def step(self, z: Tensor) -> Tensor:

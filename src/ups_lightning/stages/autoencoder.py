@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any, Dict
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from ups_lightning.stages.base import StageModule, build_autoencoder, sample_nrmse
+from ups_lightning.stages.base import StageModule, build_autoencoder, masked_mse, sample_nrmse
 from ups_lightning.stages.settings import StageSettings, setting
 
 
@@ -36,7 +35,7 @@ class AutoencoderModule(StageModule):
         self.val_mean_field = MeanMetric()
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        u = batch["u"]
+        u, m = batch["u"], self.present(batch)
         z = self.autoencoder.encode(u, self.x)
         points = u[0, ..., 0].numel()          # cells of a field (X, or X * Y in 2D)
         if 0 < self.n_query < points:
@@ -45,20 +44,20 @@ class AutoencoderModule(StageModule):
             coords = self.x.reshape(points, -1) if self.x.dim() > 1 else self.x  # (cells, d) or (cells,)
             idx = torch.rand(u.shape[0], points, device=u.device).argsort(dim=1)[:, : self.n_query]
             recon = self.autoencoder.decode(z, coords[idx], batched=True if self.x.dim() > 1 else None)
-            loss = F.mse_loss(recon, torch.gather(flat, 1, idx.unsqueeze(-1).expand(-1, -1, flat.shape[-1])))
+            loss = masked_mse(recon, torch.gather(flat, 1, idx.unsqueeze(-1).expand(-1, -1, flat.shape[-1])), m)
         else:
-            loss = F.mse_loss(self.autoencoder.decode(z, self.x), u)
+            loss = masked_mse(self.autoencoder.decode(z, self.x), u, m)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
-        u = batch["u"]
+        u, m = batch["u"], self.present(batch)
         recon = self.autoencoder(u, self.x)
-        self.log("val/loss", F.mse_loss(recon, u), on_epoch=True)
-        true = self.physical(u)
-        self.log_val_nrmse(self.physical(recon), true)
+        self.log("val/loss", masked_mse(recon, u, m), on_epoch=True)
+        true = self.physical(u, m)
+        self.log_val_nrmse(self.physical(recon, m), true)
         # doing nothing useful: the training split's mean field
-        self.val_mean_field.update(sample_nrmse(self.physical(torch.zeros_like(u)), true))
+        self.val_mean_field.update(sample_nrmse(self.physical(torch.zeros_like(u), m), true))
         self.log("val/nrmse_mean_field", self.val_mean_field, on_epoch=True)
 
     def prepare(self, cfg: Any, data: Any, x: torch.Tensor, upstream: Any, latents_dir: Path) -> Any:

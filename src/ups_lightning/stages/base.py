@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Timer
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -30,6 +31,9 @@ def build_autoencoder(model_cfg: Dict[str, Any], contract: DataContract) -> Auto
         in_channels=contract.n_channels, spatial_shape=tuple(contract.spatial_shape), dim=s.dim,
         n_tokens=s.n_tokens, depth=model_cfg["ae_depth"], heads=s.heads, hidden=s.hidden,
         n_fourier=model_cfg["n_fourier"], decoder_depth=model_cfg["decoder_depth"],
+        # the stem as it was before these were keys, for checkpoints that lack them
+        stem_layers=model_cfg.get("stem_layers", 2), stem_kernel=model_cfg.get("stem_kernel", 5),
+        stem_channels=model_cfg.get("stem_channels"),
     )
 
 
@@ -75,6 +79,15 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor, reference: torch.Tens
     per_sample = (pred - target).pow(2).flatten(1).mean(1)
     w = 1.0 / reference.pow(2).flatten(1).mean(1).clamp_min(1e-8)
     return (per_sample * w).sum() / w.sum()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MSE of channel-last fields over their present channels (``mask`` (B, C): a masked layout,
+    ``DataContract``); plain MSE without a mask."""
+    if mask is None:
+        return F.mse_loss(pred, target)
+    m = mask.view(mask.shape[0], *[1] * (pred.dim() - 2), mask.shape[1]).expand_as(pred)
+    return ((pred - target).pow(2) * m).sum() / m.sum().clamp_min(1.0)
 
 
 def _adamw_impl(optim_cfg: Dict[str, Any], params: list, precision: str) -> Dict[str, Any]:
@@ -176,8 +189,16 @@ class StageModule(ScheduledAdamW, L.LightningModule):
             self.latent_mean.copy_(latent_mean)
             self.latent_std.copy_(latent_std)
 
-    def physical(self, u_normalised: torch.Tensor) -> torch.Tensor:
-        return u_normalised * self.field_std + self.field_mean
+    def present(self, batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The batch's channel mask (B, C) in a masked layout (``DataContract``: an equation with fewer
+        fields than the model's channels); None when every equation fills every channel."""
+        return self.contract.channel_mask(batch["cond"]) if self.contract.masked else None
+
+    def physical(self, u_normalised: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Physical units; with ``mask`` (B, C) the absent channels are zeroed, so that a figure
+        computed on zeroed prediction and truth alike counts the present channels alone."""
+        u = u_normalised * self.field_std + self.field_mean
+        return u if mask is None else u * mask.view(mask.shape[0], *[1] * (u.dim() - 2), mask.shape[1])
 
     def decode_latent(self, autoencoder: Autoencoder, z_normalised: torch.Tensor) -> torch.Tensor:
         """Normalised latent -> normalised field on the data grid."""
@@ -210,13 +231,13 @@ class LatentStage(StageModule):
         self.autoencoder = freeze(build_autoencoder(model_cfg, self.contract))
         self.val_persistence = MeanMetric()
 
-    def log_persistence(self, u: torch.Tensor) -> None:
+    def log_persistence(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
         """The one-step nRMSE of persistence (u_{t+1} = u_t), the latent stages' trivial figure."""
-        self.val_persistence.update(sample_nrmse(self.physical(u[:, 0]), self.physical(u[:, 1])))
+        self.val_persistence.update(sample_nrmse(self.physical(u[:, 0], mask), self.physical(u[:, 1], mask)))
         self.log("val/nrmse_persistence", self.val_persistence, on_epoch=True)
 
-    def decode_phys(self, z: torch.Tensor) -> torch.Tensor:
-        return self.physical(self.decode_latent(self.autoencoder, z))
+    def decode_phys(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.physical(self.decode_latent(self.autoencoder, z), mask)
 
     def load_upstream(self, upstream: StageModule) -> None:
         """Copy the upstream stage's networks and buffers; everything else must be this stage's own."""
@@ -302,14 +323,14 @@ class ResidualStage(LatentStage):
         return z_pred + self.r_std * self.sample_residual(z_pred, cond, generator)
 
     def validate_samples(self, batch: Dict[str, torch.Tensor]) -> None:
-        z, u, cond = batch["z"], batch["u"], batch["cond"]
-        true = self.physical(u[:, 1])
+        z, u, cond, m = batch["z"], batch["u"], batch["cond"], self.present(batch)
+        true = self.physical(u[:, 1], m)
         z_pred = self.operator_step(z[:, 0], cond)
-        a = self.decode_phys(self.corrected(z_pred, cond))
-        b = self.decode_phys(self.corrected(z_pred, cond))
+        a = self.decode_phys(self.corrected(z_pred, cond), m)
+        b = self.decode_phys(self.corrected(z_pred, cond), m)
         self.log_val_nrmse(a, true)
-        self.val_operator.update(sample_nrmse(self.decode_phys(z_pred), true))
+        self.val_operator.update(sample_nrmse(self.decode_phys(z_pred, m), true))
         self.val_spread.update(sample_nrmse(a, b))  # distinct samples: > 0
-        self.log_persistence(u)
+        self.log_persistence(u, m)
         self.log("val/nrmse_operator", self.val_operator, on_epoch=True)
         self.log("val/sample_spread", self.val_spread, on_epoch=True)

@@ -63,13 +63,13 @@ class DistillModule(ResidualStage):
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         self.validate_samples(batch)
-        z, u, cond = batch["z"], batch["u"], batch["cond"]
-        true = self.physical(u[:, 1])
+        z, u, cond, m = batch["z"], batch["u"], batch["cond"], self.present(batch)
+        true = self.physical(u[:, 1], m)
         z_pred = self.operator_step(z[:, 0], cond)
 
         def teacher() -> torch.Tensor:
             r = self.flow.sample(z_pred, cond, steps=self.teacher_steps)
-            return self.decode_phys(z_pred + self.r_std * r)
+            return self.decode_phys(z_pred + self.r_std * r, m)
 
         a, b = teacher(), teacher()
         self.val_teacher.update(sample_nrmse(a, true))

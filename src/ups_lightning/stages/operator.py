@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from ups_lightning.stages.base import LatentStage, build_operator, relative_mse, sample_nrmse
+from ups_lightning.stages.base import LatentStage, build_operator, masked_mse, relative_mse, sample_nrmse
 from ups_lightning.stages.settings import StageSettings, setting
 
 
@@ -43,7 +43,7 @@ class OperatorModule(LatentStage):
         return self.operator(z, cond)
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        z, u = batch["z"], batch["u"]
+        z, u, m = batch["z"], batch["u"], self.present(batch)
         cond = self.operator.condition(batch["cond"])   # once for the whole unroll
         steps = z.shape[1] - 1
         state = z[:, 0]
@@ -52,32 +52,34 @@ class OperatorModule(LatentStage):
         loss = z.new_zeros(())
         for k in range(1, steps + 1):
             pred = self(state, cond)
-            loss = loss + self.step_loss(pred, z[:, k], u[:, k])
+            loss = loss + self.step_loss(pred, z[:, k], u[:, k], m)
             if self.settings["decoded_weight"] > 0:
                 decoded = self.decode_latent(self.autoencoder, pred)
-                loss = loss + self.settings["decoded_weight"] * F.mse_loss(decoded, u[:, k])
+                loss = loss + self.settings["decoded_weight"] * masked_mse(decoded, u[:, k], m)
             detach = self.settings["pushforward_detach"] and k < steps
             state = pred.detach() if detach else pred
         loss = loss / steps
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def step_loss(self, pred: torch.Tensor, target: torch.Tensor, u_target: torch.Tensor) -> torch.Tensor:
+    def step_loss(self, pred: torch.Tensor, target: torch.Tensor, u_target: torch.Tensor,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Latent MSE of one step; with `relative_loss`, each sample's error is divided by its
-        physical field's mean square (normalised over the batch), as the nRMSE metric weighs it."""
+        physical field's mean square (its present channels'; normalised over the batch), as the
+        nRMSE metric weighs it."""
         if not self.settings["relative_loss"]:
             return F.mse_loss(pred, target)
-        return relative_mse(pred, target, self.physical(u_target))
+        return relative_mse(pred, target, self.physical(u_target, mask))
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
-        z, u = batch["z"], batch["u"]
+        z, u, m = batch["z"], batch["u"], self.present(batch)
         pred = self(z[:, 0], batch["cond"])
         self.log("val/latent_mse", F.mse_loss(pred, z[:, 1]), on_epoch=True)
-        true = self.physical(u[:, 1])
-        self.log_val_nrmse(self.decode_phys(pred), true)
+        true = self.physical(u[:, 1], m)
+        self.log_val_nrmse(self.decode_phys(pred, m), true)
         # the two references a user needs to judge the stage: doing nothing, and the decoder's floor
-        self.log_persistence(u)
-        self.val_recon.update(sample_nrmse(self.decode_phys(z[:, 1]), true))
+        self.log_persistence(u, m)
+        self.val_recon.update(sample_nrmse(self.decode_phys(z[:, 1], m), true))
         self.log("val/nrmse_recon_floor", self.val_recon, on_epoch=True)
 
     def unroll_steps(self) -> int:
