@@ -79,7 +79,8 @@ def test_callbacks_and_loggers_are_built_from_config(tmp_path):
 # the model settings every dimN alias had as its own file before there was one model config: the
 # resolved model config (what the stage config hashes read) must stay exactly this
 _DIM32 = {"name": "dim32", "dim": 32, "n_tokens": 32, "depth": 4, "levels": 1, "ae_depth": 2, "decoder_depth": 1,
-          "n_fourier": 64, "diffusion_depth": 3, "attn_backend": "sdpa", "hidden": None, "heads": None}
+          "n_fourier": 64, "diffusion_depth": 3, "attn_backend": "sdpa", "hidden": None, "heads": None,
+          "stem_layers": 2, "stem_kernel": 5, "stem_channels": None}
 
 
 @pytest.mark.parametrize("size", [8, 16, 24, 32, 48, 64, 128, 256, 512])

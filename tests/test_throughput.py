@@ -36,6 +36,25 @@ def test_smoke_run_reports_every_stage_and_the_rollout(tmp_path):
     assert any("% fp32 peak" in line for line in lines) and any("ttc=ensemble" in line for line in lines)
 
 
+def test_smoke_run_in_2d_times_each_stem_variant(tmp_path):
+    """A 2D equation is timed on a 2D grid; each variant of the model is a row of its own, and a
+    cheaper stem costs fewer FLOPs; the consistency reward and the search (1D) are left out."""
+    from ups_lightning.bench.throughput import run_throughput
+
+    lines = []
+    result = run_throughput(_cfg(tmp_path, "pde=swe2d", "train_stages=[autoencoder]",
+                                 "variants=[[],['model.stem_kernel=3']]"), say=lines.append)
+    assert result["grid"] == [16, 16]
+    base, k3 = result["training"]
+    assert base["grid"] == [16, 16] and base["variant"] == [] and k3["variant"] == ["model.stem_kernel=3"]
+    assert 0 < k3["gflop_per_step"] < base["gflop_per_step"]
+    assert len(result["rollout"]) == 2
+    for ro in result["rollout"]:
+        assert ro["parts_ms_per_traj"]["reward"] is None and ro["ttc_ensemble_ms_per_traj"] is None
+        assert ro["rollout_ms_per_traj"] > 0 and ro["parts_ms_per_traj"]["decode"] > 0
+    assert any("swe2d on 16 x 16 cells" in line for line in lines)
+
+
 def test_operator_flops_grow_with_the_batch(tmp_path):
     from ups_lightning.bench.throughput import train_throughput
 
@@ -48,7 +67,9 @@ def test_operator_flops_grow_with_the_batch(tmp_path):
 @pytest.mark.parametrize("override,match", [("train_stages=[decoder]", "not stages"), ("steps=0", "steps=0"),
                                             ("pde=heat2d", "not an equation"),
                                             ("sizes=[dim7]", "not a model config"),
-                                            ("batch_scales=[0]", "batch_scales")])
+                                            ("batch_scales=[0]", "batch_scales"),
+                                            ("grid=[64,64]", "grid=\\[64, 64\\]"),
+                                            ("variants=[]", "variants")])
 def test_bad_settings_are_one_error(tmp_path, override, match):
     from ups_lightning.bench.throughput import run_throughput
     from ups_lightning.errors import UserError

@@ -65,6 +65,9 @@ class ModelConfig:
     attn_backend: str = MISSING  # sdpa | flash
     hidden: Optional[int] = MISSING  # MLP width (None: the rule, 2 * dim; models/sizes.py)
     heads: Optional[int] = MISSING  # attention heads, dividing dim (None: the rule from dim)
+    stem_layers: int = MISSING  # the encoder's conv stem: layers at the native grid
+    stem_kernel: int = MISSING  # ... their (odd) kernel size, per axis
+    stem_channels: Optional[int] = MISSING  # ... their width (None: min(hidden, 64))
 
 
 @dataclass
@@ -180,6 +183,7 @@ NEUTRAL_LATER_KEYS: Dict[str, Any] = {
     "optim.ema.bias_correction": False, "trainer.extra": {},
     "data.ny": None, "data.n_tokens": 32,    # every run before 2D sets: 1D, 32 tokens
     "init_from": None,
+    "model.stem_layers": 2, "model.stem_kernel": 5, "model.stem_channels": None,   # the stem before they were keys
 }
 
 
@@ -314,6 +318,9 @@ def validate_train_config(cfg: DictConfig) -> DictConfig:
                         "block to conf/stages/default.yaml (or +stages.<name>={...} on the command line).")
     if merged.model.attn_backend not in ("sdpa", "flash"):
         raise UserError(f"model.attn_backend={merged.model.attn_backend!r}: expected 'sdpa' or 'flash'.")
+    if merged.model.stem_kernel % 2 == 0:
+        raise UserError(f"model.stem_kernel={merged.model.stem_kernel}: expected an odd kernel size (3, 5, ...), "
+                        "so that the stem keeps the grid's shape.")
     if merged.optim.schedule not in ("cosine", "constant"):
         raise UserError(f"optim.schedule={merged.optim.schedule!r}: expected 'cosine' or 'constant'.")
     for key in ("logger.target", "callbacks.early_stopping", "callbacks.lr_monitor"):
@@ -408,6 +415,7 @@ TRAIN_RANGES = [
     ("optim.min_lr_ratio", 0.0, True, 1.0), ("optim.grad_clip", 0.0, False, None),
     ("optim.accumulate", 1, True, None), ("optim.ema.decay", 0.0, True, 1.0),
     ("model.hidden", 1, True, None), ("model.heads", 1, True, None),
+    ("model.stem_layers", 1, True, None), ("model.stem_kernel", 1, True, None), ("model.stem_channels", 1, True, None),
     ("seed", 0, True, 2 ** 32 - 1),      # what Lightning's seed_everything accepts
     ("trainer.num_nodes", 1, True, None), ("trainer.log_every_n_steps", 1, True, None),
     ("trainer.check_val_every_n_epoch", 1, True, None), ("trainer.val_every_n_steps", 1, True, None), ("trainer.num_threads", 1, True, None),

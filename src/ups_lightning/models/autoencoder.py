@@ -195,6 +195,8 @@ class GridEncoder(nn.Module):
         self.patch = p[0] if self.spatial_dims == 1 else p
         self.patch_cells = p
         self.model_grid = tuple(g * q for g, q in zip(self.grid, p))  # cells the tokens tile
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"GridEncoder: kernel_size={kernel_size} must be odd (the stem keeps the grid's shape).")
         c = stem_channels if stem_channels is not None else min(hidden, 64)
         g = groups if groups is not None else math.gcd(8, c)
         conv = nn.Conv1d if self.spatial_dims == 1 else nn.Conv2d
@@ -602,6 +604,8 @@ class Autoencoder(nn.Module):
         decoder_depth: int = 2,
         patch: Optional[Patch] = None,
         stem_channels: Optional[int] = None,
+        stem_layers: int = 2,
+        stem_kernel: int = 5,
         local_bias: bool = True,
         local_head: bool = True,
         n_rel: Optional[int] = None,
@@ -640,7 +644,8 @@ class Autoencoder(nn.Module):
         self.dim = dim
         self.n_tokens = n_tokens
         self.encoder = GridEncoder(in_channels, dim, n_tokens, depth, heads, hidden, patch=self.patch,
-                                   stem_channels=stem_channels, latent_norm=latent_norm)
+                                   stem_channels=stem_channels, stem_layers=stem_layers,
+                                   kernel_size=stem_kernel, latent_norm=latent_norm)
         self.decoder = PointDecoder(in_channels, dim, n_tokens, decoder_depth, heads, hidden,
                                     n_fourier=n_fourier, local_bias=local_bias,
                                     local_head=local_head, n_rel=n_rel, overlap=overlap,
