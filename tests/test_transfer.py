@@ -96,3 +96,60 @@ def test_transfer_settings_that_cannot_answer_the_question_are_refused(override,
 
     with pytest.raises(UserError, match=match):
         check_config(compose_config("transfer", [override]))
+
+
+def test_missing_data_is_made_at_its_configs_own_split_sizes(tmp_path, monkeypatch):
+    """A run on fewer training rows (data.n_train=51, the transfer study's 10 %) that finds its file
+    missing makes the file every other run reads (the config's 512 / 64 / 128 rows), so its test rows
+    are the same ones; larger requests are honoured."""
+    from ups_lightning import training
+    from ups_lightning.config import compose_config
+
+    made = []
+    monkeypatch.setattr("ups_lightning.data.generation.run", lambda settings: made.append(settings["data"]))
+    for n_train, want in ((51, 512), (600, 600)):
+        cfg = compose_config("train", ["data=burgers1d_small", f"data.root={tmp_path}", f"data.n_train={n_train}",
+                                       "data.n_test=16"])
+        training.ensure_data(cfg, [f"data.n_train={n_train}"])
+        data = made.pop()
+        assert (data.n_train, data.n_val, data.n_test) == (want, 64, 128)
+        assert data.path == str(tmp_path / "burgers1d_small" / "1D_Burgers_Sols_Nu0.001.hdf5")
+
+
+def test_the_driver_pretrains_once_and_trains_both_arms_at_every_fraction(tmp_path, monkeypatch):
+    """The driver's bookkeeping on the real configs (training and scoring stood in for): one
+    pretraining on the mixture (its members' training rows counted), then scratch and fine-tuned
+    runs per fraction and seed on the first rows of the target, the fine-tuned ones from the
+    pretrained run; its files written."""
+    import json
+
+    from ups_lightning import transfer
+    from ups_lightning.config import compose_config
+
+    trained = []
+
+    def fake_train(tcfg):
+        trained.append(tcfg)
+        return {s: {"learned": True, "wall_clock_s": 1.0, "best_val_nrmse": 0.1, "ckpt_sha256": f"{tcfg.run_dir}/{s}",
+                    "init_from": {"fresh": []} if tcfg.init_from else None} for s in transfer.STAGES}
+
+    monkeypatch.setattr("ups_lightning.training.run", fake_train)
+    monkeypatch.setattr(transfer, "_score", lambda cfg, run_dir: {
+        "nrmse": 0.2 if "scratch" in run_dir else 0.1, "nrmse_pdebench": 0.0, "persistence_nrmse": 0.3})
+    result = transfer.run_transfer(compose_config("transfer", [f"out_dir={tmp_path}", "fractions=[0.1,1.0]",
+                                                               "seeds=[0,1]"]))
+    assert result["pretrain"]["n_train"] == 1024 and trained[0].data.name == "pretrain_small"
+    assert len(trained) == 1 + 2 * 2 * 2
+    runs = result["runs"]
+    assert sorted({r["n_train"] for r in runs}) == [51, 512]
+    for r, tcfg in zip(runs, trained[1:]):
+        assert tcfg.data.name == "burgers1d_small" and tcfg.data.n_train == r["n_train"]
+        assert (tcfg.init_from == str(tmp_path / "runs" / "pretrain-pretrain_small-seed0")) == (r["arm"] == "pretrained")
+    assert [row["verdict"] for row in result["summary"]] == ["pretrained better"] * 2
+    assert json.loads((tmp_path / "transfer.json").read_text())["summary"][0]["n_train"] == 51
+    assert all((tmp_path / f"transfer.{ext}").is_file() for ext in ("md", "csv", "png"))
+    # run again (a sitting that completes an interrupted one): every run's test figures are read back
+    monkeypatch.setattr(transfer, "_score", lambda cfg, run_dir: pytest.fail("test scored twice"))
+    again = transfer.run_transfer(compose_config("transfer", [f"out_dir={tmp_path}", "fractions=[0.1,1.0]",
+                                                              "seeds=[0,1]"]))
+    assert all(r["reused_score"] for r in again["runs"]) and again["summary"] == result["summary"]

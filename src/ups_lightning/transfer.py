@@ -11,8 +11,9 @@ pretraining on other equations pay on an equation the model never saw? (issue 25
 3. Score each once on ``target``'s test split (the guarded plain rollout). Pretrained beats scratch at a
    fraction only when its mean is below by more than two standard errors of the difference.
 
-Finished stages are reused (their config hashes), so it completes in parts. Writes transfer.json,
-transfer.csv and transfer.md into ``out_dir``.
+Finished stages are reused (their config hashes), so it completes in parts; a finished run's test
+figures are read back (``scores.json``, by checkpoint), never scored twice. Writes transfer.json,
+transfer.csv, transfer.md and transfer.png (the data-efficiency curve) into ``out_dir``.
 """
 from __future__ import annotations
 
@@ -89,8 +90,28 @@ def _train(cfg: DictConfig, run_dir: Path, data: List[str], seed: int, init: Opt
     return {"run_dir": str(run_dir), "seed": seed, "n_train": n_train,
             "learned": all(records[s].get("learned") is not False for s in STAGES),
             "train_s": round(sum(records[s]["wall_clock_s"] + records[s].get("prep_s", 0.0) for s in STAGES), 1),
-            "val_nrmse": records["operator"]["best_val_nrmse"],
+            "val_nrmse": records["operator"]["best_val_nrmse"], "ckpt_sha256": records["operator"].get("ckpt_sha256"),
             "fresh": {s: (records[s].get("init_from") or {}).get("fresh", []) for s in STAGES} if init else None}
+
+
+SCORES = "scores.json"   # each run's test figures, by its operator checkpoint: a rerun does not score test again
+
+
+def _scored(cfg: DictConfig, run: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's test figures: scored once per checkpoint (a rerun of the study, e.g. one that
+    completes an interrupted sitting, reads them back from ``scores.json`` instead of scoring test again)."""
+    import json
+
+    path = Path(cfg.out_dir) / SCORES
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    old = known.get(run["run_dir"])
+    if old and run.get("ckpt_sha256") and old.get("ckpt_sha256") == run["ckpt_sha256"]:
+        return {**old["scores"], "reused_score": True}
+    scores = _score(cfg, run["run_dir"])
+    known[run["run_dir"]] = {"ckpt_sha256": run.get("ckpt_sha256"), "scores": scores,
+                             "scored_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    atomic_write_json(path, known)
+    return {**scores, "reused_score": False}
 
 
 def _score(cfg: DictConfig, run_dir: str) -> Dict[str, Any]:
@@ -155,7 +176,7 @@ def run_transfer(cfg: DictConfig) -> Dict[str, Any]:
                 log.info("transfer: %s on %d of %d %s training trajectories, seed %d", arm, n, full, cfg.target, seed)
                 r = _train(cfg, run_dir, [f"data={cfg.target}", f"data.n_train={n}"], seed,
                            init=pre_dir if arm == "pretrained" else None)
-                r.update(arm=arm, fraction=f, **_score(cfg, r["run_dir"]))
+                r.update(arm=arm, fraction=f, **_scored(cfg, r))
                 runs.append(r)
     rows = summarise(runs, list(cfg.fractions))
     result = {"command": "python -m ups_lightning.transfer", "settings": OmegaConf.to_container(cfg),
@@ -163,9 +184,45 @@ def run_transfer(cfg: DictConfig) -> Dict[str, Any]:
     atomic_write_json(out / "transfer.json", result)
     write_csv(out / "transfer.csv", runs)
     atomic_write_text(out / "transfer.md", report(result))
+    plot(result, out / "transfer.png")
     write_provenance(out, "transfer", cfg, seeds=list(cfg.seeds), pretrain_seed=cfg.pretrain_seed)
     print(report(result))
     return result
+
+
+def plot(result: Dict[str, Any], path: Path) -> Path:
+    """The data-efficiency curve: test nRMSE against the target's training trajectories, both arms
+    (mean, error bars one SE over seeds), beside persistence."""
+    import os
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    s, rows = result["settings"], result["summary"]
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = [r["n_train"] for r in rows]
+    for arm, style in (("scratch", "o-"), ("pretrained", "s-")):
+        ax.errorbar(xs, [r[f"{arm}_nrmse"] for r in rows], yerr=[r[f"{arm}_se"] for r in rows], fmt=style,
+                    capsize=3, label=f"{arm} ({'from ' + s['pretrain'] if arm == 'pretrained' else 'random init'})")
+    persistence = [r["persistence_nrmse"] for r in result["runs"] if math.isfinite(r.get("persistence_nrmse", math.nan))]
+    if persistence:
+        ax.axhline(persistence[0], ls="--", lw=1, color="grey", label="persistence")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.xaxis.set_minor_formatter(NullFormatter())   # the log axis' own labels overlap the fractions'
+    ax.set_xlabel(f"{s['target']} training trajectories")
+    ax.set_ylabel("test nRMSE (guarded plain rollout)")
+    ax.set_title(f"fine-tuned from {s['pretrain']} vs from scratch, {len(s['seeds'])} seeds", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
 
 
 def report(result: Dict[str, Any]) -> str:
