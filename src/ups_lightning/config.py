@@ -36,6 +36,7 @@ class DataConfig:
     nx: int = MISSING
     ny: Optional[int] = MISSING  # cells along y of a 2D set (null: a 1D set)
     n_tokens: int = MISSING  # the latent tokens the data's grid takes (model.n_tokens follows it; 2D: a square)
+    stem_layers: int = 2  # conv layers of the encoder's stem at this grid (model.stem_layers follows it; 2D sets: 1)
     nt: int = MISSING
     t_max: float = MISSING
     seed: int = MISSING
@@ -184,6 +185,7 @@ NEUTRAL_LATER_KEYS: Dict[str, Any] = {
     "data.ny": None, "data.n_tokens": 32,    # every run before 2D sets: 1D, 32 tokens
     "init_from": None,
     "model.stem_layers": 2, "model.stem_kernel": 5, "model.stem_channels": None,   # the stem before they were keys
+    "data.stem_layers": 2,
 }
 
 
@@ -406,7 +408,8 @@ def _check_data(data: DictConfig) -> None:
 # (key, lower bound, lower bound included, upper bound or None): numbers a run cannot work with
 TRAIN_RANGES = [
     *[(f"data.{k}", 1, True, None) for k in ("n_train", "n_val", "n_test", "initial_step", "batch_size",
-                                             "reduced_resolution", "reduced_resolution_t", "nx", "ny", "n_tokens")],
+                                             "reduced_resolution", "reduced_resolution_t", "nx", "ny", "n_tokens",
+                                             "stem_layers")],
     ("data.nt", 2, True, None), ("data.t_max", 0.0, False, None),
     ("data.num_workers", 0, True, None),
     *[(f"model.{k}", 1, True, None) for k in ("dim", "n_tokens", "depth", "levels", "ae_depth",
