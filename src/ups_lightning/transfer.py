@@ -17,8 +17,10 @@ transfer.csv, transfer.md and transfer.png (the data-efficiency curve) into ``ou
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +102,6 @@ SCORES = "scores.json"   # each run's test figures, by its operator checkpoint: 
 def _scored(cfg: DictConfig, run: Dict[str, Any]) -> Dict[str, Any]:
     """The run's test figures: scored once per checkpoint (a rerun of the study, e.g. one that
     completes an interrupted sitting, reads them back from ``scores.json`` instead of scoring test again)."""
-    import json
-
     path = Path(cfg.out_dir) / SCORES
     known = json.loads(path.read_text()) if path.is_file() else {}
     old = known.get(run["run_dir"])
@@ -193,8 +193,6 @@ def run_transfer(cfg: DictConfig) -> Dict[str, Any]:
 def plot(result: Dict[str, Any], path: Path) -> Path:
     """The data-efficiency curve: test nRMSE against the target's training trajectories, both arms
     (mean, error bars one SE over seeds), beside persistence."""
-    import os
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter

@@ -86,8 +86,13 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Te
     ``DataContract``); plain MSE without a mask."""
     if mask is None:
         return F.mse_loss(pred, target)
-    m = mask.view(mask.shape[0], *[1] * (pred.dim() - 2), mask.shape[1]).expand_as(pred)
+    m = per_channel(mask, pred).expand_as(pred)
     return ((pred - target).pow(2) * m).sum() / m.sum().clamp_min(1.0)
+
+
+def per_channel(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A channel mask (B, C) shaped to broadcast over channel-last fields ``like`` (B, ..., C)."""
+    return mask.view(mask.shape[0], *[1] * (like.dim() - 2), mask.shape[1])
 
 
 def _adamw_impl(optim_cfg: Dict[str, Any], params: list, precision: str) -> Dict[str, Any]:
@@ -198,7 +203,7 @@ class StageModule(ScheduledAdamW, L.LightningModule):
         """Physical units; with ``mask`` (B, C) the absent channels are zeroed, so that a figure
         computed on zeroed prediction and truth alike counts the present channels alone."""
         u = u_normalised * self.field_std + self.field_mean
-        return u if mask is None else u * mask.view(mask.shape[0], *[1] * (u.dim() - 2), mask.shape[1])
+        return u if mask is None else u * per_channel(mask, u)
 
     def decode_latent(self, autoencoder: Autoencoder, z_normalised: torch.Tensor) -> torch.Tensor:
         """Normalised latent -> normalised field on the data grid."""
