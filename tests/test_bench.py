@@ -383,6 +383,24 @@ def test_default_settings_are_valid_and_fair():
     assert s.rates == 5 and s.step ** (s.rates - 1) == pytest.approx(100.0, rel=1e-3) and s.rungs[-1] == 1.0
 
 
+def test_peers_train_at_pdebench_batch_size_for_the_data_dimension():
+    """By default each peer trains at PDEBench's batch for the data's dimension (50 in 1D, 5 in 2D:
+    config_Bgs.yaml, config_rdb.yaml); a given batch_size is kept. The 1D default resolves to the 50 the
+    bench used before, so earlier 1D runs' fingerprints (which hold the resolved settings) still match."""
+    from ups_lightning.bench import check_config
+    from ups_lightning.bench.peers import with_batch_size
+
+    checked = check_config(_bench_cfg())
+    for name, settings in checked["peers"].items():
+        assert settings.batch_size is None, name
+        assert with_batch_size(settings, 1).batch_size == 50 and with_batch_size(settings, 2).batch_size == 5
+        assert with_batch_size(settings, 1).as_dict() == {**settings.as_dict(), "batch_size": 50}
+        with pytest.raises(ValueError, match="3 spatial dimensions"):
+            with_batch_size(settings, 3)
+    given = check_config(_bench_cfg("fno.batch_size=8"))["peers"]["fno"]
+    assert with_batch_size(given, 2).batch_size == 8
+
+
 def test_make_bench_passes_budget_and_seeds():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "MFLAGS"}   # not make test's
     res = subprocess.run(["make", "-s", "-n", "bench", "BUDGET=5", "SEEDS=2"], capture_output=True, text=True,

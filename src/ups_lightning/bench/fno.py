@@ -47,7 +47,7 @@ class FNOSettings:
     width: int = 20
     n_layers: int = 4
     projection: int = 128         # hidden width of the projection MLP
-    batch_size: int = 50
+    batch_size: Optional[int] = None  # None: PDEBench's for the data's dimension (peers.PDEBENCH_BATCH_SIZE)
     max_epochs: int = 500
     t_train: Optional[int] = None  # last frame (exclusive) of the training unroll; None: all frames
     grad_frames: Optional[int] = None  # predictions with gradients (the last ones); None: all

@@ -35,13 +35,14 @@ def _train_peer(b: Bench, method: str, recipe: str, lr: float, seed: int, budget
     from omegaconf import OmegaConf
 
     from ups_lightning.atomic import atomic_write_json
-    from ups_lightning.bench.peers import PEERS, PeerModule, TrajectoryData, count_params
+    from ups_lightning.bench.peers import PEERS, PeerModule, TrajectoryData, count_params, with_batch_size
     from ups_lightning.errors import UserError
     from ups_lightning.training import build_trainer
 
     _, _, build = PEERS[method]
     label = _label(b, method)
-    settings = b.checked["peers"][method]
+    space = tuple(b.meta.spatial_shape)
+    settings = with_batch_size(b.checked["peers"][method], len(space))
     tcfg = b.base_cfg.copy()
     if recipe == "pdebench":   # its authors train to the end and keep the best on validation:
         tcfg.optim.ema.enabled = False   # no EMA, no clipping, no early stop (which ended a 40-min
@@ -56,7 +57,6 @@ def _train_peer(b: Bench, method: str, recipe: str, lr: float, seed: int, budget
     L.seed_everything(seed, workers=True, verbose=False)
     from ups_lightning.pdes import get_pde
 
-    space = tuple(b.meta.spatial_shape)
     net = build(b.n_given, b.meta.n_channels, settings, spatial_shape=space if len(space) > 1 else None,
                 periodic=get_pde(b.meta.pde).boundary == "periodic")
     module = PeerModule(net, lr, optim, b.checked["relative_loss"], t_train=settings.t_train,

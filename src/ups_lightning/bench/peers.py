@@ -24,6 +24,7 @@ test split is never seen here.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -38,7 +39,7 @@ from ups_lightning.bench.unet import UNetSettings, build_unet
 from ups_lightning.eval.metrics import frame_nrmse
 from ups_lightning.stages.base import ScheduledAdamW, relative_mse
 
-__all__ = ["PEERS", "RECIPES", "PDEBENCH_RECIPE", "PeerModule", "TrajectoryData", "rollout_peer", "predict_peer", "count_params"]
+__all__ = ["PEERS", "RECIPES", "PDEBENCH_RECIPE", "PDEBENCH_BATCH_SIZE", "with_batch_size", "PeerModule", "TrajectoryData", "rollout_peer", "predict_peer", "count_params"]
 
 #: name -> (label (``{dims}``: the data's spatial dimension), settings class, builder (initial_step,
 #: channels, settings, spatial_shape=None | (X, Y), periodic=True) -> nn.Module)
@@ -51,8 +52,22 @@ PEERS: Dict[str, Tuple[str, type, Callable[..., nn.Module]]] = {
 RECIPES = ("project", "pdebench")
 #: PDEBench's optimiser for both peers (train_models_forward.py; config_Bgs.yaml)
 PDEBENCH_RECIPE = {"weight_decay": 1e-4, "scheduler_step": 100, "scheduler_gamma": 0.5}
+#: PDEBench's training batch per spatial dimension, for both peers and both recipes: 50 in 1D
+#: (config_Bgs.yaml), 5 in 2D (config_rdb.yaml, config_diff-react.yaml); a 2D batch of 50 unrolled over
+#: every frame made each step take tens of seconds on 2 cores (results/issue25/bench_smoke_swe2d)
+PDEBENCH_BATCH_SIZE = {1: 50, 2: 5}
 
 Project = Optional[Callable[[Tensor, Tensor], Tensor]]   # (frame, last given frame) -> frame
+
+
+def with_batch_size(settings: Any, dims: int) -> Any:
+    """``settings`` (FNOSettings / UNetSettings) with a null ``batch_size`` replaced by PDEBench's
+    for ``dims`` spatial dimensions (PDEBENCH_BATCH_SIZE); a given one is kept."""
+    if settings.batch_size is not None:
+        return settings
+    if dims not in PDEBENCH_BATCH_SIZE:
+        raise ValueError(f"no PDEBench batch size for {dims} spatial dimensions: set the peer's batch_size")
+    return dataclasses.replace(settings, batch_size=PDEBENCH_BATCH_SIZE[dims])
 
 
 def count_params(model: nn.Module) -> int:

@@ -52,7 +52,7 @@ GRID_MULTIPLE = 2 ** LEVELS   # the grid size must be a multiple of this
 class UNetSettings:
     init_features: int = 32       # width f of the first level; the levels are f, 2f, 4f, 8f, bottleneck 16f
     # PDEBench's autoregressive training (ar_mode, pushforward, unroll_step 20), read by PeerModule
-    batch_size: int = 50
+    batch_size: Optional[int] = None  # None: PDEBench's for the data's dimension (peers.PDEBENCH_BATCH_SIZE)
     max_epochs: int = 500
     t_train: Optional[int] = None  # last frame (exclusive) of the training unroll; None: all frames
     grad_frames: Optional[int] = 20   # pushforward: only the last unroll_step=20 predictions have gradients
