@@ -235,3 +235,39 @@ def test_the_2d_fno_is_pdebenchs_fno2d_in_size_and_pads_a_walled_domain():
     assert small(torch.randn(2, 3, 16, 12, 2)).shape == (2, 16, 12, 2)
     with pytest.raises(ValueError, match=r"expects \(B, 3, X, Y, 2\) windows"):
         small(torch.randn(2, 3, 16, 2))
+
+
+def test_the_bench_runs_on_a_two_field_walled_2d_set(tmp_path):
+    """The benchmark on the 2-field, zero-flux 2D set (the water's was smoked at full size:
+    results/issue25/bench_smoke_swe2d): both peers train at PDEBench's 2D batch of 5 and are scored
+    beside persistence and the solver on coarser grids, with 2D labels."""
+    pytest.importorskip("neuralop")
+    import csv
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from ups_lightning import CONF_DIR
+    from ups_lightning.bench import run_bench
+    from ups_lightning.data.generation import run as generate
+
+    # 10 training rows: whole batches of 5 (a batch of one meets the U-Net's batch norm at a 1 x 1 bottleneck)
+    made = _tiny_cfg(tmp_path, "reacdiff2d_small", "data.n_train=10")
+    generate({"data": made.data, "workers": 1, "progress": False})
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("bench", overrides=[
+            "data=reacdiff2d_small", f"data.path={made.data.path}", *TINY, "data.n_train=10", "budget_min=0.02",
+            "methods=[fno,unet]", "seeds=[0]", "search.rates=1", "search.widen=0", "search.keep=1",
+            "search.rungs=[1.0]", "threads=1", f"out_dir={tmp_path / 'bench'}", "solver_grids=[8,16]",
+            "fno.modes=4", "unet.init_features=4", f"leaderboard={tmp_path / 'lb.csv'}",
+            f"html={tmp_path / 'lb.html'}"])
+    out = run_bench(cfg, say=lambda *a: None)
+    assert [r["method"] for r in out["fixed"]] == ["persistence", "solver 8 cells", "solver 16 cells"]
+    for method in ("fno", "unet"):
+        (run,) = out["results"][method]["runs"]
+        assert math.isfinite(run["nrmse"]) and run["settings"]["batch_size"] == 5
+    md = (tmp_path / "bench" / "summary.md").read_text()
+    assert "FNO2d" in md and "U-Net2d" in md and "16 x 16" in md
+    with open(tmp_path / "bench" / "runs.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+    assert json.loads((tmp_path / "bench" / "provenance.json").read_text())["test_scored"] == 2 + 3

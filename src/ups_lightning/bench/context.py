@@ -85,6 +85,17 @@ class Bench:
             raise UserError(f"{self.view.path}: {self.split['test'].shape[1]} frames after reduction, but "
                             f"initial_step={self.n_given} frames are given: nothing is left to predict.")
 
+    def persistence_nrmse(self, split: str = "val") -> float:
+        """Persistence's rollout nRMSE on ``split`` (the last given frame held): the trivial reference
+        every method's ``learned`` is judged against (the peers' ``val/nrmse_persistence``). Scored
+        once per split and kept."""
+        cache = self.__dict__.setdefault("_persistence", {})
+        if split not in cache:
+            fields = self.split[split]
+            held = fields[:, self.n_given - 1:self.n_given].expand_as(fields[:, self.n_given:])
+            cache[split] = float(self.score(held, split)["nrmse"])
+        return cache[split]
+
     def score(self, pred: Any, split: str = "test") -> Dict[str, Any]:
         import torch
 

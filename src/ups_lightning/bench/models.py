@@ -138,15 +138,19 @@ def _train_ours(b: Bench, recipe: str, lr: float, seed: int, budget_min: float, 
     b.say(f"ours: training autoencoder + operator (operator lr {lr:g}, seed {seed}, {budget_min:g} min) -> {run_dir}")
     records = train_run(tcfg)
     val = _evaluate_ours(b, run_dir, "val", guard=False)
-    learned = all(r.get("learned") is not False for r in records.values())
+    # learned: the peers' criterion, the rollout against persistence's on validation. The stages' own
+    # flags are kept beside: in 2D the operator's decoded one-step error sits on the autoencoder's
+    # reconstruction error, above one-step persistence, while its rollout beats persistence's
+    trivial = b.persistence_nrmse("val")
     for name, r in records.items():
         if r.get("learned") is False:
-            b.say(f"ours: stage {name} STOPPED BEFORE IT LEARNED ANYTHING (val {r['best_val_nrmse']:.4g} vs "
+            b.say(f"ours: stage {name} did not beat its own trivial reference (val {r['best_val_nrmse']:.4g} vs "
                   f"{r['trivial_metric']} {r['trivial_val_nrmse']:.4g})")
     return {"method": "ours", "label": _label(b, "ours"), "recipe": recipe, "lr": lr, "seed": seed,
             "budget_min": budget_min,
             "train_s": sum(float(r["wall_clock_s"]) + float(r.get("prep_s") or 0.0) for r in records.values()),
-            "best_val_nrmse": val["nrmse"], "learned": learned, "params": val["params"],
+            "best_val_nrmse": val["nrmse"], "trivial_val_nrmse": trivial, "learned": val["nrmse"] < trivial,
+            "params": val["params"],
             "stage_learned": {k: r.get("learned") for k, r in records.items()},
             "epochs": {k: r.get("epochs") for k, r in records.items()}, "handle": run_dir}
 

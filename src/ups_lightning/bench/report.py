@@ -194,9 +194,16 @@ def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str,
     md += ["", "## Who wins (a gap must exceed two standard errors)", ""] + [f"- {w}" for w in winners(agg)]
     flagged = [r for r in runs if r.get("learned") is False]
     if flagged:
-        md += ["", "**Models that stopped before they beat their trivial reference** (persistence; the mean "
-               "field for our autoencoder): " + ", ".join(f"{r['method']} lr {r['lr']:g} seed {r['seed']}"
-                                                          for r in flagged) + "."]
+        md += ["", "**Models that stopped before they beat their trivial reference** (persistence's rollout on "
+               "validation, the same for every method): " + ", ".join(f"{r['method']} lr {r['lr']:g} seed {r['seed']}"
+                                                                       for r in flagged) + "."]
+    stages = [(r, [k for k, v in (r.get("stage_learned") or {}).items() if v is False]) for r in runs]
+    stages = [(r, names) for r, names in stages if names]
+    if stages:
+        md += ["", "Stages of ours that did not beat their own trivial reference (the autoencoder: the mean "
+               "field; the operator: one-step persistence, decoded, which its decoded one-step error cannot "
+               "beat while it sits on the autoencoder's reconstruction error): "
+               + ", ".join(f"seed {r['seed']} {'/'.join(names)}" for r, names in stages) + "."]
     md += ["", "## The search (validation split, first seed; bench/search.py)", ""]
     for method, res in results.items():
         c = res.get("chosen") or {}
