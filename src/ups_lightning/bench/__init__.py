@@ -201,8 +201,7 @@ def run_bench(cfg: Any, say=print) -> Dict[str, Any]:
         f"methods {checked['methods']}; torch threads {threads}")
 
     fixed: List[Dict[str, Any]] = []
-    persistence = u0.unsqueeze(1).expand_as(truth).clone()
-    fixed.append({"method": "persistence", "kind": "baseline", **b.score(persistence), "train_s": 0.0,
+    fixed.append({"method": "persistence", "kind": "baseline", **b.score(b.persistence("test")), "train_s": 0.0,
                   "rollout_ms_per_traj": 0.0, "params": 0})
     solver_rows: List[Dict[str, Any]] = []
     if not cfg.skip_solver:

@@ -81,20 +81,22 @@ class Bench:
         self.n_given = int(self.data_cfg.initial_step)
         self.trainer: Any = None     # the Models that trained this bench's models (run_methods)
         self.split = {s: torch.from_numpy(self.view.read(s)).float() for s in ("train", "val", "test")}
+        self._persistence_nrmse: Dict[str, float] = {}
         if self.split["test"].shape[1] <= self.n_given:
             raise UserError(f"{self.view.path}: {self.split['test'].shape[1]} frames after reduction, but "
                             f"initial_step={self.n_given} frames are given: nothing is left to predict.")
 
+    def persistence(self, split: str = "test") -> Any:
+        """Persistence's prediction on ``split``: the last given frame held over every predicted frame."""
+        fields = self.split[split]
+        return fields[:, self.n_given - 1:self.n_given].expand_as(fields[:, self.n_given:]).clone()
+
     def persistence_nrmse(self, split: str = "val") -> float:
-        """Persistence's rollout nRMSE on ``split`` (the last given frame held): the trivial reference
-        every method's ``learned`` is judged against (the peers' ``val/nrmse_persistence``). Scored
-        once per split and kept."""
-        cache = self.__dict__.setdefault("_persistence", {})
-        if split not in cache:
-            fields = self.split[split]
-            held = fields[:, self.n_given - 1:self.n_given].expand_as(fields[:, self.n_given:])
-            cache[split] = float(self.score(held, split)["nrmse"])
-        return cache[split]
+        """Persistence's nRMSE on ``split``: the trivial reference every method's ``learned`` is judged
+        against (the peers' ``val/nrmse_persistence``). Scored once per split and kept."""
+        if split not in self._persistence_nrmse:
+            self._persistence_nrmse[split] = float(self.score(self.persistence(split), split)["nrmse"])
+        return self._persistence_nrmse[split]
 
     def score(self, pred: Any, split: str = "test") -> Dict[str, Any]:
         import torch

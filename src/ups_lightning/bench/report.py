@@ -197,8 +197,8 @@ def write_bench_summary(out_dir: str | os.PathLike, results: Dict[str, Dict[str,
         md += ["", "**Models that stopped before they beat their trivial reference** (persistence's rollout on "
                "validation, the same for every method): " + ", ".join(f"{r['method']} lr {r['lr']:g} seed {r['seed']}"
                                                                        for r in flagged) + "."]
-    stages = [(r, [k for k, v in (r.get("stage_learned") or {}).items() if v is False]) for r in runs]
-    stages = [(r, names) for r, names in stages if names]
+    stages = [(r, names) for r in runs
+              if (names := [k for k, v in (r.get("stage_learned") or {}).items() if v is False])]
     if stages:
         md += ["", "Stages of ours that did not beat their own trivial reference (the autoencoder: the mean "
                "field; the operator: one-step persistence, decoded, which its decoded one-step error cannot "
