@@ -379,6 +379,7 @@ def test_ours_learned_is_the_peers_criterion_with_its_stage_flags_beside(monkeyp
     ("solver_grids=[]", "solver_grids"),
     ("+fno.bogus=1", "fno"),
     ("fno.modes=0", "modes"),
+    ("fno.batch_size=0", r"fno.batch_size=0: expected an integer >= 1 or null \(PDEBench's batch"),
     ("unet.init_features=-1", "init_features"),
     ("skip_solver=maybe", "skip_solver"),
     ("relative_loss=maybe", "relative_loss"),

@@ -80,6 +80,10 @@ def _seeds(values: List[int], key: str) -> List[int]:
     return [int(s) for s in seeds]
 
 
+#: what null means for a peer setting whose null is not "all" (t_train, grad_frames)
+NULL_MEANS = {"batch_size": "PDEBench's batch for the data's dimension"}
+
+
 def _peer_settings(cfg: DictConfig, name: str, cls: type) -> Any:
     """A peer's architecture settings (``fno:`` / ``unet:``): every key of its class given (its
     defaults never fill a gap), each a count >= 1 (or null where the class means "all" by None)."""
@@ -94,7 +98,8 @@ def _peer_settings(cfg: DictConfig, name: str, cls: type) -> Any:
         if v is None and f.default is None:
             continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise _fail(f"{name}.{k}", v, "an integer >= 1" + (" or null (all)" if f.default is None else ""))
+            null = f" or null ({NULL_MEANS.get(k, 'all')})" if f.default is None else ""
+            raise _fail(f"{name}.{k}", v, "an integer >= 1" + null)
     return cls.from_mapping(OmegaConf.to_container(given))
 
 
